@@ -1,0 +1,58 @@
+"""The root Typer app. Commands register themselves here; ``main()`` is the console script."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+
+from lorasurgeon._version import __version__
+from lorasurgeon.errors import EXIT_ERROR
+
+app = typer.Typer(
+    name="lorasurgeon",
+    help="Low-rank surgery on model checkpoints: inspect, factorize, merge, compose, convert, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorasurgeon {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """lorasurgeon: low-rank surgery on model checkpoints."""
+
+
+def _register() -> None:
+    from lorasurgeon.cli import inspect_cmd
+
+    inspect_cmd.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point. Commands map their own errors to exit codes; this is the net for
+    anything that escapes, so users never see a traceback unless LORASURGEON_DEBUG=1."""
+    try:
+        app(prog_name="lorasurgeon")
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("LORASURGEON_DEBUG") == "1":
+            traceback.print_exc()
+        sys.stderr.write(f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]})\n")
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,24 @@
+"""Shared Annotated option types, so every command spells its options alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout, nothing else there.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--include", "-i", help="Glob over tensor or module names to keep (repeatable). Each must match something."),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude", "-x", help="Glob over tensor or module names to drop (repeatable). Each must match something."),
+]
+InputPath = Annotated[
+    Path,
+    typer.Argument(help="A .safetensors file, sharded folder or index, .pt/.bin/.pth state dict, model folder or adapter."),
+]

@@ -1,0 +1,131 @@
+"""Rendering: results on stdout (rich tables, or JSON with --json), logs and progress on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lorasurgeon.errors import EXIT_ERROR, LorasurgeonError
+
+ProgressFn = Callable[[int, int, str], None]
+LOG_EVERY_S = 5.0
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def stdout_console() -> Console:
+    tty = _is_tty(sys.stdout)
+    return Console(file=sys.stdout, width=None if tty else 160, soft_wrap=False, highlight=False)
+
+
+def stderr_console() -> Console:
+    tty = _is_tty(sys.stderr)
+    return Console(file=sys.stderr, width=None if tty else 160, highlight=False, stderr=True)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def log(message: str, quiet: bool = False) -> None:
+    """One line on stderr, unless --quiet."""
+    if not quiet:
+        sys.stderr.write(message.rstrip() + "\n")
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def progress(label: str, quiet: bool = False) -> Iterator[ProgressFn]:
+    """A progress callback (done, total, item): a bar on a TTY; otherwise a plain log line
+    every few seconds so CI logs show progress; nothing with --quiet."""
+    if quiet:
+        yield lambda done, total, item: None
+        return
+    if _is_tty(sys.stderr):
+        with Progress(
+            TextColumn(f"[bold]{label}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[item]}"),
+            console=stderr_console(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task(label, total=None, item="")
+
+            def update(done: int, total: int, item: str) -> None:
+                bar.update(task, completed=done, total=total, item=item)
+
+            yield update
+        return
+    state = {"last": 0.0, "start": time.monotonic()}
+
+    def update_plain(done: int, total: int, item: str) -> None:
+        now = time.monotonic()
+        if done == 0 and state["last"] == 0.0:
+            state["last"] = now
+            return
+        if now - state["last"] >= LOG_EVERY_S or (done == total and now - state["start"] >= LOG_EVERY_S):
+            state["last"] = now
+            log(f"{label}: {done}/{total} {item}".rstrip())
+
+    yield update_plain
+
+
+@contextlib.contextmanager
+def handle_errors(json_mode: bool) -> Iterator[None]:
+    """Turn a LorasurgeonError into one line on stderr (and the JSON error object on stdout
+    with --json) and its exit code. Anything else becomes an internal error line, exit 1;
+    LORASURGEON_DEBUG=1 shows the traceback."""
+    debug = os.environ.get("LORASURGEON_DEBUG") == "1"
+    try:
+        yield
+    except LorasurgeonError as e:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"error: {e.one_line()}\n")
+        if json_mode:
+            print_json({"error": e.to_json()})
+        raise typer.Exit(e.exit_code) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if debug:
+            traceback.print_exc()
+        msg = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"error: internal error ({type(e).__name__}: {msg[:300]}); rerun with LORASURGEON_DEBUG=1 and report it\n")
+        if json_mode:
+            print_json({"error": {"kind": "internal", "message": msg[:300], "path": None}})
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}B"

@@ -1,0 +1,337 @@
+"""``inspect``: what is in a checkpoint or adapter, computed without loading it whole."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
+from lorasurgeon.io.adapters import Adapter, detect_layout, read_adapter
+from lorasurgeon.io.checkpoint import Checkpoint
+from lorasurgeon.nn.targeting import select
+from lorasurgeon.ops import svd
+
+SCHEMA = "lorasurgeon.inspect/1"
+ProgressFn = Callable[[int, int, str], None]
+
+KIND_NAMES = {
+    "checkpoint": "plain checkpoint",
+    "model-folder": "Hugging Face model folder",
+    "peft": "PEFT LoRA adapter",
+    "kohya": "kohya / LyCORIS LoCon LoRA",
+    "diffusers": "diffusers LoRA",
+    "diffusers-legacy": "diffusers LoRA (legacy attention-processor layout)",
+    "factorized": "lorasurgeon factorized checkpoint",
+}
+
+
+@dataclass
+class TensorRow:
+    name: str
+    shape: list[int]
+    dtype: str
+    params: int
+    bytes: int
+    file: str
+
+
+@dataclass
+class Totals:
+    tensors: int = 0
+    params: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class AdapterTargetRow:
+    module: str
+    rank: int
+    alpha: float
+    scale: float
+    out_features: int
+    in_features: int
+    kernel: list[int] | None
+    delta_norm: float  # ||scale · B @ A||_F, from the factors
+    dora: bool
+    bias: bool
+
+
+@dataclass
+class AdapterSummary:
+    format: str
+    targets: int
+    ranks: list[int]
+    alphas: list[float]
+    use_rslora: bool
+    modules_to_save: list[str]
+    rows: list[AdapterTargetRow]
+
+
+@dataclass
+class SpectrumRow:
+    name: str
+    shape: list[int]
+    full_rank: int
+    effective_rank: float
+    rank_90: int
+    rank_95: int
+    rank_99: int
+    break_even: float
+    sigma_max: float
+    energy_at_rank: float | None = None
+    singular_values: list[float] | None = None
+
+
+@dataclass
+class InspectResult:
+    schema: str
+    path: str
+    kind: str
+    kind_description: str
+    weights_file: str | None
+    files: list[str]
+    metadata: dict[str, str]
+    totals: Totals
+    by_dtype: dict[str, Totals]
+    by_group: dict[str, Totals]
+    tensors: list[TensorRow]
+    adapter: AdapterSummary | None = None
+    factorized_layers: dict[str, Any] | None = None
+    spectrum: list[SpectrumRow] | None = None
+    spectrum_rank: int | None = None
+    config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, include_singular_values: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if d.get("spectrum") and not include_singular_values:
+            for row in d["spectrum"]:
+                row.pop("singular_values", None)
+        return d
+
+
+_DIGITS = re.compile(r"^\d+$")
+
+
+def module_group(name: str) -> str:
+    """Group a tensor by its path up to the first numeric part: ``encoder.layer.3``,
+    ``embeddings``; kohya names (``lora_unet_down_blocks_0_...``) by their block."""
+    parts = name.split(".")
+    if len(parts) == 1 or (parts[0].startswith("lora_") and "_" in parts[0]):
+        stem = parts[0]
+        m = re.match(r"^(.*?_\d+)_", stem)
+        return m.group(1) if m else stem
+    for i, p in enumerate(parts[:-1]):
+        if _DIGITS.match(p):
+            return ".".join(parts[: i + 1])
+    return parts[0] if len(parts) > 1 else name
+
+
+def detect_kind(path: Path, ck: Checkpoint) -> str:
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return "peft"
+    layout = detect_layout(ck.names(), ck.metadata)
+    if layout.startswith("non-lora:"):
+        return layout
+    if layout != "checkpoint":
+        return layout
+    if path.is_dir() and ck.config is not None:
+        return "model-folder"
+    return "checkpoint"
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    spectrum: bool = False,
+    rank: int | None = None,
+    keep_singular_values: bool = False,
+    progress: ProgressFn | None = None,
+) -> InspectResult:
+    """Describe a checkpoint or adapter.
+
+    Args:
+        path: any input ``Checkpoint.open`` takes, or a PEFT adapter folder.
+        include, exclude: globs over tensor (or module) names; each must match something.
+        spectrum: compute singular-value statistics for every selected 2-D / conv weight.
+        rank: with ``spectrum``, report the energy kept at this rank.
+        keep_singular_values: keep each layer's singular values (for plots).
+        progress: called as (done, total, name) while computing spectra.
+
+    Returns:
+        An ``InspectResult``; totals are over the selected tensors.
+
+    Raises:
+        InputNotFoundError, FormatError, MatchError, InvalidOptionError.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError("no such file or folder", p)
+    if rank is not None and rank <= 0:
+        raise InvalidOptionError(f"--rank must be a positive integer, got {rank}")
+    if rank is not None and not spectrum:
+        raise InvalidOptionError("--rank needs --spectrum (it reports the energy kept at that rank)")
+    with Checkpoint.open(p) as ck:
+        kind = detect_kind(p, ck)
+        names = select(ck.names(), include, exclude).selected
+        rows: list[TensorRow] = []
+        totals = Totals()
+        by_dtype: dict[str, Totals] = {}
+        by_group: dict[str, Totals] = {}
+        for n in names:
+            i = ck.info(n)
+            rows.append(TensorRow(n, list(i.shape), i.dtype, i.numel, i.nbytes, i.file))
+            for t in (totals, by_dtype.setdefault(i.dtype, Totals()), by_group.setdefault(module_group(n), Totals())):
+                t.tensors += 1
+                t.params += i.numel
+                t.bytes += i.nbytes
+        result = InspectResult(
+            schema=SCHEMA,
+            path=str(p),
+            kind=kind,
+            kind_description=KIND_NAMES.get(kind, kind.replace("non-lora:", "non-LoRA adapter: ")),
+            weights_file=ck.weights_file.name if ck.weights_file else None,
+            files=[f.name for f in ck.files],
+            metadata=dict(sorted(ck.metadata.items())),
+            totals=totals,
+            by_dtype=dict(sorted(by_dtype.items())),
+            by_group=dict(sorted(by_group.items())),
+            tensors=rows,
+            config=_config_summary(ck.config),
+        )
+        if kind == "factorized":
+            result.factorized_layers = json.loads(ck.metadata["lorasurgeon"]).get("layers", {})
+        if spectrum:
+            result.spectrum = _spectra(ck, names, rank, keep_singular_values, progress)
+            result.spectrum_rank = rank
+    if kind in ("peft", "kohya", "diffusers", "diffusers-legacy"):
+        result.adapter = summarize_adapter(read_adapter(p), include, exclude)
+    return result
+
+
+def _config_summary(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not config:
+        return None
+    keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "torch_dtype")
+    return {k: config[k] for k in keys if k in config}
+
+
+def summarize_adapter(ad: Adapter, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> AdapterSummary:
+    """Per target: rank, alpha, scale and ||s·B·A||_F computed from the factors (no dense delta)."""
+    keep = set(select(ad.targets, include, exclude, allow_unmatched=True).selected) if (include or exclude) else set(ad.targets)
+    rows = []
+    for mod in sorted(ad.targets):
+        if mod not in keep:
+            continue
+        t = ad.targets[mod]
+        norm = abs(t.scale) * svd.lowrank_frobenius_norm(t.B, t.A)
+        rows.append(
+            AdapterTargetRow(
+                module=mod,
+                rank=t.rank,
+                alpha=t.alpha,
+                scale=t.scale,
+                out_features=t.out_features,
+                in_features=t.in_features,
+                kernel=list(t.A.shape[2:]) if t.is_conv else None,
+                delta_norm=norm,
+                dora=t.magnitude is not None,
+                bias=t.bias is not None,
+            )
+        )
+    return AdapterSummary(
+        format=ad.format,
+        targets=len(rows),
+        ranks=sorted({r.rank for r in rows}),
+        alphas=sorted({r.alpha for r in rows}),
+        use_rslora=ad.use_rslora,
+        modules_to_save=sorted(ad.modules_to_save),
+        rows=rows,
+    )
+
+
+def is_matrix_weight(shape: Sequence[int], dtype: str) -> bool:
+    """A 2-D matrix or a conv kernel with both sides > 1, of a floating dtype."""
+    if dtype not in ("F16", "BF16", "F32", "F64") or len(shape) < 2:
+        return False
+    m = shape[0]
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return min(m, n) > 1
+
+
+def _spectra(
+    ck: Checkpoint, names: list[str], rank: int | None, keep_sv: bool, progress: ProgressFn | None
+) -> list[SpectrumRow]:
+    todo = [n for n in names if is_matrix_weight(ck.info(n).shape, ck.info(n).dtype)]
+    if not todo:
+        raise FormatError("no 2-D or conv weights among the selected tensors for --spectrum", ck.path)
+    out = []
+    for i, n in enumerate(todo):
+        if progress:
+            progress(i, len(todo), n)
+        w = ck.get(n)
+        S = svd.singular_values(w, name=n)
+        m, k = svd.as_matrix(w).shape
+        del w
+        out.append(
+            SpectrumRow(
+                name=n,
+                shape=list(ck.info(n).shape),
+                full_rank=int(S.numel()),
+                effective_rank=round(svd.effective_rank(S), 4),
+                rank_90=svd.rank_for_energy(S, 0.90),
+                rank_95=svd.rank_for_energy(S, 0.95),
+                rank_99=svd.rank_for_energy(S, 0.99),
+                break_even=round(svd.break_even_rank(m, k), 2),
+                sigma_max=float(S[0].item()) if S.numel() else 0.0,
+                energy_at_rank=(float(svd.energy_curve(S)[min(rank, S.numel()) - 1].item()) if rank else None),
+                singular_values=[float(x) for x in S.tolist()] if keep_sv else None,
+            )
+        )
+    if progress:
+        progress(len(todo), len(todo), "")
+    return out
+
+
+def plot_spectra(result: InspectResult, out: str | Path, force: bool = False) -> Path:
+    """Draw the normalised spectra (S_i / S_0 against i / n) of the inspected layers to a PNG."""
+    from lorasurgeon.io.writer import atomic_path
+
+    if not result.spectrum or result.spectrum[0].singular_values is None:
+        raise InvalidOptionError("--plot needs --spectrum")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidOptionError("--plot needs matplotlib: pip install 'lorasurgeon[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    rows = result.spectrum
+    for row in rows:
+        s = row.singular_values or []
+        if not s or s[0] <= 0:
+            continue
+        n = len(s)
+        ax.plot([(i + 1) / n for i in range(n)], [x / s[0] for x in s], lw=0.8, alpha=0.7,
+                label=row.name if len(rows) <= 12 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("rank / full rank")
+    ax.set_ylabel("σ_i / σ_max")
+    ax.set_title(f"Normalised singular-value spectra: {Path(result.path).name} ({len(rows)} weights)")
+    ax.grid(True, which="both", alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(out, force) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,343 @@
+"""Read LoRA adapters in PEFT, kohya/LyCORIS and diffusers layouts into one ``Adapter``.
+
+Layouts (GUIDE §3):
+- PEFT: folder with adapter_config.json + adapter_model.safetensors (or a bare file) with keys
+  ``base_model.model.<module>.lora_A.weight`` (r×in), ``.lora_B.weight`` (out×r),
+  ``.lora_magnitude_vector`` (DoRA), ``.lora_B.bias`` (lora bias).
+- kohya / LyCORIS LoCon: ``lora_unet_<path with . → _>.lora_down.weight``, ``.lora_up.weight``,
+  ``.alpha`` (missing alpha means alpha = rank).
+- diffusers: PEFT-style keys with a component prefix (``unet.``, ``text_encoder.``...) and the
+  config in the safetensors metadata key ``lora_adapter_metadata``; legacy
+  ``...processor.to_q_lora.down.weight`` on read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon.errors import FormatError, UnsupportedError
+from lorasurgeon.io.checkpoint import Checkpoint
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior", "decoder")
+PEFT_PREFIX = "base_model.model."
+
+# LyCORIS and other non-LoRA layouts: detected by key fragments and refused by name.
+NON_LORA_MARKERS = {
+    "hada_w1_a": "LoHa (LyCORIS)",
+    "hada_w2_b": "LoHa (LyCORIS)",
+    "lokr_w1": "LoKr (LyCORIS)",
+    "lokr_w2": "LoKr (LyCORIS)",
+    "oft_blocks": "OFT",
+    "oft_diag": "OFT",
+    "oft_r": "OFT",
+    "boft_R": "BOFT",
+    "ia3_l": "IA3",
+    "vera_lambda": "VeRA",
+    ".diff": "LyCORIS full (diff)",
+    "lora_E": "AdaLoRA",
+}
+
+
+@dataclass
+class LoraTarget:
+    """One adapted module: delta W = scale · B @ A (conv: B∘A as a k×k conv then a 1×1 conv).
+
+    Attributes:
+        module: the base module name ("encoder.layer.0.attention.self.query"); for kohya files
+            read without a base, the kohya key stem ("lora_unet_down_blocks_0_...").
+        A: (r, in) or (r, in, kh, kw), the down projection.
+        B: (out, r) or (out, r, 1, 1), the up projection.
+        alpha: as stored.
+        scale: the factor applied to B @ A (alpha/r, or alpha/sqrt(r) with rslora).
+        magnitude: DoRA magnitude vector (out,), or None.
+        bias: LoRA bias on B (out,), or None.
+        fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D); delta is transposed.
+    """
+
+    module: str
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    scale: float
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.A.ndim == 4
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[1])
+
+    def delta_shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this delta applies to."""
+        if self.is_conv:
+            return (self.out_features, self.in_features, *self.A.shape[2:])
+        if self.fan_in_fan_out:
+            return (self.in_features, self.out_features)
+        return (self.out_features, self.in_features)
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter in memory, whatever file layout it came from."""
+
+    format: str  # "peft" | "kohya" | "diffusers"
+    targets: dict[str, LoraTarget]
+    modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    use_rslora: bool = False
+    source: str | None = None
+
+
+# --------------------------------------------------------------------------- detection
+def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
+    """Name the layout of a flat tensor file: peft | kohya | diffusers | diffusers-legacy |
+    factorized | non-lora:<name> | checkpoint."""
+    if "lorasurgeon" in metadata:
+        try:
+            if json.loads(metadata["lorasurgeon"]).get("format") == "factorized":
+                return "factorized"
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    for marker, name in NON_LORA_MARKERS.items():
+        if any(marker in k for k in keys):
+            if marker == ".diff" and not any(k.startswith(KOHYA_PREFIXES) for k in keys):
+                continue
+            return f"non-lora:{name}"
+    if any(k.startswith(KOHYA_PREFIXES) and (".lora_down." in k or ".lora_up." in k) for k in keys):
+        return "kohya"
+    has_peft_ab = any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora_A.weight",)) for k in keys)
+    if has_peft_ab:
+        if any(k.startswith(PEFT_PREFIX) for k in keys):
+            return "peft"
+        if any(k.split(".", 1)[0] in DIFFUSERS_COMPONENTS for k in keys) or "lora_adapter_metadata" in metadata:
+            return "diffusers"
+        return "peft"
+    if any("_lora.down.weight" in k or ".lora.down.weight" in k for k in keys):
+        return "diffusers-legacy"
+    return "checkpoint"
+
+
+def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+    """PEFT's rank_pattern/alpha_pattern lookup: exact name first, then a regex on a
+    dotted suffix of the module name."""
+    if module in patterns:
+        return module
+    for key in patterns:
+        if re.match(rf"(^|.*\.){key}$", module):
+            return key
+    return None
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+# --------------------------------------------------------------------------- reading
+def read_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT folder or file, a kohya/LyCORIS file, or a diffusers LoRA file.
+
+    Raises:
+        FormatError: no LoRA tensors, unpaired A/B, inconsistent shapes, bad config.
+        UnsupportedError: LoHa, LoKr, OFT and other non-LoRA layouts.
+    """
+    p = Path(path)
+    config: dict[str, Any] = {}
+    if p.is_dir():
+        cfg = p / "adapter_config.json"
+        if not cfg.is_file():
+            raise FormatError("folder has no adapter_config.json; not a PEFT adapter", p)
+        try:
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"adapter_config.json is not valid JSON ({e})", cfg) from None
+        if not isinstance(config, dict):
+            raise FormatError("adapter_config.json is not a JSON object", cfg)
+        ptype = str(config.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":
+            raise UnsupportedError(f"peft_type {ptype} is not LoRA; only LoRA adapters are supported", cfg)
+    with Checkpoint.open(p) as ck:
+        state = {n: ck.get(n) for n in ck.names()}
+        metadata = dict(ck.metadata)
+    layout = detect_layout(list(state), metadata)
+    if layout.startswith("non-lora:"):
+        raise UnsupportedError(
+            f"{layout.split(':', 1)[1]} adapter: only LoRA (and LoCon) layouts are supported", p
+        )
+    if p.is_dir() or layout == "peft":
+        return _read_peft(state, metadata, config, p)
+    if layout == "kohya":
+        return _read_kohya(state, metadata, p)
+    if layout in ("diffusers", "diffusers-legacy"):
+        return _read_diffusers(state, metadata, p)
+    raise FormatError("holds no LoRA tensors (no lora_A/lora_B, lora_down/lora_up keys)", p)
+
+
+def _pair_up(
+    groups: dict[str, dict[str, torch.Tensor]], path: Path
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    out = {}
+    for mod, parts in sorted(groups.items()):
+        if "A" not in parts or "B" not in parts:
+            missing = "A (down)" if "A" not in parts else "B (up)"
+            raise FormatError(f"module {mod!r} has no {missing} matrix", path)
+        A, B = parts["A"], parts["B"]
+        if A.ndim not in (2, 4) or B.ndim not in (2, 4) or A.shape[0] != B.shape[1]:
+            raise FormatError(
+                f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} do not chain (ranks differ)", path
+            )
+        out[mod] = (A, B, parts)
+    return out
+
+
+def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config: dict[str, Any], path: Path) -> Adapter:
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", r_default))
+    rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    fifo = bool(config.get("fan_in_fan_out", False))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    rx = re.compile(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.([^.]+))?(?:\.(weight|bias))?$")
+    for key, t in state.items():
+        m = rx.match(key)
+        if not m or (".lora_embedding_" in key):
+            if ".lora_embedding_" in key:
+                raise UnsupportedError("embedding LoRA (lora_embedding_A/B) is not supported yet", path)
+            name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+            saved[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = t
+            continue
+        mod, kind, _adapter_name, wb = m.groups()
+        g = groups.setdefault(mod, {})
+        if kind == "lora_A":
+            if wb == "bias":
+                raise FormatError(f"module {mod!r}: unexpected lora_A bias", path)
+            g["A"] = t
+        elif kind == "lora_B":
+            g["bias" if wb == "bias" else "B"] = t
+        else:
+            g["magnitude"] = t
+    targets: dict[str, LoraTarget] = {}
+    for mod, (A, B, parts) in _pair_up(groups, path).items():
+        rank = int(A.shape[0])
+        ak = pattern_key(alpha_pattern, mod)
+        alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
+        rk = pattern_key(rank_pattern, mod)
+        expected_r = int(rank_pattern[rk]) if rk is not None else r_default
+        if config and expected_r != rank:
+            raise FormatError(
+                f"module {mod!r} has rank {rank} but adapter_config.json says r={expected_r}", path
+            )
+        targets[mod] = LoraTarget(
+            mod, A, B, alpha, lora_scale(alpha, rank, rslora), parts.get("magnitude"), parts.get("bias"), fifo
+        )
+    if not targets:
+        raise FormatError("holds no LoRA tensors", path)
+    return Adapter("peft", targets, saved, metadata, config, rslora, str(path))
+
+
+def _read_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Adapter:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, torch.Tensor] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        stem, _, rest = key.partition(".")
+        if rest in ("lora_down.weight",):
+            groups.setdefault(stem, {})["A"] = t
+        elif rest == "lora_up.weight":
+            groups.setdefault(stem, {})["B"] = t
+        elif rest == "alpha":
+            alphas[stem] = t
+        elif rest == "dora_scale":
+            groups.setdefault(stem, {})["magnitude"] = t
+        else:
+            other[key] = t
+    targets: dict[str, LoraTarget] = {}
+    for mod, (A, B, parts) in _pair_up(groups, path).items():
+        rank = int(A.shape[0])
+        alpha = float(alphas[mod].float().item()) if mod in alphas else float(rank)
+        mag = parts.get("magnitude")
+        targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, False), mag.reshape(-1) if mag is not None else None)
+    if not targets:
+        raise FormatError("holds no LoRA tensors", path)
+    return Adapter("kohya", targets, other, metadata, {}, False, str(path))
+
+
+def _diffusers_config(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    per: dict[str, dict[str, Any]] = {}
+    if isinstance(flat, dict):
+        for k, v in flat.items():
+            comp, _, fieldname = k.partition(".")
+            if fieldname:
+                per.setdefault(comp, {})[fieldname] = v
+    return per
+
+
+def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Adapter:
+    per = _diffusers_config(metadata)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    legacy = re.compile(r"^(.*)\.processor\.(to_[a-z_]+?)_lora\.(down|up)\.weight$")
+    modern = re.compile(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+    other = {}
+    for key, t in state.items():
+        m = legacy.match(key)
+        if m:
+            base, proj, which = m.groups()
+            out = "to_out.0" if proj == "to_out" else proj
+            mod = f"{base}.{out}"
+            groups.setdefault(mod, {})["A" if which == "down" else "B"] = t
+            continue
+        m = modern.match(key)
+        if m:
+            mod, kind = m.groups()
+            groups.setdefault(mod, {})["A" if kind in ("lora_A", "lora.down") else "B"] = t
+            continue
+        if key.endswith(".alpha"):
+            alphas[key[: -len(".alpha")]] = float(t.float().item())
+            continue
+        other[key] = t
+    targets: dict[str, LoraTarget] = {}
+    for mod, (A, B, _parts) in _pair_up(groups, path).items():
+        rank = int(A.shape[0])
+        comp = mod.split(".", 1)[0]
+        cfg = per.get(comp, {})
+        rslora = bool(cfg.get("use_rslora", False))
+        alpha = alphas.get(mod)
+        if alpha is None:
+            sub = mod.split(".", 1)[1] if "." in mod else mod
+            ak = pattern_key(cfg.get("alpha_pattern") or {}, sub)
+            alpha = float(cfg["alpha_pattern"][ak]) if ak is not None else float(cfg.get("lora_alpha", rank))
+        targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, rslora))
+    if not targets:
+        raise FormatError("holds no LoRA tensors", path)
+    return Adapter("diffusers", targets, other, metadata, per, any(c.get("use_rslora") for c in per.values()), str(path))

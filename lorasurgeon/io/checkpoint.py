@@ -1,0 +1,486 @@
+"""The one lazy checkpoint reader.
+
+``Checkpoint.open(path)`` accepts a ``.safetensors`` file, a sharded folder or its
+``*.index.json``, a ``.pt/.bin/.pth`` state dict, or a Hugging Face model folder (config.json
+beside the weights). It lists names, shapes, dtypes and byte sizes without reading tensor data
+and returns one tensor at a time.
+
+Memory: safetensors data is read with ``os.pread`` into a fresh buffer, never memory-mapped,
+so a tensor's file pages never count towards the process's resident set. ``.pt`` files are
+opened with ``torch.load(weights_only=True, mmap=True)``; the mapping is dropped and reopened
+once the pages touched since opening pass a small budget, so resident memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon.errors import FormatError, InputNotFoundError, UnsafeFileError
+
+# safetensors dtype names <-> torch dtypes.
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+):
+    if hasattr(torch, _attr):
+        ST_DTYPES[_name] = getattr(torch, _attr)
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+
+# The safetensors library refuses headers above 100 MB; so do we, before allocating anything.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Files inside a model folder that hold weights, in order of preference.
+_FOLDER_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "adapter_model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+    "adapter_model.bin",
+)
+_PT_REOPEN_BYTES = 128 * 1024 * 1024
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``F32``, ``BF16``...)."""
+    try:
+        return TORCH_TO_ST[dtype]
+    except KeyError:
+        raise FormatError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def dtype_size(name: str) -> int:
+    return torch.empty((), dtype=ST_DTYPES[name]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a tensor without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    nbytes: int
+    file: str  # basename of the file holding it
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    path: Path
+    begin: int  # absolute offset in the file
+    nbytes: int
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, _StEntry], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Raises:
+        FormatError: the header's length, JSON, dtypes, shapes or offsets do not fit the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(
+                    f"not a safetensors file: {size} bytes, shorter than the 8-byte header length", path
+                )
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES:
+                raise FormatError(
+                    f"safetensors header claims {hlen} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt or not safetensors",
+                    path,
+                )
+            if 8 + hlen > size:
+                raise FormatError(
+                    f"truncated or corrupt safetensors file: header claims {hlen} bytes but the file has {size - 8} after the length",
+                    path,
+                )
+            raw = f.read(hlen)
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", path) from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"corrupt safetensors header: not valid UTF-8 JSON ({e})", path) from None
+    if not isinstance(header, dict):
+        raise FormatError("corrupt safetensors header: not a JSON object", path)
+    meta_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(meta_raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta_raw.items()
+    ):
+        raise FormatError("corrupt safetensors header: __metadata__ must map strings to strings", path)
+    data_start = 8 + hlen
+    data_len = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    entries: dict[str, _StEntry] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, spec in header.items():
+        if not isinstance(spec, dict):
+            raise FormatError(f"corrupt safetensors header: entry {name!r} is not an object", path)
+        dt = spec.get("dtype")
+        shape = spec.get("shape")
+        offs = spec.get("data_offsets")
+        if dt not in ST_DTYPES:
+            raise FormatError(f"tensor {name!r} has unknown dtype {dt!r}", path)
+        if not (
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise FormatError(f"tensor {name!r} has an invalid shape {shape!r}", path)
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        ):
+            raise FormatError(f"tensor {name!r} has invalid data_offsets {offs!r}", path)
+        b, e = offs
+        if not (0 <= b <= e <= data_len):
+            raise FormatError(
+                f"tensor {name!r} offsets [{b}, {e}] lie outside the {data_len}-byte data section (truncated or corrupt file)",
+                path,
+            )
+        nbytes = _numel(tuple(shape)) * dtype_size(dt)
+        if e - b != nbytes:
+            raise FormatError(
+                f"tensor {name!r}: shape {shape} of {dt} needs {nbytes} bytes but its offsets span {e - b}",
+                path,
+            )
+        infos[name] = TensorInfo(name, tuple(shape), dt, nbytes, path.name)
+        entries[name] = _StEntry(path, data_start + b, nbytes)
+        spans.append((b, e, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(f"tensors {n0!r} and {n1!r} overlap in the data section", path)
+    return infos, entries, dict(meta_raw)
+
+
+def _read_exact(path: Path, offset: int, nbytes: int) -> bytearray:
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise FormatError(f"unexpected end of file reading {nbytes} bytes at offset {offset}", path)
+            done += n
+    finally:
+        os.close(fd)
+    return buf
+
+
+def _safe_join(folder: Path, rel: str, index: Path) -> Path:
+    """Resolve a shard name from an index, refusing anything outside the folder."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+        raise UnsafeFileError(f"shard index names {rel!r}, which is not a file inside its folder", index)
+    target = (folder / rel).resolve()
+    root = folder.resolve()
+    if root not in target.parents:
+        raise UnsafeFileError(f"shard index points outside its folder: {rel!r}", index)
+    return target
+
+
+def _is_zip_pickle(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+class Checkpoint:
+    """A lazy, read-only view of the tensors in a checkpoint.
+
+    Use ``Checkpoint.open(path)``; iterate ``names()``; ``info(name)`` for shape/dtype/bytes;
+    ``get(name)`` returns a new tensor that the caller owns.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        kind: str,
+        infos: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        files: list[Path],
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = path
+        self.kind = kind  # "safetensors" | "sharded-safetensors" | "pickle" | "sharded-pickle"
+        self._infos = infos
+        self.metadata = metadata
+        self.files = files
+        self.config = config  # config.json of a model folder
+        self._st: dict[str, _StEntry] = {}
+        self._pt_files: dict[str, Path] = {}
+        self._pt_cache: dict[Path, tuple[dict[str, torch.Tensor], int]] = {}
+        self.weights_file: Path | None = None
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        """Open any supported checkpoint lazily.
+
+        Raises:
+            InputNotFoundError: the path does not exist.
+            FormatError: unknown extension, no weights in a folder, or a corrupt file.
+            UnsafeFileError: a pickle that needs code to load, or a shard outside its folder.
+        """
+        p = Path(path)
+        if not p.exists():
+            raise InputNotFoundError("no such file or folder", p)
+        if p.is_dir():
+            return cls._open_folder(p)
+        name = p.name.lower()
+        if name.endswith(".index.json"):
+            return cls._open_index(p)
+        if name.endswith(".safetensors"):
+            return cls._open_safetensors(p)
+        if name.endswith(PICKLE_SUFFIXES):
+            return cls._open_pickles(p, [p])
+        raise FormatError(
+            "unknown checkpoint extension; expected .safetensors, .pt, .pth, .bin, .ckpt, "
+            "a *.index.json or a model folder",
+            p,
+        )
+
+    @classmethod
+    def _open_folder(cls, folder: Path) -> Checkpoint:
+        config = None
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                config = json.loads(cfg.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise FormatError(f"config.json is not valid JSON ({e})", cfg) from None
+        chosen: Path | None = None
+        for fname in _FOLDER_WEIGHT_FILES:
+            if (folder / fname).is_file():
+                chosen = folder / fname
+                break
+        if chosen is None:
+            indexes = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+            singles = sorted(folder.glob("*.safetensors"))
+            if len(indexes) == 1:
+                chosen = indexes[0]
+            elif not indexes and len(singles) == 1:
+                chosen = singles[0]
+            elif len(indexes) + len(singles) > 1:
+                raise FormatError(
+                    "folder holds several weight files and no standard index; pass one file: "
+                    + ", ".join(x.name for x in indexes + singles),
+                    folder,
+                )
+        if chosen is None:
+            raise FormatError("folder holds no weights (no *.safetensors, index or pytorch_model.bin)", folder)
+        ck = cls.open(chosen)
+        ck.path = folder
+        ck.config = config
+        ck.weights_file = chosen
+        return ck
+
+    @classmethod
+    def _open_safetensors(cls, p: Path) -> Checkpoint:
+        infos, entries, meta = read_safetensors_header(p)
+        ck = cls(p, "safetensors", infos, meta, [p])
+        ck._st = entries
+        ck.weights_file = p
+        return ck
+
+    @classmethod
+    def _open_index(cls, index: Path) -> Checkpoint:
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"shard index is not valid JSON ({e})", index) from None
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise FormatError("shard index has no weight_map", index)
+        folder = index.parent
+        shards: dict[str, Path] = {}
+        for rel in sorted(set(wm.values()), key=str):
+            target = _safe_join(folder, rel, index)
+            if not target.is_file():
+                raise FormatError(f"shard index points to a missing shard {rel!r}", index)
+            shards[rel] = target
+        if all(str(r).lower().endswith(".safetensors") for r in shards):
+            infos: dict[str, TensorInfo] = {}
+            entries: dict[str, _StEntry] = {}
+            meta: dict[str, str] = {}
+            for rel, shard in shards.items():
+                si, se, sm = read_safetensors_header(shard)
+                meta.update(sm)
+                for n in si:
+                    if wm.get(n) == rel:
+                        infos[n] = si[n]
+                        entries[n] = se[n]
+            missing = sorted(set(wm) - set(infos))
+            if missing:
+                raise FormatError(
+                    f"shard index lists {len(missing)} tensor(s) missing from their shards, e.g. {missing[0]!r}",
+                    index,
+                )
+            ck = cls(index, "sharded-safetensors", infos, meta, list(shards.values()))
+            ck._st = entries
+            ck.weights_file = index
+            return ck
+        ck = cls._open_pickles(index, list(shards.values()))
+        ck.kind = "sharded-pickle"
+        return ck
+
+    @classmethod
+    def _open_pickles(cls, p: Path, files: list[Path]) -> Checkpoint:
+        infos: dict[str, TensorInfo] = {}
+        owners: dict[str, Path] = {}
+        for f in files:
+            sd = _load_pickle_state_dict(f)
+            for n, t in sd.items():
+                infos[n] = TensorInfo(n, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size(), f.name)
+                owners[n] = f
+            del sd
+        ck = cls(p, "pickle" if len(files) == 1 else "sharded-pickle", infos, {}, files)
+        ck._pt_files = owners
+        ck.weights_file = p
+        return ck
+
+    # ---------------------------------------------------------------- reading
+    def names(self) -> list[str]:
+        """Tensor names in a stable (sorted) order."""
+        return sorted(self._infos)
+
+    def infos(self) -> list[TensorInfo]:
+        return [self._infos[n] for n in self.names()]
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise FormatError(f"no tensor named {name!r}", self.path) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into new memory owned by the caller."""
+        info = self.info(name)
+        if name in self._st:
+            e = self._st[name]
+            buf = _read_exact(e.path, e.begin, e.nbytes)
+            if e.nbytes == 0:
+                return torch.empty(info.shape, dtype=ST_DTYPES[info.dtype])
+            return torch.frombuffer(buf, dtype=ST_DTYPES[info.dtype]).reshape(info.shape)
+        f = self._pt_files[name]
+        sd, touched = self._pt_cache.get(f, (None, 0))
+        if sd is None or touched > _PT_REOPEN_BYTES:
+            # Drop the old mapping (its pages leave our resident set) and map the file again.
+            self._pt_cache.pop(f, None)
+            sd, touched = _load_pickle_state_dict(f), 0
+        t = sd[name].detach().clone(memory_format=torch.contiguous_format)
+        self._pt_cache[f] = (sd, touched + info.nbytes)
+        return t
+
+    def items(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, in sorted order unless ``names`` is given."""
+        for n in names if names is not None else self.names():
+            yield n, self.get(n)
+
+    def close(self) -> None:
+        self._pt_cache.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    @property
+    def total_params(self) -> int:
+        return sum(i.numel for i in self._infos.values())
+
+
+def _load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True (mmap when the file allows); unwrap nested dicts."""
+    mmap = _is_zip_pickle(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+            raise UnsafeFileError(
+                "refusing to load: this pickle needs code to load (weights_only=True rejected it); "
+                "convert it to safetensors with the code that made it",
+                path,
+            ) from None
+        raise FormatError(f"not a valid PyTorch checkpoint ({first})", path) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, IndexError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(f"not a valid PyTorch checkpoint ({first[:200]})", path) from None
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in ("state_dict", "model", "module", "model_state_dict"):
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+            else:
+                break
+        else:
+            break
+    if not isinstance(obj, dict):
+        raise FormatError(f"expected a state dict (a mapping of names to tensors), found {type(obj).__name__}", path)
+    out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not out:
+        raise FormatError("holds no tensors", path)
+    return out

@@ -1,0 +1,404 @@
+"""The one atomic writer.
+
+Every output goes to a temporary sibling (same folder, so the final ``rename`` is atomic),
+is fsynced, then renamed over the target. An existing target is refused unless ``force``.
+A failure or signal at any point removes the temporary file: never a half-written output.
+
+Safetensors files are written from a list of specs (name, dtype, shape) known up front; the
+header is laid out first and each tensor is written at its offset as it arrives, so a caller
+streams one tensor at a time and never holds the whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon._version import __version__
+from lorasurgeon.errors import OutputExistsError, WriteError
+from lorasurgeon.io.checkpoint import dtype_name
+
+METADATA_KEY = "lorasurgeon"
+FORMAT_VERSION = 1
+
+_live_temps: set[Path] = set()
+_live_lock = threading.Lock()
+_handlers_installed = False
+
+
+def _cleanup_temps() -> None:
+    with _live_lock:
+        for p in list(_live_temps):
+            with contextlib.suppress(OSError):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink()
+        _live_temps.clear()
+
+
+def _install_signal_handlers() -> None:
+    """On SIGTERM, remove live temporaries before dying (SIGINT raises KeyboardInterrupt,
+    which the writers' own cleanup handles)."""
+    global _handlers_installed
+    if _handlers_installed or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        _cleanup_temps()
+        if callable(previous):
+            previous(signum, frame)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    _handlers_installed = True
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    """Refuse an existing output unless ``force``; the parent folder must exist."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise OutputExistsError("output exists; pass --force to replace it", p)
+    if not p.parent.exists():
+        raise WriteError("output folder does not exist", p.parent)
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, force: bool = False, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync and rename it into place.
+
+    Args:
+        path: the final output (a file, or a folder when ``directory``).
+        force: replace an existing output.
+        directory: the output is a folder; the temporary is a folder filled by the caller.
+
+    Raises:
+        OutputExistsError: ``path`` exists and not ``force``.
+        WriteError: the write or the rename failed (disk full, permissions).
+    """
+    final = check_output(path, force)
+    _install_signal_handlers()
+    parent = final.parent
+    prefix = f".{final.name}.tmp-"
+    try:
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:
+        raise WriteError(f"cannot create a temporary file: {e.strerror or e}", parent) from e
+    with _live_lock:
+        _live_temps.add(tmp)
+    try:
+        yield tmp
+        if directory:
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    _fsync_file(f)
+        else:
+            _fsync_file(tmp)
+        if final.exists() and not force:  # appeared while we worked
+            raise OutputExistsError("output exists; pass --force to replace it", final)
+        if directory and final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
+            os.rename(final, trash / "old")
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(parent)
+    except OSError as e:
+        raise WriteError(f"write failed: {e.strerror or e}", final) from e
+    finally:
+        with _live_lock:
+            _live_temps.discard(tmp)
+        if tmp.exists():
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def _fsync_file(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
+    with atomic_path(path, force) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, obj: Any, force: bool = False) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", force)
+
+
+# --------------------------------------------------------------------------- provenance
+def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, read in chunks (no mmap: pages do not stay resident)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def input_record(path: str | Path) -> dict[str, Any]:
+    """Basename and sha256 of an input: a file, or a folder's files in sorted order."""
+    p = Path(path)
+    if p.is_dir():
+        files = {str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        return {"name": p.name, "sha256": digest, "files": len(files)}
+    return {"name": p.name, "sha256": sha256_file(p)}
+
+
+def provenance(
+    command: str, options: dict[str, Any], inputs: Iterable[str | Path], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON stored under the ``lorasurgeon`` metadata key: deterministic, no paths or times."""
+    rec: dict[str, Any] = {
+        "version": FORMAT_VERSION,
+        "tool": "lorasurgeon",
+        "tool_version": __version__,
+        "command": command,
+        "options": options,
+        "inputs": [input_record(p) for p in inputs],
+    }
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata maps strings to strings; JSON-encode everything else, sorted."""
+    out: dict[str, str] = {}
+    for k, v in meta.items():
+        out[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return out
+
+
+# --------------------------------------------------------------------------- safetensors
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """Build a safetensors header. Tensors are laid out in name order (deterministic)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offsets: dict[str, int] = {}
+    pos = 0
+    for s in sorted(specs, key=lambda s: s.name):
+        header[s.name] = {"dtype": dtype_name(s.dtype), "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        offsets[s.name] = pos
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * ((8 - len(raw) % 8) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+class _StFile:
+    """One safetensors file being written at known offsets."""
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.specs = {s.name: s for s in specs}
+        head, self.offsets = _header_bytes(specs, metadata)
+        self.data_start = len(head)
+        self.remaining = set(self.specs)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        total = self.data_start + sum(s.nbytes for s in specs)
+        _pwrite_all(self.fd, memoryview(head), 0)
+        os.ftruncate(self.fd, total)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        s = self.specs[name]
+        if tuple(t.shape) != s.shape or t.dtype != s.dtype:
+            raise WriteError(
+                f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, planned {s.shape} {s.dtype}", self.path
+            )
+        _pwrite_all(self.fd, _tensor_bytes(t), self.data_start + self.offsets[name])
+        self.remaining.discard(name)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _shard_plan(specs: list[TensorSpec], max_shard_bytes: int | None) -> list[list[TensorSpec]]:
+    ordered = sorted(specs, key=lambda s: s.name)
+    if not max_shard_bytes:
+        return [ordered]
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in ordered:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: list[TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, Any] | None = None,
+    *,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+    weights_name: str = "model.safetensors",
+    on_tensor: Callable[[str], None] | None = None,
+) -> Path:
+    """Write tensors to a safetensors file atomically, streaming one tensor at a time.
+
+    Args:
+        path: a ``.safetensors`` file; or, with ``max_shard_bytes``, a folder that receives
+            ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``.
+        specs: every tensor's name, dtype and shape, known before any data.
+        tensors: ``(name, tensor)`` pairs in any order, each name once; tensors may be
+            views, non-contiguous, or share storage (tied weights are written as copies).
+        metadata: string values stored as is, others JSON-encoded with sorted keys.
+        force: replace an existing output.
+        max_shard_bytes: shard when given.
+        weights_name: file name stem for shards (``model.safetensors`` -> ``model-...``).
+        on_tensor: called with each name once it is written (progress).
+
+    Returns:
+        The output path.
+
+    Raises:
+        OutputExistsError, WriteError. Nothing is left behind on failure.
+    """
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise WriteError("duplicate tensor names in the output plan", path)
+    meta = encode_metadata(metadata or {})
+    shards = _shard_plan(specs, max_shard_bytes)
+    if max_shard_bytes is None:
+        with atomic_path(path, force) as tmp:
+            _write_stream(tmp, [(tmp, specs, meta)], tensors, on_tensor)
+        return Path(path)
+    n = len(shards)
+    stem = weights_name[: -len(".safetensors")] if weights_name.endswith(".safetensors") else weights_name
+    with atomic_path(path, force, directory=True) as tmpdir:
+        files = []
+        weight_map: dict[str, str] = {}
+        for i, sh in enumerate(shards, 1):
+            fname = f"{stem}-{i:05d}-of-{n:05d}.safetensors"
+            files.append((tmpdir / fname, sh, meta))
+            for s in sh:
+                weight_map[s.name] = fname
+        _write_stream(tmpdir, files, tensors, on_tensor)
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (tmpdir / f"{weights_name}.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    return Path(path)
+
+
+def _write_stream(
+    where: Path,
+    files: list[tuple[Path, list[TensorSpec], dict[str, str]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    on_tensor: Callable[[str], None] | None,
+) -> None:
+    open_files: list[_StFile] = []
+    owner: dict[str, _StFile] = {}
+    try:
+        for fpath, sh, meta in files:
+            f = _StFile(fpath, sh, meta)
+            open_files.append(f)
+            for s in sh:
+                owner[s.name] = f
+        for name, t in tensors:
+            if name not in owner:
+                raise WriteError(f"tensor {name!r} is not in the output plan", where)
+            if name not in owner[name].remaining:
+                raise WriteError(f"tensor {name!r} written twice", where)
+            owner[name].write(name, t)
+            if on_tensor:
+                on_tensor(name)
+        missing = sorted(n for f in open_files for n in f.remaining)
+        if missing:
+            raise WriteError(f"{len(missing)} planned tensor(s) never arrived, e.g. {missing[0]!r}", where)
+    finally:
+        for f in open_files:
+            f.close()
+
+
+def save_state_dict(
+    path: str | Path,
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, Any] | None = None,
+    *,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write an in-memory state dict (small outputs: adapters, tests) through the same writer."""
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    return write_safetensors(
+        path, specs, iter(state.items()), metadata, force=force, max_shard_bytes=max_shard_bytes
+    )

@@ -453,14 +453,16 @@ def _load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+        text = str(e)
+        if "GLOBAL" in text or "Unsupported global" in text:
             raise UnsafeFileError(
                 "refusing to load: this pickle needs code to load (weights_only=True rejected it); "
                 "convert it to safetensors with the code that made it",
                 path,
             ) from None
-        raise FormatError(f"not a valid PyTorch checkpoint ({first})", path) from None
+        detail = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = next((ln for ln in detail if ln.startswith(("Unsupported", "WeightsUnpickler"))), "unpickling failed")
+        raise FormatError(f"not a valid PyTorch checkpoint ({why[:200]})", path) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, IndexError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(f"not a valid PyTorch checkpoint ({first[:200]})", path) from None

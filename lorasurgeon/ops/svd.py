@@ -5,11 +5,12 @@ All math runs in fp32 (or fp64 on request) whatever the input dtype; inputs are 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lorasurgeon.errors import FormatError
+from lorasurgeon.errors import FormatError, InvalidOptionError
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -52,16 +53,31 @@ class SVDResult:
     Vh: torch.Tensor
 
 
+def _gesdd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a matrix already in its compute dtype; fp64 retry on non-convergence.
+
+    ``torch.linalg.svd`` runs LAPACK's divide-and-conquer gesdd on CPU. We never call gesvd:
+    it measured 5-10x slower here and did not finish 4096x4096 in 14 minutes (GUIDE §6).
+    """
+    try:
+        return torch.linalg.svd(m, full_matrices=False)
+    except RuntimeError:  # non-convergence (ill-conditioned fp32): retry in fp64
+        U, S, Vh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
+        return U.to(m.dtype), S.to(m.dtype), Vh.to(m.dtype)
+
+
 def full_svd(w: torch.Tensor, *, fp64: bool = False, name: str | None = None) -> SVDResult:
-    """Thin exact SVD (gesdd), retried in fp64 on non-convergence."""
+    """Thin exact SVD (gesdd), retried in fp64 on non-convergence.
+
+    Args:
+        w: (m, n) or (out, in, kh, kw), any float dtype; not modified.
+
+    Returns:
+        U (m, p), S (p,), Vh (p, n) with p = min(m, n), in the compute dtype.
+    """
     m = as_matrix(w).to(_compute_dtype(w, fp64))
     _check_finite(m, name)
-    try:
-        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
-    except RuntimeError:
-        U, S, Vh = torch.linalg.svd(m.to(torch.float64), full_matrices=False)
-        U, S, Vh = U.to(m.dtype), S.to(m.dtype), Vh.to(m.dtype)
-    return SVDResult(U, S, Vh)
+    return SVDResult(*_gesdd(m))
 
 
 def energy_curve(S: torch.Tensor) -> torch.Tensor:
@@ -107,3 +123,321 @@ def lowrank_frobenius_norm(B: torch.Tensor, A: torch.Tensor) -> float:
     a = as_matrix(A).double()
     val = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0)
     return float(val.sqrt().item())
+
+
+# ---------------------------------------------------------------------------
+# Truncated SVD: exact, randomized, auto
+# ---------------------------------------------------------------------------
+
+SVD_METHODS = ("auto", "exact", "randomized")
+
+
+def _check_rank(k: int, m: int, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise InvalidOptionError(f"rank must be an integer, got {k!r}")
+    if not 1 <= k <= min(m, n):
+        raise InvalidOptionError(f"rank {k} is out of range for a {m}x{n} matrix: choose 1..{min(m, n)}")
+    return k
+
+
+def default_oversample(k: int) -> int:
+    """Default oversampling p of the randomized SVD: the sketch has q = k + p columns.
+
+    PLACEHOLDER: set by measurement below.
+    """
+    return max(10, k)
+
+
+def _gram_svd(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Top-k SVD through the eigendecomposition of the smaller Gram matrix, in fp64.
+
+    Returns None when the k-th singular value is too small for the squared condition
+    number (the caller then uses gesdd).
+    """
+    g = m.to(torch.float64)
+    tall = g.shape[0] >= g.shape[1]
+    gram = g.T @ g if tall else g @ g.T  # (p, p), p = min(m, n)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    lam = evals[-k:].flip(0)
+    vec = evecs[:, -k:].flip(1)
+    lam_max = evals[-1].clamp_min(0)
+    # eigh's absolute error is ~ eps64 * lam_max; sigma_k^2 must sit far above it.
+    if lam_max <= 0 or lam[-1] <= _GRAM_MIN_RATIO**2 * lam_max:
+        return None
+    S = lam.sqrt()
+    if tall:  # gram = WᵀW = V S² Vᵀ; U = W V / S
+        U = (g @ vec) / S
+        Vh = vec.T
+    else:  # gram = W Wᵀ = U S² Uᵀ; Vh = Uᵀ W / S
+        U = vec
+        Vh = (vec.T @ g) / S[:, None]
+    dt = m.dtype
+    return U.to(dt).contiguous(), S.to(dt), Vh.to(dt).contiguous()
+
+
+# Smallest sigma_k / sigma_1 the fp64 Gram route accepts (PLACEHOLDER, see truncated_svd).
+_GRAM_MIN_RATIO = 1e-6
+
+
+def _use_gram(m: torch.Tensor) -> bool:
+    """PLACEHOLDER: whether exact mode goes through the Gram matrix."""
+    return False
+
+
+def _randomized_svd(
+    m: torch.Tensor, k: int, q: int, power_iters: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized range finder with QR-orthonormalised power (subspace) iterations.
+
+    Halko, Martinsson & Tropp (2011), Algorithms 4.4 (randomized subspace iteration) and 5.1
+    (direct SVD of the projected matrix). The Gaussian test matrix comes from a private
+    ``torch.Generator`` seeded with ``seed``, so the result depends on the seed only, not on
+    the global RNG (which ``torch.svd_lowrank`` would consume).
+
+    Args:
+        m: (rows, cols) in the compute dtype.
+        k: rank kept; q >= k: sketch width; power_iters: subspace iterations.
+
+    Returns:
+        U (rows, k), S (k,), Vh (k, cols).
+    """
+    # Sketch the range of the taller orientation so the small SVD is (q, short side).
+    transposed = m.shape[0] < m.shape[1]
+    a = m.T if transposed else m  # (long, short)
+    gen = torch.Generator(device=a.device).manual_seed(int(seed))
+    omega = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype, device=a.device)
+    Q = torch.linalg.qr(a @ omega).Q  # (long, q)
+    for _ in range(power_iters):
+        # Re-orthonormalise between products (Halko Alg. 4.4): plain powers (AAᵀ)^p A Ω
+        # lose every singular value below eps^(1/(2p+1)) * sigma_1 to round-off.
+        Z = torch.linalg.qr(a.T @ Q).Q  # (short, q)
+        Q = torch.linalg.qr(a @ Z).Q  # (long, q)
+    B = Q.T @ a  # (q, short)
+    Ub, S, Vh = _gesdd(B)
+    U = Q @ Ub[:, :k]
+    S, Vh = S[:k], Vh[:k]
+    if transposed:  # a = mᵀ = U S Vh  =>  m = Vhᵀ S Uᵀ
+        return Vh.T.contiguous(), S, U.T.contiguous()
+    return U.contiguous(), S, Vh.contiguous()
+
+
+def truncated_svd(
+    w: torch.Tensor,
+    k: int,
+    *,
+    method: str = "auto",
+    fp64: bool = False,
+    oversample: int | None = None,
+    power_iters: int = 2,
+    seed: int = 0,
+    name: str | None = None,
+) -> SVDResult:
+    """Rank-k truncated SVD, W ≈ U diag(S) Vh.
+
+    Args:
+        w: (m, n) Linear weight or (out, in, kh, kw) conv weight (seen as (out, in*kh*kw));
+            fp16/bf16/fp32 are computed in fp32, fp64 (or ``fp64=True``) in fp64. Not modified.
+        k: rank, 1 <= k <= min(m, n).
+        method: "exact" (gesdd, truncated; see below for the Gram route), "randomized"
+            (Halko et al. range finder), or "auto": randomized when k <= min(m, n) / 4,
+            else exact.
+        fp64: compute in fp64 whatever the input dtype.
+        oversample: randomized only; sketch width q = k + oversample (default
+            ``default_oversample(k)``). When q reaches min(m, n) the exact path is used.
+        power_iters: randomized only; QR-orthonormalised subspace iterations.
+        seed: randomized only; the result is a function of (w, k, options, seed).
+        name: the weight's name, for error messages.
+
+    Returns:
+        SVDResult with U (m, k), S (k,) descending, Vh (k, n), in the compute dtype.
+
+    Raises:
+        InvalidOptionError: k out of range, unknown method, negative oversample/power_iters.
+        FormatError: the weight holds NaN or Inf.
+    """
+    if method not in SVD_METHODS:
+        raise InvalidOptionError(f"unknown SVD method {method!r}: choose one of {', '.join(SVD_METHODS)}")
+    m = as_matrix(w)
+    rows, cols = m.shape
+    _check_rank(k, rows, cols)
+    if oversample is not None and oversample < 0:
+        raise InvalidOptionError(f"oversample must be >= 0, got {oversample}")
+    if power_iters < 0:
+        raise InvalidOptionError(f"power_iters must be >= 0, got {power_iters}")
+    m = m.to(_compute_dtype(w, fp64))  # a copy when the dtype changes; never written to
+    _check_finite(m, name)
+    if method == "auto":
+        method = "randomized" if k <= min(rows, cols) / 4 else "exact"
+    if method == "randomized":
+        q = k + (default_oversample(k) if oversample is None else oversample)
+        if q < min(rows, cols):
+            return SVDResult(*_randomized_svd(m, k, q, power_iters, seed))
+    if _use_gram(m):
+        got = _gram_svd(m, k)
+        if got is not None:
+            return SVDResult(*got)
+    U, S, Vh = _gesdd(m)
+    return SVDResult(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
+
+
+def truncation_error(S_all: torch.Tensor, k: int, *, relative: bool = True) -> float:
+    """Frobenius error of the best rank-k approximation (Eckart–Young), from all singular values.
+
+    sqrt(sum_{i>k} S_i²), divided by sqrt(sum S_i²) = ||W||_F when ``relative``. Exact only for
+    the exact truncated SVD; for a randomized result use ``relative_error``.
+
+    Args:
+        S_all: (p,) every singular value of W, descending. k: rank kept (0..p).
+    """
+    s2 = S_all.double() ** 2
+    dropped = float(s2[k:].sum().clamp_min(0).sqrt().item())
+    if not relative:
+        return dropped
+    total = float(s2.sum().sqrt().item())
+    return dropped / total if total > 0 else 0.0
+
+
+def relative_error(w: torch.Tensor, res: SVDResult) -> float:
+    """||W - U diag(S) Vh||_F / ||W||_F, computed honestly for any factorization.
+
+    The residual is formed in row blocks (a few MB at a time), in ``res``'s dtype, and its
+    squares summed in fp64. The shortcut sqrt(||W||² - ||S||²) holds only when U S Vh is the
+    orthogonal projection of W onto span(U) and cancels badly when the error is small, so
+    it is not used.
+
+    Args:
+        w: (m, n) or conv (out, in, kh, kw); not modified.
+        res: U (m, k), S (k,), Vh (k, n).
+
+    Returns:
+        The relative error (0.0 when W and the residual are both zero).
+    """
+    m = as_matrix(w)
+    dt, dev = res.U.dtype, res.U.device
+    if m.shape != (res.U.shape[0], res.Vh.shape[1]):
+        raise FormatError(
+            f"factorization {tuple(res.U.shape)} x {tuple(res.Vh.shape)} does not match weight {tuple(m.shape)}"
+        )
+    US = res.U * res.S
+    step = max(1, (1 << 22) // max(1, m.shape[1]))
+    err2 = torch.zeros((), dtype=torch.float64, device=dev)
+    ref2 = torch.zeros((), dtype=torch.float64, device=dev)
+    for i in range(0, m.shape[0], step):
+        blk = m[i : i + step].to(device=dev, dtype=dt)
+        resid = blk - US[i : i + step] @ res.Vh
+        err2 += torch.linalg.vector_norm(resid, dtype=torch.float64) ** 2
+        ref2 += torch.linalg.vector_norm(blk, dtype=torch.float64) ** 2
+    err, ref = float(err2.sqrt().item()), float(ref2.sqrt().item())
+    if ref == 0:
+        return 0.0 if err == 0 else float("inf")
+    return err / ref
+
+
+# ---------------------------------------------------------------------------
+# Splitting S between the two factors
+# ---------------------------------------------------------------------------
+
+
+def split_balanced(res: SVDResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors for factorized layers (GUIDE §3): W ≈ Uf @ Vf.
+
+    Returns:
+        Uf = U diag(√S) (m, k) and Vf = diag(√S) Vh (k, n), new tensors in ``res``'s dtype.
+    """
+    r = res.S.clamp_min(0).sqrt()
+    return res.U * r, r[:, None] * res.Vh
+
+
+def split_lora(res: SVDResult) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA convention: S goes into B (up), A (down) keeps orthonormal rows. ΔW ≈ B @ A.
+
+    Returns:
+        B = U diag(S) (out, k) and A = Vh (k, in), new tensors in ``res``'s dtype.
+    """
+    return res.U * res.S, res.Vh.clone()
+
+
+# ---------------------------------------------------------------------------
+# Exact algebra on low-rank factors
+# ---------------------------------------------------------------------------
+
+
+def lowrank_svd(
+    B: torch.Tensor, A: torch.Tensor, k: int | None = None, *, fp64: bool = False
+) -> SVDResult:
+    """Exact SVD of the product B @ A without forming the (out, in) matrix.
+
+    B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR), so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ; the SVD of the
+    small core R_B R_Aᵀ = U_c S V_cᵀ gives U = Q_B U_c, Vh = V_cᵀ Q_Aᵀ. Cost O((out + in) r²)
+    instead of O(out · in · min(out, in)). When r exceeds out or in the core is
+    min(out, r) x min(in, r), so the result never has more than min(out, in, r) components.
+
+    Args:
+        B: (out, r) or conv up (out, r, 1, 1). A: (r, in) or conv down (r, in, kh, kw); the
+            product is then seen as (out, in*kh*kw). Neither is modified.
+        k: keep the top k components (at most the core size). None keeps them all.
+        fp64: compute in fp64 (also when either factor is fp64); otherwise fp32.
+
+    Returns:
+        SVDResult U (out, k'), S (k',), Vh (k', in), k' = min(k, out, in, r), compute dtype.
+
+    Raises:
+        FormatError: inner dimensions differ, or a factor holds NaN/Inf.
+        InvalidOptionError: k < 1.
+    """
+    b, a = as_matrix(B), as_matrix(A)
+    if b.shape[1] != a.shape[0]:
+        raise FormatError(f"factor shapes do not chain: B {tuple(B.shape)} and A {tuple(A.shape)}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise InvalidOptionError(f"rank must be a positive integer, got {k!r}")
+    dt = torch.float64 if (fp64 or b.dtype == torch.float64 or a.dtype == torch.float64) else torch.float32
+    b, a = b.to(dt), a.to(dt)
+    _check_finite(b, "B")
+    _check_finite(a, "A")
+    Qb, Rb = torch.linalg.qr(b)  # (out, min(out, r)), (min(out, r), r)
+    Qa, Ra = torch.linalg.qr(a.T)  # (in, min(in, r)), (min(in, r), r)
+    Uc, S, Vch = _gesdd(Rb @ Ra.T)  # core (min(out, r), min(in, r))
+    kk = S.numel() if k is None else min(k, S.numel())
+    U = Qb @ Uc[:, :kk]
+    Vh = Vch[:kk] @ Qa.T
+    return SVDResult(U.contiguous(), S[:kk].contiguous(), Vh.contiguous())
+
+
+def stack_factors(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]], *, fp64: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact factors of a weighted sum of low-rank products.
+
+    Σ c_i B_i A_i = [B_1 … B_n] · [c_1 A_1; …; c_n A_n]: each coefficient (weight times
+    scale) is applied exactly once, to A (applying it to both factors, or to the summed
+    factors, is the bug class of peft#3111 and sd-scripts#868).
+
+    Args:
+        pairs: (B_i, A_i, c_i) with B_i (out, r_i[, 1, 1]), A_i (r_i, in[, kh, kw]); all B_i
+            share out and all A_i share their trailing shape. Not modified.
+        fp64: compute in fp64 (also when any factor is fp64); otherwise fp32.
+
+    Returns:
+        B_cat (out, Σr_i[, 1, 1]) and A_cat (Σr_i, in[, kh, kw]), new tensors in the compute dtype.
+
+    Raises:
+        FormatError: no pairs, or shapes that do not chain or agree.
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise FormatError("nothing to stack: no (B, A, coefficient) pairs given")
+    any64 = fp64 or any(b.dtype == torch.float64 or a.dtype == torch.float64 for b, a, _ in pairs)
+    dt = torch.float64 if any64 else torch.float32
+    b0, a0 = pairs[0][0], pairs[0][1]
+    bs, as_ = [], []
+    for i, (b, a, c) in enumerate(pairs):
+        if b.ndim != b0.ndim or b.shape[0] != b0.shape[0] or b.shape[2:] != b0.shape[2:]:
+            raise FormatError(f"pair {i}: B shape {tuple(b.shape)} does not match {tuple(b0.shape)}")
+        if a.ndim != a0.ndim or a.shape[1:] != a0.shape[1:]:
+            raise FormatError(f"pair {i}: A shape {tuple(a.shape)} does not match {tuple(a0.shape)}")
+        if b.shape[1] != a.shape[0]:
+            raise FormatError(f"pair {i}: factor shapes do not chain: B {tuple(b.shape)}, A {tuple(a.shape)}")
+        coeff = float(c)  # a Python float (double): exact for fp32/fp64 and 0-d tensors
+        bs.append(b.to(dt))
+        as_.append(a.to(dt) * coeff)  # a new tensor: the caller's A is untouched
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)

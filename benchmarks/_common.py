@@ -1,0 +1,428 @@
+"""Shared helpers for the benchmark scripts: peak-memory measurement of a subprocess and
+synthetic checkpoint makers.
+
+Peak memory
+-----------
+``measure_peak_rss(cmd)`` runs ``cmd`` and reports its peak resident set (the kernel's
+high-water mark, which counts file pages mapped into the process as well as anonymous
+memory) three ways:
+
+* ``wait4``: ``os.wait4`` on the child returns its ``ru_maxrss``. Linux computes it as
+  max(high-water mark of the image the child *exec'd*, high-water mark of the image it had
+  *before* exec). ``subprocess.Popen`` and ``os.posix_spawn`` start children with vfork, where
+  the pre-exec image is the parent's own address space, so ``ru_maxrss`` then reports the
+  *parent's* lifetime peak (measured here: a Python parent that once touched 500 MB reports
+  ``/bin/true`` at 524 MB). We therefore fork (``preexec_fn`` disables vfork), so the pre-exec
+  image is a copy of the parent holding only the parent's *current* RSS, and we keep the
+  parent lean (it never imports torch). ``parent_rss_mb`` is recorded so the reader can check
+  that the figure cannot be the parent's.
+* ``vmhwm``: ``VmHWM`` from ``/proc/<pid>/status``, polled every few ms until the child exits.
+  It belongs to the exec'd image only, so it is immune to the above, but it is a lower bound:
+  growth after the last poll is missed.
+* ``gnu_time``: GNU time's ``%M`` (itself ``wait4`` from a ~1 MB C process), when
+  ``/usr/bin/time`` is GNU time. Independent cross-check.
+
+``peak_mb`` is the largest of the three: the conservative figure to compare with a limit.
+
+Synthetic checkpoints
+---------------------
+``layer_specs`` lays out a checkpoint of about ``size_gib`` GiB: ``N`` fp16 matrices
+(4096x8192 by default, 64 MiB each) plus small 1-D tensors per layer (an fp16 bias and an fp32
+norm weight). ``write_safetensors`` and ``write_sharded_safetensors`` write the header first
+and then each tensor in turn, so the maker never holds more than one tensor. ``write_torch_pt``
+must build the whole dict for ``torch.save`` (zip format), which is fine: it runs in a separate
+maker process (``python benchmarks/_common.py make ...``), never in the measured one and never in
+the lean measuring parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MB = 1_000_000  # figures are reported in MB = 10^6 bytes (stricter than MiB against a limit)
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _rss_kib_self() -> int:
+    """Current RSS of this process in KiB (VmRSS)."""
+    return _status_field(os.getpid(), "VmRSS") or 0
+
+
+def _status_field(pid: int, key: str) -> int | None:
+    """A ``kB`` field of /proc/<pid>/status, or None once the process has released its memory."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(key.encode() + b":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+        return None
+    return None
+
+
+def gnu_time_path() -> str | None:
+    """``/usr/bin/time`` if it is GNU time (supports ``-f %M``), else None."""
+    for cand in ("/usr/bin/time", shutil.which("gtime") or ""):
+        if not cand or not os.path.exists(cand):
+            continue
+        try:
+            r = subprocess.run(
+                [cand, "-f", "%M", "true"], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if r.returncode == 0 and r.stderr.strip().splitlines()[-1].strip().isdigit():
+            return cand
+    return None
+
+
+@dataclass
+class PeakResult:
+    """One measured run of a command."""
+
+    cmd: list[str]
+    returncode: int
+    wall_s: float
+    wait4_mb: float
+    vmhwm_mb: float | None
+    gnu_time_mb: float | None
+    parent_rss_mb: float
+    stdout: str = field(repr=False, default="")
+    stderr: str = field(repr=False, default="")
+
+    @property
+    def peak_mb(self) -> float:
+        return max(x for x in (self.wait4_mb, self.vmhwm_mb, self.gnu_time_mb) if x is not None)
+
+    def summary(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("stdout")
+        d.pop("stderr")
+        d["peak_mb"] = self.peak_mb
+        return d
+
+
+def _force_fork() -> None:
+    """A no-op preexec_fn: its presence makes subprocess fork instead of vfork (see module doc)."""
+
+
+def measure_peak_rss(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    poll_s: float = 0.002,
+    use_gnu_time: bool = True,
+    timeout_s: float = 600.0,
+) -> PeakResult:
+    """Run ``cmd`` and measure its peak resident memory (see the module docstring).
+
+    The command runs twice when GNU time is available: once directly (``wait4`` and polled
+    ``VmHWM``), once under ``/usr/bin/time -f %M``. Its stdout/stderr of the direct run are
+    returned (written to temp files, so a large output cannot block on a full pipe).
+
+    Raises:
+        subprocess.TimeoutExpired: the command ran past ``timeout_s`` (it is killed).
+    """
+    cmd = [str(c) for c in cmd]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        parent_kib = _rss_kib_self()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, preexec_fn=_force_fork)
+        hwm: int | None = None
+        while True:
+            v = _status_field(proc.pid, "VmHWM")
+            if v is not None:
+                hwm = v if hwm is None else max(hwm, v)
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if time.perf_counter() - t0 > timeout_s:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                raise subprocess.TimeoutExpired(cmd, timeout_s)
+            time.sleep(poll_s)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; tell Popen
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    gt_mb = None
+    gt = gnu_time_path() if use_gnu_time else None
+    if gt:
+        with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+            subprocess.run(
+                [gt, "-f", "%M", "-o", tf.name, *cmd],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=timeout_s,
+                check=False,
+            )
+            txt = Path(tf.name).read_text().strip().splitlines()
+            if txt and txt[-1].strip().isdigit():
+                gt_mb = int(txt[-1]) * 1024 / MB
+    return PeakResult(
+        cmd=cmd,
+        returncode=proc.returncode,
+        wall_s=wall,
+        wait4_mb=ru.ru_maxrss * 1024 / MB,
+        vmhwm_mb=None if hwm is None else hwm * 1024 / MB,
+        gnu_time_mb=gt_mb,
+        parent_rss_mb=parent_kib * 1024 / MB,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def measure_best(cmd: Sequence[str], repeat: int = 1, **kw: object) -> tuple[PeakResult, list[PeakResult]]:
+    """Run ``measure_peak_rss`` ``repeat`` times; return the run with the highest peak and all runs."""
+    runs = [measure_peak_rss(cmd, **kw) for _ in range(max(1, repeat))]  # type: ignore[arg-type]
+    return max(runs, key=lambda r: r.peak_mb), runs
+
+
+def venv_python() -> str:
+    """The interpreter to measure: the repo's .venv if present, else this one."""
+    p = REPO / ".venv" / "bin" / "python"
+    return str(p) if p.exists() else sys.executable
+
+
+def venv_script(name: str) -> str:
+    """A console script of the repo's .venv (``lorasurgeon``), else one on PATH."""
+    p = REPO / ".venv" / "bin" / name
+    if p.exists():
+        return str(p)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"console script {name!r} not found; run `make venv`")
+    return found
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: F16 | F32 | BF16
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * {"F16": 2, "BF16": 2, "F32": 4}[self.dtype]
+
+
+def layer_specs(size_gib: float, rows: int = 4096, cols: int = 8192) -> list[TensorSpec]:
+    """About ``size_gib`` GiB: N fp16 ``rows x cols`` matrices (``layers.{i}.proj.weight``), each
+    with an fp16 bias (``rows``) and an fp32 norm weight (``cols``). N = round(size / matrix)."""
+    mat = rows * cols * 2
+    n = max(1, round(size_gib * 2**30 / mat))
+    specs: list[TensorSpec] = []
+    for i in range(n):
+        specs.append(TensorSpec(f"layers.{i}.proj.weight", (rows, cols), "F16"))
+        specs.append(TensorSpec(f"layers.{i}.proj.bias", (rows,), "F16"))
+        specs.append(TensorSpec(f"layers.{i}.norm.weight", (cols,), "F32"))
+    return specs
+
+
+def totals(specs: Sequence[TensorSpec]) -> dict[str, int]:
+    return {
+        "tensors": len(specs),
+        "params": sum(s.numel for s in specs),
+        "bytes": sum(s.nbytes for s in specs),
+    }
+
+
+def make_tensor(spec: TensorSpec, seed: int = 0):  # -> torch.Tensor
+    """Deterministic content for one tensor (seeded by its name). Imports torch lazily."""
+    import zlib
+
+    import torch
+
+    dt = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[spec.dtype]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    return (torch.randn(spec.shape, generator=g, dtype=torch.float32) * 0.02).to(dt)
+
+
+def _tensor_bytes(t) -> memoryview:  # t: torch.Tensor
+    import torch
+
+    t = t.contiguous()
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _st_header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    off = 0
+    for s in specs:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+        off += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the safetensors convention: data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, specs: Sequence[TensorSpec], seed: int = 0) -> None:
+    """Write a safetensors file tensor by tensor: header first, then each tensor's bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(_st_header(specs, {"format": "pt"}))
+        for s in specs:
+            t = make_tensor(s, seed)
+            f.write(_tensor_bytes(t))
+            del t
+    os.replace(tmp, path)
+
+
+def write_sharded_safetensors(folder: Path, specs: Sequence[TensorSpec], shard_bytes: int, seed: int = 0) -> list[str]:
+    """Hugging Face layout: ``model-0000k-of-0000n.safetensors`` shards of at most
+    ``shard_bytes`` (a tensor never spans shards) plus ``model.safetensors.index.json``."""
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if groups[-1] and size + s.nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += s.nbytes
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(groups)
+    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    weight_map: dict[str, str] = {}
+    for fname, group in zip(names, groups):
+        write_safetensors(folder / fname, group, seed)
+        weight_map.update({s.name: fname for s in group})
+    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def write_torch_pt(path: Path, specs: Sequence[TensorSpec], seed: int = 0) -> None:
+    """``torch.save`` (zip format) of a plain state dict. Holds the whole dict in memory."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {s.name: make_tensor(s, seed) for s in specs}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(sd, tmp)
+    del sd
+    os.replace(tmp, path)
+
+
+FORMS = ("safetensors", "sharded", "pt")
+
+
+def form_path(root: Path, form: str) -> Path:
+    """Where each form lives under the scratch folder (what ``inspect`` is given)."""
+    return {
+        "safetensors": root / "single" / "model.safetensors",
+        "sharded": root / "sharded",
+        "pt": root / "pt" / "model.pt",
+    }[form]
+
+
+def make_form(root: Path, form: str, specs: Sequence[TensorSpec], shard_bytes: int = 500 * MB, seed: int = 0) -> Path:
+    """Write one form of the synthetic checkpoint under ``root``; return the path to inspect."""
+    p = form_path(root, form)
+    if form == "safetensors":
+        write_safetensors(p, specs, seed)
+    elif form == "sharded":
+        write_sharded_safetensors(p, specs, shard_bytes, seed)
+    elif form == "pt":
+        write_torch_pt(p, specs, seed)
+    else:
+        raise ValueError(f"unknown form {form!r}; choose from {FORMS}")
+    return p
+
+
+def make_form_subprocess(
+    root: Path, form: str, size_gib: float, shard_bytes: int = 500 * MB, seed: int = 0
+) -> Path:
+    """Run ``make_form`` in a child interpreter, so the calling (measuring) process stays lean:
+    it never imports torch nor holds tensor data."""
+    cmd = [
+        venv_python(),
+        str(Path(__file__).resolve()),
+        "make",
+        form,
+        "--dir",
+        str(root),
+        "--size-gb",
+        repr(size_gib),
+        "--shard-bytes",
+        str(shard_bytes),
+        "--seed",
+        str(seed),
+    ]
+    subprocess.run(cmd, check=True)
+    return form_path(root, form)
+
+
+def path_size(p: Path) -> int:
+    """Bytes on disk of a file, or of the files directly inside a folder."""
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    return p.stat().st_size
+
+
+def fmt_mb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table (numbers right-aligned)."""
+    def is_num(v: object) -> bool:
+        return bool(re.fullmatch(r"[+\-]?[\d.,]+( ?[x%])?", str(v)))
+
+    align = ["---:" if rows and is_num(rows[0][i]) else ":---" for i in range(len(header))]
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Synthetic checkpoint maker (used by the benchmarks).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mk = sub.add_parser("make", help="write one form of the synthetic checkpoint")
+    mk.add_argument("form", choices=FORMS)
+    mk.add_argument("--dir", type=Path, default=REPO / "bench-out")
+    mk.add_argument("--size-gb", type=float, default=2.0, help="size in GiB (2**30 bytes)")
+    mk.add_argument("--shard-bytes", type=int, default=500 * MB)
+    mk.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    specs = layer_specs(a.size_gb)
+    p = make_form(a.dir, a.form, specs, a.shard_bytes, a.seed)
+    print(f"wrote {a.form}: {p} ({path_size(p) / MB:.0f} MB)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,82 @@
+"""CLI conventions: exit codes, one-line errors, JSON errors, version, python -m."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from lorasurgeon._version import __version__
+from lorasurgeon.cli.app import app
+
+runner = CliRunner()
+LS = [sys.executable, "-m", "lorasurgeon"]
+
+
+def test_version() -> None:
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"lorasurgeon {__version__}"
+
+
+def test_python_dash_m_and_console_script(tmp_path: Path) -> None:
+    out = subprocess.run([*LS, "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"lorasurgeon {__version__}"
+    exe = Path(sys.executable).parent / "lorasurgeon"
+    if exe.exists():
+        out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "inspect" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.safetensors", "no such file or folder"),
+        (lambda d: (d / "e.safetensors").write_bytes(b"") and None or d / "e.safetensors", "shorter than the 8-byte header"),
+        (lambda d: (d / "x.h5").write_bytes(b"1") and None or d / "x.h5", "unknown checkpoint extension"),
+        (lambda d: (d / "w").mkdir() or d / "w", "folder holds no weights"),
+        (lambda d: (d / "j.pt").write_bytes(b"garbage!") and None or d / "j.pt", "not a valid PyTorch checkpoint"),
+    ],
+)
+def test_errors_are_one_line_exit_1(tmp_path: Path, make, message: str) -> None:
+    p = make(tmp_path)
+    out = subprocess.run([*LS, "inspect", str(p)], capture_output=True, text=True)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: {p}: ") and message in lines[0]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_json_error_object(tmp_path: Path) -> None:
+    p = tmp_path / "missing.safetensors"
+    out = subprocess.run([*LS, "inspect", str(p), "--json"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert json.loads(out.stdout) == {"error": {"kind": "not_found", "message": "no such file or folder", "path": str(p)}}
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "LORASURGEON_DEBUG": "1"}
+    out = subprocess.run([*LS, "inspect", str(tmp_path / "nope.pt")], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "Traceback" in out.stderr
+
+
+def test_usage_error_is_exit_2() -> None:
+    res = runner.invoke(app, ["inspect"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["inspect", "x", "--rank", "abc"])
+    assert res.exit_code == 2
+
+
+def test_json_stdout_is_pure(tmp_path: Path) -> None:
+    p = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(8, 8)}, p)
+    out = subprocess.run([*LS, "inspect", str(p), "--spectrum", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert json.loads(out.stdout)["spectrum"][0]["full_rank"] == 8

@@ -13,7 +13,7 @@ from lorasurgeon.errors import EXIT_ERROR
 
 app = typer.Typer(
     name="lorasurgeon",
-    help="Low-rank surgery on model checkpoints: inspect, factorize, merge, compose, convert, export.",
+    help="Low-rank surgery on model checkpoints and LoRA adapters.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -302,7 +302,9 @@ def write_safetensors(path: Path, specs: Sequence[TensorSpec], seed: int = 0) ->
     os.replace(tmp, path)
 
 
-def write_sharded_safetensors(folder: Path, specs: Sequence[TensorSpec], shard_bytes: int, seed: int = 0) -> list[str]:
+def write_sharded_safetensors(
+    folder: Path, specs: Sequence[TensorSpec], shard_bytes: int, seed: int = 0
+) -> list[str]:
     """Hugging Face layout: ``model-0000k-of-0000n.safetensors`` shards of at most
     ``shard_bytes`` (a tensor never spans shards) plus ``model.safetensors.index.json``."""
     groups: list[list[TensorSpec]] = [[]]
@@ -317,10 +319,13 @@ def write_sharded_safetensors(folder: Path, specs: Sequence[TensorSpec], shard_b
     n = len(groups)
     names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     weight_map: dict[str, str] = {}
-    for fname, group in zip(names, groups):
+    for fname, group in zip(names, groups, strict=True):
         write_safetensors(folder / fname, group, seed)
         weight_map.update({s.name: fname for s in group})
-    index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in specs)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
 
@@ -349,7 +354,9 @@ def form_path(root: Path, form: str) -> Path:
     }[form]
 
 
-def make_form(root: Path, form: str, specs: Sequence[TensorSpec], shard_bytes: int = 500 * MB, seed: int = 0) -> Path:
+def make_form(
+    root: Path, form: str, specs: Sequence[TensorSpec], shard_bytes: int = 500 * MB, seed: int = 0
+) -> Path:
     """Write one form of the synthetic checkpoint under ``root``; return the path to inspect."""
     p = form_path(root, form)
     if form == "safetensors":
@@ -399,10 +406,16 @@ def fmt_mb(x: float | None) -> str:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table (numbers right-aligned)."""
-    def is_num(v: object) -> bool:
-        return bool(re.fullmatch(r"[+\-]?[\d.,]+( ?[x%])?", str(v)))
 
-    align = ["---:" if rows and is_num(rows[0][i]) else ":---" for i in range(len(header))]
+    def is_num(v: object) -> bool:
+        return bool(re.fullmatch(r"[+\-]?[\d.,]+( \([\d.]+x\))?", str(v)))
+
+    align = [
+        "---:"
+        if any(is_num(r[i]) for r in rows) and all(is_num(r[i]) or r[i] == "-" for r in rows)
+        else ":---"
+        for i in range(len(header))
+    ]
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines)

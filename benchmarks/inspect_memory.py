@@ -49,6 +49,27 @@ from _common import (  # noqa: E402
 
 _FORM_DIRS = {"safetensors": "single", "sharded": "sharded", "pt": "pt"}
 
+# Negative controls (--control): readers that keep whole-file mappings resident. If the
+# measurement did not count mapped file pages, these would look as small as inspect.
+_CONTROL = {
+    "safetensors": (
+        "import sys\nfrom safetensors import safe_open\n"
+        "with safe_open(sys.argv[1], 'pt') as f:\n"
+        "    ts = [f.get_tensor(k) for k in f.keys()]\n"
+        "    s = [float(t.sum()) for t in ts]\n"
+    ),
+    "sharded": (
+        "import sys, pathlib\nfrom safetensors.torch import load_file\n"
+        "sds = [load_file(p) for p in sorted(pathlib.Path(sys.argv[1]).glob('*.safetensors'))]\n"
+        "s = [float(t.sum()) for sd in sds for t in sd.values()]\n"
+    ),
+    "pt": (
+        "import sys, torch\n"
+        "sd = torch.load(sys.argv[1], map_location='cpu', weights_only=True, mmap=True)\n"
+        "s = [float(t.sum()) for t in sd.values()]\n"
+    ),
+}
+
 
 def _manifest(root: Path) -> dict:
     try:
@@ -68,15 +89,29 @@ def _check_totals(stdout: str, want: dict[str, int]) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", type=Path, default=REPO / "bench-out", help="scratch folder (default: bench-out/)")
+    ap.add_argument(
+        "--dir", type=Path, default=REPO / "bench-out", help="scratch folder (default: bench-out/)"
+    )
     ap.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size in GiB (default 2.0)")
-    ap.add_argument("--limit-mb", type=float, default=300.0, help="fail when a form peaks above this (MB, default 300)")
+    ap.add_argument(
+        "--limit-mb", type=float, default=300.0, help="fail when a form peaks above this (MB, default 300)"
+    )
     ap.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated subset of {','.join(FORMS)}")
-    ap.add_argument("--shard-mb", type=float, default=500.0, help="shard size of the sharded form (MB, default 500)")
+    ap.add_argument(
+        "--shard-mb", type=float, default=500.0, help="shard size of the sharded form (MB, default 500)"
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per command; the highest peak is reported")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    ap.add_argument("--reuse", action="store_true", help="reuse checkpoints left by --keep when their size matches")
+    ap.add_argument(
+        "--reuse", action="store_true", help="reuse checkpoints left by --keep when their size matches"
+    )
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="also run a deliberately bad reader on each form (whole-file mmap, every tensor touched) "
+        "to show that the measurement counts mapped file pages; it is expected to exceed the limit",
+    )
     a = ap.parse_args(argv)
 
     forms = [f.strip() for f in a.forms.split(",") if f.strip()]
@@ -96,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{want['bytes'] / MB:,.0f} MB; scratch {root}",
         file=sys.stderr,
     )
-    print(f"measuring with: wait4 (forked child), VmHWM polling, GNU time: {gnu_time_path() or 'not found'}", file=sys.stderr)
+    print(
+        f"measuring with: wait4 (forked child), VmHWM polling, GNU time: {gnu_time_path() or 'not found'}",
+        file=sys.stderr,
+    )
 
     # Baselines first, before anything is written.
     baselines = {
@@ -109,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, cmd in baselines.items():
         r, _ = measure_best(cmd, a.repeat)
         if r.returncode != 0:
-            print(f"baseline {label!r} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}", file=sys.stderr)
+            print(
+                f"baseline {label!r} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}", file=sys.stderr
+            )
             return 1
         base[label] = r.peak_mb
         base_rows.append(r)
@@ -119,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     old = _manifest(root) if a.reuse else {}
     made: list[Path] = []
     results = []
+    controls = []
     failed = False
     try:
         for form in forms:
@@ -139,12 +180,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
             made.append(fdir)
             r, _ = measure_best([cli, "inspect", str(p), "--json"], a.repeat)
-            ok_totals, why = _check_totals(r.stdout, want) if r.returncode == 0 else (False, f"exit {r.returncode}")
+            ok_totals, why = (
+                _check_totals(r.stdout, want) if r.returncode == 0 else (False, f"exit {r.returncode}")
+            )
             if r.returncode != 0:
                 print(f"inspect {form} failed: {r.stderr.strip()[-800:]}", file=sys.stderr)
             over = r.peak_mb > a.limit_mb
             failed |= over or not ok_totals
             results.append((form, p, r, ok_totals, why, over))
+            if a.control:
+                c, _ = measure_best([py, "-c", _CONTROL[form], str(p)], 1)
+                controls.append((form, p, c))
     finally:
         if not a.keep:
             for fdir in made:
@@ -158,22 +204,78 @@ def main(argv: list[str] | None = None) -> int:
     # Report.
     torch_mb = base["import torch"]
     app_mb = base["import lorasurgeon.cli.app"]
-    head = ["run", "on disk MB", "peak MB", "wait4", "VmHWM", "GNU time", "vs import torch", "vs CLI import",
-            "wall s", "totals", f"<= {a.limit_mb:.0f}"]
+    head = [
+        "run",
+        "on disk MB",
+        "peak MB",
+        "wait4",
+        "VmHWM",
+        "GNU time",
+        "vs import torch",
+        "vs CLI import",
+        "wall s",
+        "totals",
+        f"<= {a.limit_mb:.0f}",
+    ]
     rows = []
-    for label, r in zip(baselines, base_rows):
-        rows.append([label, "-", f"{r.peak_mb:.0f}", f"{r.wait4_mb:.0f}", _f(r.vmhwm_mb), _f(r.gnu_time_mb),
-                     f"{r.peak_mb - torch_mb:+.0f}", f"{r.peak_mb - app_mb:+.0f}", f"{r.wall_s:.2f}", "-", "-"])
-    for form, p, r, ok_totals, why, over in results:
-        rows.append([f"inspect {form}", f"{path_size(p) / MB:,.0f}" if p.exists() else "-", f"{r.peak_mb:.0f}",
-                     f"{r.wait4_mb:.0f}", _f(r.vmhwm_mb), _f(r.gnu_time_mb),
-                     f"{r.peak_mb - torch_mb:+.0f} ({r.peak_mb / torch_mb:.2f}x)", f"{r.peak_mb - app_mb:+.0f}",
-                     f"{r.wall_s:.2f}", why, "FAIL" if over else "ok"])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for label, r in zip(baselines, base_rows, strict=True):
+        rows.append(
+            [
+                label,
+                "-",
+                f"{r.peak_mb:.0f}",
+                f"{r.wait4_mb:.0f}",
+                _f(r.vmhwm_mb),
+                _f(r.gnu_time_mb),
+                f"{r.peak_mb - torch_mb:+.0f}",
+                f"{r.peak_mb - app_mb:+.0f}",
+                f"{r.wall_s:.2f}",
+                "-",
+                "-",
+            ]
+        )
+    for form, p, r, _ok, why, over in results:
+        rows.append(
+            [
+                f"inspect {form}",
+                f"{path_size(p) / MB:,.0f}" if p.exists() else "-",
+                f"{r.peak_mb:.0f}",
+                f"{r.wait4_mb:.0f}",
+                _f(r.vmhwm_mb),
+                _f(r.gnu_time_mb),
+                f"{r.peak_mb - torch_mb:+.0f} ({r.peak_mb / torch_mb:.2f}x)",
+                f"{r.peak_mb - app_mb:+.0f}",
+                f"{r.wall_s:.2f}",
+                why,
+                "FAIL" if over else "ok",
+            ]
+        )
+    for form, p, c in controls:
+        rows.append(
+            [
+                f"control: mmap+touch {form}",
+                f"{path_size(p) / MB:,.0f}",
+                f"{c.peak_mb:.0f}",
+                f"{c.wait4_mb:.0f}",
+                _f(c.vmhwm_mb),
+                _f(c.gnu_time_mb),
+                f"{c.peak_mb - torch_mb:+.0f} ({c.peak_mb / torch_mb:.2f}x)",
+                f"{c.peak_mb - app_mb:+.0f}",
+                f"{c.wall_s:.2f}",
+                "-" if c.returncode == 0 else f"exit {c.returncode}",
+                "(control)",
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = "  ".join
-    print(line(h.ljust(w) for h, w in zip(head, widths)))
+    print(line(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for row in rows:
-        print(line(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print(
+            line(
+                str(c).rjust(w) if i else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     print(
         f"\npeak = max(wait4, VmHWM, GNU time), MB = 10^6 bytes; measuring parent RSS at spawn "
         f"{max(r.parent_rss_mb for r in base_rows + [x[2] for x in results]):.0f} MB; "
@@ -183,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(markdown_table(head, rows))
     if failed:
-        bad = [f"{f} ({r.peak_mb:.0f} MB{', totals: ' + why if not ok else ''})" for f, _, r, ok, why, over in results
-               if over or not ok]
+        bad = [
+            f"{f} ({r.peak_mb:.0f} MB{', totals: ' + why if not ok else ''})"
+            for f, _, r, ok, why, over in results
+            if over or not ok
+        ]
         print(f"FAIL: over {a.limit_mb:.0f} MB or wrong totals: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0

@@ -35,9 +35,10 @@ def root(
 
 
 def _register() -> None:
-    from lorasurgeon.cli import inspect_cmd
+    from lorasurgeon.cli import factorize_cmd, inspect_cmd
 
     inspect_cmd.register(app)
+    factorize_cmd.register(app)
 
 
 _register()

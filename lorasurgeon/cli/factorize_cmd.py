@@ -1,0 +1,92 @@
+"""``lorasurgeon factorize``: parse options, call ``factorize_checkpoint`` (or ``densify``), render."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, InputPath, JsonOpt, QuietOpt
+from lorasurgeon.cli.output import handle_errors, human_bytes, human_count, log, print_json, progress, stdout_console
+from lorasurgeon.factorize import DensifyResult, FactorizeResult, densify_checkpoint, factorize_checkpoint, make_rule
+from lorasurgeon.errors import InvalidOptionError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("factorize")(factorize_command)
+
+
+def factorize_command(
+    path: InputPath,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .safetensors file (a folder for a model folder input).")] = None,
+    rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank k for every layer.", rich_help_panel="Rank rule (exactly one)")] = None,
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Rank = round(F·min(m,n)), at least 1.", rich_help_panel="Rank rule (exactly one)")] = None,
+    energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of the squared Frobenius energy.", rich_help_panel="Rank rule (exactly one)")] = None,
+    sv_ratio: Annotated[float | None, typer.Option("--sv-ratio", help="kohya: keep values > σ_max/T, plus one.", rich_help_panel="Rank rule (exactly one)")] = None,
+    sv_fro: Annotated[float | None, typer.Option("--sv-fro", help="kohya: Frobenius share T² of the energy, plus one.", rich_help_panel="Rank rule (exactly one)")] = None,
+    sv_cumulative: Annotated[float | None, typer.Option("--sv-cumulative", help="kohya: cumulative share T of Σσ, plus one.", rich_help_panel="Rank rule (exactly one)")] = None,
+    budget: Annotated[float | None, typer.Option("--budget", help="Total parameters as a fraction of the selected layers', allocated to minimise the total squared error.", rich_help_panel="Rank rule (exactly one)")] = None,
+    max_rank: Annotated[int | None, typer.Option("--max-rank", help="Cap any per-layer rule (kohya's --new_rank).")] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    min_params: Annotated[int, typer.Option("--min-params", help="Leave weights with fewer parameters dense.")] = 0,
+    svd_method: Annotated[str, typer.Option("--svd", help="exact | randomized | auto (randomized when k <= min(m,n)/4).")] = "auto",
+    fp64: Annotated[bool, typer.Option("--fp64", help="Compute SVDs in fp64.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")] = 0,
+    densify: Annotated[bool, typer.Option("--densify", help="Turn a factorized checkpoint back into dense weights (W = U·V).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (ranks, sizes); write nothing.")] = False,
+    allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="A pattern matching nothing is a warning, not an error.")] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rewrite weight matrices W (m×n) as low-rank factors U·V by truncated SVD."""
+    with handle_errors(json_out):
+        if densify:
+            if output is None:
+                raise InvalidOptionError("--densify needs an output (-o)")
+            with progress("densify", quiet) as cb:
+                d = densify_checkpoint(path, output, force=force, progress=cb)
+            print_json(d.to_json()) if json_out else render_densify(d)
+            return
+        rule, frac = make_rule(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
+                               sv_cumulative=sv_cumulative, budget=budget, max_rank=max_rank)
+        with progress("factorize", quiet) as cb:
+            result = factorize_checkpoint(
+                path, output, rule=rule, budget=frac, include=include, exclude=exclude, min_params=min_params,
+                svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run,
+                allow_unmatched=allow_unmatched, progress=cb,
+            )
+        if not dry_run:
+            log(f"wrote {output}", quiet)
+        print_json(result.to_json()) if json_out else render(result)
+
+
+def render(r: FactorizeResult) -> None:
+    con = stdout_console()
+    t = Table(title=("Plan (dry run)" if r.dry_run else "Factorized layers"), title_justify="left")
+    for c in ("layer", "shape", "rank", "params before", "params after", "rel. error", "energy kept", "status"):
+        t.add_column(c, justify="left" if c in ("layer", "shape", "status") else "right")
+    for x in r.layers:
+        t.add_row(
+            x.module, "×".join(map(str, x.shape)), "-" if x.rank is None else str(x.rank),
+            f"{x.params_before:,}", f"{x.params_after:,}",
+            "-" if math.isnan(x.rel_error) else f"{x.rel_error:.4f}",
+            "-" if math.isnan(x.energy_kept) else f"{x.energy_kept:.4f}", x.status,
+        )
+    con.print(t)
+    for s in r.skipped:
+        con.print(f"skipped {s['module']}: {s['reason']}")
+    con.print(
+        f"parameters: {human_count(r.params_before)} -> {human_count(r.params_after)}   "
+        f"size: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)}   compression: {r.compression:.2f}x"
+    )
+
+
+def render_densify(d: DensifyResult) -> None:
+    stdout_console().print(
+        f"densified {d.layers} layers: parameters {human_count(d.params_before)} -> {human_count(d.params_after)}"
+    )

@@ -1,0 +1,451 @@
+"""``factorize`` and ``densify``: rewrite weights W (m×n) as U (m×k) · V (k×n), streaming.
+
+The output is the factorized format of GUIDE §3: ``P.weight`` becomes ``P.weight_u`` and
+``P.weight_v`` (balanced split U·diag(√S), diag(√S)·Vᵀ); conv ``P`` (groups 1) becomes a k×k conv
+``P.weight_v`` (k×in×kh×kw) and a 1×1 conv ``P.weight_u`` (out×k×1×1); the metadata key
+``lorasurgeon`` holds ``{"format": "factorized", "version": 1, "layers": {...}}`` plus provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
+from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
+from lorasurgeon.io.writer import (
+    METADATA_KEY,
+    TensorSpec,
+    atomic_path,
+    check_output,
+    provenance,
+    write_safetensors,
+)
+from lorasurgeon.nn.layers import factorized_layers
+from lorasurgeon.nn.targeting import matches, module_of, select
+from lorasurgeon.ops import ranks, svd
+
+SCHEMA = "lorasurgeon.factorize/1"
+ProgressFn = Callable[[int, int, str], None]
+DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*")
+RULE_OPTIONS = ("rank", "ratio", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "budget")
+
+
+@dataclass
+class LayerReport:
+    module: str
+    kind: str  # linear | conv2d
+    shape: list[int]
+    rank: int | None  # None: stays dense
+    status: str  # "factorized" | "dense: ..." reason
+    params_before: int
+    params_after: int
+    rel_error: float
+    energy_kept: float
+
+
+@dataclass
+class FactorizeResult:
+    schema: str
+    input: str
+    output: str | None
+    dry_run: bool
+    rule: dict[str, Any]
+    svd: str
+    layers: list[LayerReport]
+    skipped: list[dict[str, str]]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    compression: float
+    factorized_params_before: int = 0
+    factorized_params_after: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Candidate:
+    module: str
+    tensor: str
+    kind: str
+    shape: tuple[int, ...]
+    m: int
+    n: int
+
+
+def _candidates(
+    ck: Checkpoint,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    min_params: int,
+    allow_unmatched: bool,
+) -> tuple[list[_Candidate], list[dict[str, str]]]:
+    weights = [n for n in ck.names() if n.endswith(".weight") and len(ck.info(n).shape) in (2, 4)]
+    sel = select(ck.names(), include, exclude, allow_unmatched=allow_unmatched, what="tensor")
+    chosen = set(sel.selected)
+    out: list[_Candidate] = []
+    skipped: list[dict[str, str]] = []
+    for n in weights:
+        if n not in chosen:
+            continue
+        info = ck.info(n)
+        mod = module_of(n)
+        if info.dtype not in ("F16", "BF16", "F32", "F64"):
+            skipped.append({"module": mod, "reason": f"dtype {info.dtype} is not floating point"})
+            continue
+        if any(matches(n, p) for p in DEFAULT_EXCLUDE) and not any(matches(n, p) for p in (include or [])):
+            skipped.append({"module": mod, "reason": "embedding (default exclude; name it with --include)"})
+            continue
+        shape = info.shape
+        if len(shape) == 4:
+            named = bool(include) and any(matches(n, p) and p not in ("*",) for p in include)
+            if not named:
+                skipped.append({"module": mod, "reason": "conv: groups unknown from a state dict; name it with --include"})
+                continue
+            kind, m, k = "conv2d", shape[0], shape[1] * shape[2] * shape[3]
+        else:
+            kind, m, k = "linear", shape[0], shape[1]
+        if min(m, k) < 2:
+            skipped.append({"module": mod, "reason": f"too small to factorize ({m}×{k})"})
+            continue
+        if info.numel < min_params:
+            skipped.append({"module": mod, "reason": f"{info.numel} parameters < --min-params {min_params}"})
+            continue
+        out.append(_Candidate(mod, n, kind, shape, m, k))
+    if not out:
+        raise MatchError("no weight to factorize among the selected tensors (2-D Linear or named conv weights)", ck.path)
+    return out, skipped
+
+
+def make_rule(
+    *, rank: int | None = None, ratio: float | None = None, energy: float | None = None,
+    sv_ratio: float | None = None, sv_fro: float | None = None, sv_cumulative: float | None = None,
+    budget: float | None = None, max_rank: int | None = None,
+) -> tuple[ranks.RankRule | None, float | None]:
+    """Exactly one rank option; returns (per-layer rule, None) or (None, budget fraction)."""
+    given = {k: v for k, v in dict(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
+                                  sv_cumulative=sv_cumulative, budget=budget).items() if v is not None}
+    if len(given) != 1:
+        names = ", ".join("--" + k.replace("_", "-") for k in RULE_OPTIONS)
+        raise InvalidOptionError(f"give exactly one rank option of {names}" + (f"; got {len(given)}" if given else ""))
+    (kind, value), = given.items()
+    if kind == "budget":
+        if not (0 < value <= 1):
+            raise InvalidOptionError(f"--budget must be in (0, 1], got {value:g}")
+        if max_rank is not None:
+            raise InvalidOptionError("--max-rank does not combine with --budget")
+        return None, float(value)
+    return ranks.RankRule(kind, float(value), max_rank), None
+
+
+def factorize_checkpoint(
+    inp: str | Path,
+    out: str | Path | None,
+    *,
+    rule: ranks.RankRule | None = None,
+    budget: float | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_params: int = 0,
+    svd_method: str = "auto",
+    fp64: bool = False,
+    seed: int = 0,
+    force: bool = False,
+    dry_run: bool = False,
+    allow_unmatched: bool = False,
+    progress: ProgressFn | None = None,
+) -> FactorizeResult:
+    """Factorize the selected weights of a checkpoint, one tensor at a time.
+
+    Args:
+        inp: any checkpoint ``Checkpoint.open`` reads; a model folder gives a model folder out.
+        out: the output ``.safetensors`` file (or folder); None only with ``dry_run``.
+        rule: per-layer rank rule; or ``budget``: a fraction of the selected layers' parameters,
+            allocated across layers to minimise the total squared Frobenius error.
+        include, exclude: globs selecting tensors; 4-D conv weights need to be named by include.
+        min_params: leave smaller weights dense.
+        svd_method: exact | randomized | auto.
+        fp64: SVD in fp64.
+        seed: for the randomized SVD.
+        force, dry_run, allow_unmatched, progress: as the CLI options.
+
+    Returns:
+        FactorizeResult with per-layer rank, parameters, relative error and energy kept.
+
+    Raises:
+        InvalidOptionError, MatchError, FormatError (NaN/Inf weights, not a checkpoint),
+        OutputExistsError, WriteError.
+    """
+    if (rule is None) == (budget is None):
+        raise InvalidOptionError("give exactly one of a rank rule or --budget")
+    if svd_method not in svd.SVD_METHODS:
+        raise InvalidOptionError(f"--svd must be one of {', '.join(svd.SVD_METHODS)}, got {svd_method!r}")
+    inp = Path(inp)
+    if out is None and not dry_run:
+        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+    if out is not None and not dry_run:
+        check_output(out, force)
+    try:
+        return _factorize(inp, out, rule, budget, include, exclude, min_params, svd_method, fp64, seed, force,
+                          dry_run, allow_unmatched, progress)
+    except FormatError as e:
+        if e.path is None:  # e.g. NaN in a weight: the message names the layer, the path the file
+            e.path = str(inp)
+        raise
+
+
+def _factorize(
+    inp: Path, out: str | Path | None, rule: ranks.RankRule | None, budget: float | None,
+    include: Sequence[str] | None, exclude: Sequence[str] | None, min_params: int, svd_method: str,
+    fp64: bool, seed: int, force: bool, dry_run: bool, allow_unmatched: bool, progress: ProgressFn | None,
+) -> FactorizeResult:
+    with Checkpoint.open(inp) as ck:
+        if factorized_layers(ck.metadata):
+            raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
+        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched)
+        ranks_by_module = _plan_ranks(ck, cands, rule, budget, fp64, progress)
+        reports: dict[str, LayerReport] = {}
+        layers_meta: dict[str, dict[str, Any]] = {}
+        for c in cands:
+            k = ranks_by_module[c.module]
+            if k is None:
+                reports[c.module] = LayerReport(c.module, c.kind, list(c.shape), None,
+                                                "dense: a rank that saves parameters does not meet the rule"
+                                                if rule is not None else "dense: the budget keeps it dense",
+                                                c.m * c.n, c.m * c.n, 0.0, 1.0)
+            else:
+                layers_meta[c.module] = {"kind": c.kind, "rank": k, "shape": list(c.shape)}
+        factor_names = {c.tensor: c for c in cands if ranks_by_module[c.module] is not None}
+        specs: list[TensorSpec] = []
+        for n in ck.names():
+            info = ck.info(n)
+            dt = ST_DTYPES[info.dtype]
+            if n in factor_names:
+                c = factor_names[n]
+                k = ranks_by_module[c.module]
+                if c.kind == "linear":
+                    specs += [TensorSpec(f"{c.module}.weight_u", dt, (c.m, k)), TensorSpec(f"{c.module}.weight_v", dt, (k, c.shape[1]))]
+                else:
+                    specs += [TensorSpec(f"{c.module}.weight_u", dt, (c.m, k, 1, 1)),
+                              TensorSpec(f"{c.module}.weight_v", dt, (k, *c.shape[1:]))]
+            else:
+                specs.append(TensorSpec(n, dt, info.shape))
+        bytes_before = ck.total_bytes
+        bytes_after = sum(s.nbytes for s in specs)
+        options = {"rule": _rule_json(rule, budget), "include": list(include or []), "exclude": list(exclude or []),
+                   "min_params": min_params, "svd": svd_method, "fp64": fp64, "seed": seed}
+        result = FactorizeResult(
+            schema=SCHEMA, input=str(inp), output=None if dry_run else str(out), dry_run=dry_run,
+            rule=_rule_json(rule, budget), svd=svd_method, layers=[], skipped=skipped,
+            params_before=ck.total_params, params_after=sum(_numel(s.shape) for s in specs),
+            bytes_before=bytes_before, bytes_after=bytes_after,
+            compression=round(bytes_before / bytes_after, 4) if bytes_after else 0.0,
+        )
+        if dry_run:
+            for c in cands:
+                k = ranks_by_module[c.module]
+                result.layers.append(reports.get(c.module) or LayerReport(
+                    c.module, c.kind, list(c.shape), k, "factorized (planned)", c.m * c.n, k * (c.m + c.n), float("nan"), float("nan")))
+            _totals(result, cands)
+            return result
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            todo = ck.names()
+            for i, n in enumerate(todo):
+                if progress:
+                    progress(i, len(todo), n)
+                t = ck.get(n)
+                if n in factor_names:
+                    c = factor_names[n]
+                    u, v, rep = factorize_weight(t, ranks_by_module[c.module], c, svd_method, fp64, seed)
+                    reports[c.module] = rep
+                    del t
+                    yield f"{c.module}.weight_u", u
+                    yield f"{c.module}.weight_v", v
+                else:
+                    yield n, t
+            if progress:
+                progress(len(todo), len(todo), "")
+
+        meta = {k: v for k, v in ck.metadata.items() if k != METADATA_KEY}
+        meta[METADATA_KEY] = provenance(
+            "factorize", options, [inp], extra={"format": "factorized", "layers": dict(sorted(layers_meta.items()))}
+        )
+        _write_output(ck, inp, Path(out), specs, stream(), meta, force)
+    result.layers = [reports[c.module] for c in cands]
+    _totals(result, cands)
+    return result
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _totals(result: FactorizeResult, cands: list[_Candidate]) -> None:
+    result.factorized_params_before = sum(r.params_before for r in result.layers)
+    result.factorized_params_after = sum(r.params_after for r in result.layers)
+
+
+def _rule_json(rule: ranks.RankRule | None, budget: float | None) -> dict[str, Any]:
+    if rule is None:
+        return {"kind": "budget", "value": budget}
+    return {"kind": rule.kind, "value": rule.value, "max_rank": rule.max_rank}
+
+
+def _plan_ranks(
+    ck: Checkpoint, cands: list[_Candidate], rule: ranks.RankRule | None, budget: float | None,
+    fp64: bool, progress: ProgressFn | None,
+) -> dict[str, int | None]:
+    """Ranks per module. Fixed-rank and ratio rules need only shapes; the others need each
+    layer's singular values (one layer in memory at a time)."""
+    if rule is not None and rule.kind in ("rank", "ratio"):
+        out = {}
+        for c in cands:
+            k = ranks.select_rank(torch.ones(min(c.m, c.n)), rule)  # depends on n only
+            out[c.module] = ranks.apply_break_even(k, c.m, c.n)
+        return out
+    spectra: list[ranks.LayerSpectrum] = []
+    for i, c in enumerate(cands):
+        if progress:
+            progress(i, len(cands), f"spectrum {c.module}")
+        w = ck.get(c.tensor)
+        S = svd.singular_values(w, fp64=fp64, name=c.tensor)
+        del w
+        spectra.append(ranks.LayerSpectrum(c.module, c.m, c.n, S))
+    if rule is not None:
+        return {sp.name: ranks.choose_layer_rank(sp.S, sp.m, sp.n, rule) for sp in spectra}
+    assert budget is not None
+    total = ranks.budget_from_fraction(spectra, budget)
+    alloc = ranks.allocate_budget(spectra, total)
+    return {sp.name: k for sp, k in zip(spectra, alloc)}
+
+
+def factorize_weight(
+    w: torch.Tensor, k: int, c: _Candidate | None = None, method: str = "auto", fp64: bool = False, seed: int = 0,
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
+    """One weight to balanced factors (U·diag(√S), diag(√S)·Vᵀ), cast back to its dtype once.
+
+    Returns:
+        (weight_u, weight_v, report): linear (m×k, k×n); conv (out×k×1×1, k×in×kh×kw).
+    """
+    shape = tuple(w.shape)
+    nm = name or (c.tensor if c else None)
+    res = svd.truncated_svd(w, k, method=method, fp64=fp64, seed=seed, name=nm)
+    uf, vf = svd.split_balanced(res)
+    rel = svd.relative_error(w, res)
+    total = float(svd.as_matrix(w).double().pow(2).sum().item())
+    kept = float((res.S.double() ** 2).sum().item()) / total if total > 0 else 1.0
+    if len(shape) == 4:
+        u = uf.reshape(shape[0], k, 1, 1).to(w.dtype).contiguous()
+        v = vf.reshape(k, *shape[1:]).to(w.dtype).contiguous()
+        kind, m, n = "conv2d", shape[0], shape[1] * shape[2] * shape[3]
+    else:
+        u, v = uf.to(w.dtype).contiguous(), vf.to(w.dtype).contiguous()
+        kind, m, n = "linear", shape[0], shape[1]
+    rep = LayerReport(c.module if c else (module_of(nm) if nm else ""), kind, list(shape), k, "factorized",
+                      m * n, k * (m + n), round(rel, 6), round(min(kept, 1.0), 6))
+    return u, v, rep
+
+
+def _write_output(
+    ck: Checkpoint, inp: Path, out: Path, specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, torch.Tensor]], meta: dict[str, Any], force: bool,
+) -> None:
+    """A file in gives a file out; a model folder in gives a model folder out (other files copied)."""
+    if not inp.is_dir():
+        write_safetensors(out, specs, tensors, meta, force=force)
+        return
+    weights = {f.resolve() for f in ck.files}
+    if ck.weights_file is not None:
+        weights.add(ck.weights_file.resolve())
+    with atomic_path(out, force, directory=True) as tmp:
+        for f in sorted(inp.rglob("*")):
+            rel = f.relative_to(inp)
+            if f.resolve() in weights or f.name.endswith(".index.json") or any(p.startswith(".") for p in rel.parts):
+                continue
+            if f.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            elif f.is_file():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, tmp / rel)
+        write_safetensors(tmp / "model.safetensors", specs, tensors, meta)
+
+
+# --------------------------------------------------------------------------- densify
+@dataclass
+class DensifyResult:
+    schema: str
+    input: str
+    output: str
+    layers: int
+    params_before: int
+    params_after: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,
+                       progress: ProgressFn | None = None) -> DensifyResult:
+    """A factorized checkpoint back to the dense layout: W = weight_u @ weight_v (fp32, cast once),
+    so any tool reads it.
+
+    Raises:
+        FormatError: not a factorized checkpoint or a layer's factors are missing.
+    """
+    inp = Path(inp)
+    check_output(out, force)
+    with Checkpoint.open(inp) as ck:
+        layers = factorized_layers(ck.metadata)
+        if not layers:
+            raise FormatError("not a lorasurgeon factorized checkpoint (no 'lorasurgeon' layers metadata)", inp)
+        factor_of: dict[str, str] = {}
+        specs: list[TensorSpec] = []
+        for mod, spec in sorted(layers.items()):
+            for part in ("weight_u", "weight_v"):
+                if f"{mod}.{part}" not in ck:
+                    raise FormatError(f"factorized layer {mod!r} has no {part}", inp)
+                factor_of[f"{mod}.{part}"] = mod
+            dt = ST_DTYPES[ck.info(f"{mod}.weight_u").dtype]
+            specs.append(TensorSpec(f"{mod}.weight", dt, tuple(spec["shape"])))
+        for n in ck.names():
+            if n not in factor_of:
+                specs.append(TensorSpec(n, ST_DTYPES[ck.info(n).dtype], ck.info(n).shape))
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for i, (mod, spec) in enumerate(sorted(layers.items())):
+                if progress:
+                    progress(i, len(layers), mod)
+                u = ck.get(f"{mod}.weight_u")
+                v = ck.get(f"{mod}.weight_v")
+                w = svd.as_matrix(u).float() @ svd.as_matrix(v).float()
+                yield f"{mod}.weight", w.reshape(spec["shape"]).to(u.dtype)
+            for n in ck.names():
+                if n not in factor_of:
+                    yield n, ck.get(n)
+
+        meta = {k: v for k, v in ck.metadata.items() if k != METADATA_KEY}
+        meta[METADATA_KEY] = provenance("densify", {}, [inp], extra={"format": "dense"})
+        _write_output(ck, inp, Path(out), specs, stream(), meta, force)
+        before = ck.total_params
+    after = sum(_numel(s.shape) for s in specs)
+    return DensifyResult("lorasurgeon.densify/1", str(inp), str(out), len(layers), before, after)
+
+
+def read_layers_json(path: str | Path) -> dict[str, Any]:
+    with Checkpoint.open(path) as ck:
+        return json.loads(ck.metadata.get(METADATA_KEY, "{}"))

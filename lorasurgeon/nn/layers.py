@@ -1,0 +1,141 @@
+"""Low-rank layers whose state-dict keys are exactly the factorized format (GUIDE §3).
+
+``LowRankLinear``: ``weight_u`` (out×k), ``weight_v`` (k×in), ``bias`` — y = (x Vᵀ) Uᵀ + b,
+two thin MatMuls in an ONNX graph. ``LowRankConv2d``: ``weight_v`` (k×in×kh×kw, the k×k conv to
+k channels with the original stride/padding/dilation) then ``weight_u`` (out×k×1×1) with the bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorasurgeon.errors import FormatError
+
+
+class LowRankLinear(nn.Module):
+    """A Linear layer stored as two factors: W ≈ weight_u @ weight_v."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.weight_u = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.weight_v = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        nn.init.kaiming_uniform_(self.weight_u, a=5**0.5)
+        nn.init.kaiming_uniform_(self.weight_v, a=5**0.5)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int) -> LowRankLinear:
+        return cls(layer.in_features, layer.out_features, rank, layer.bias is not None,
+                   device=layer.weight.device, dtype=layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.weight_v), self.weight_u, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return (self.weight_u.float() @ self.weight_v.float()).to(self.weight_u.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class LowRankConv2d(nn.Module):
+    """A groups=1 Conv2d stored as a k-channel k×k conv followed by a 1×1 conv."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise FormatError(f"cannot factorize a grouped conv (groups={conv.groups})")
+        kw = {"device": conv.weight.device, "dtype": conv.weight.dtype}
+        self.in_channels, self.out_channels, self.rank = conv.in_channels, conv.out_channels, rank
+        self.kernel_size, self.stride, self.padding, self.dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding = getattr(conv, "_reversed_padding_repeated_twice", None)
+        self.weight_v = nn.Parameter(torch.empty(rank, conv.in_channels, *conv.kernel_size, **kw))
+        self.weight_u = nn.Parameter(torch.empty(conv.out_channels, rank, 1, 1, **kw))
+        self.bias = nn.Parameter(torch.zeros(conv.out_channels, **kw)) if conv.bias is not None else None
+        nn.init.kaiming_uniform_(self.weight_u, a=5**0.5)
+        nn.init.kaiming_uniform_(self.weight_v, a=5**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            h = F.conv2d(x, self.weight_v, None, self.stride, 0, self.dilation)
+        else:
+            h = F.conv2d(x, self.weight_v, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, self.weight_u, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        u = self.weight_u.float().reshape(self.out_channels, self.rank)
+        v = self.weight_v.float().reshape(self.rank, -1)
+        return (u @ v).reshape(self.out_channels, self.in_channels, *self.kernel_size).to(self.weight_u.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, stride={self.stride}"
+
+
+def factorized_layers(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The ``layers`` table of a factorized checkpoint's ``lorasurgeon`` metadata ({} if none)."""
+    raw = metadata.get("lorasurgeon")
+    if not raw:
+        return {}
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError:
+        raise FormatError("lorasurgeon metadata is not valid JSON") from None
+    if rec.get("format") != "factorized":
+        return {}
+    return dict(rec.get("layers", {}))
+
+
+def apply_factorization(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], copy_model: bool = True) -> nn.Module:
+    """Replace each named Linear/Conv2d by its low-rank twin (parameters uninitialised until a
+    state dict is loaded). Returns a copy unless ``copy_model`` is False."""
+    if copy_model:
+        model = copy.deepcopy(model)
+    for name, spec in sorted(layers.items()):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child, None)
+        rank = int(spec["rank"])
+        if isinstance(old, nn.Linear) and spec.get("kind", "linear") == "linear":
+            new: nn.Module = LowRankLinear.from_linear(old, rank)
+        elif isinstance(old, nn.Conv2d) and spec.get("kind") == "conv2d":
+            new = LowRankConv2d(old, rank)
+        else:
+            raise FormatError(
+                f"factorized layer {name!r} ({spec.get('kind')}) does not match the model's module "
+                f"({type(old).__name__ if old is not None else 'missing'})"
+            )
+        setattr(parent, child, new)
+    return model
+
+
+def load_factorized(model: nn.Module, checkpoint: Any) -> nn.Module:
+    """Turn ``model`` plus a factorized checkpoint (path or ``Checkpoint``) into the runnable
+    factorized model: layers swapped, every tensor loaded strictly. ``model`` is not modified."""
+    from lorasurgeon.io.checkpoint import Checkpoint
+
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+    layers = factorized_layers(ck.metadata)
+    if not layers:
+        raise FormatError("not a lorasurgeon factorized checkpoint (no layers in its metadata)", ck.path)
+    out = apply_factorization(model, layers)
+    state = {n: ck.get(n) for n in ck.names()}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    # Buffers a checkpoint may legitimately omit (e.g. position_ids) are tolerated; weights are not.
+    missing = [m for m in missing if not m.endswith(("position_ids", "num_batches_tracked"))]
+    if missing or unexpected:
+        raise FormatError(
+            f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}", ck.path
+        )
+    return out

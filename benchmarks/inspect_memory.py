@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"inspect {form} failed: {r.stderr.strip()[-800:]}", file=sys.stderr)
             over = r.peak_mb > a.limit_mb
             failed |= over or not ok_totals
-            results.append((form, p, r, ok_totals, why, over))
+            results.append((form, path_size(p), r, ok_totals, why, over))
             if a.control:
                 c, _ = measure_best([py, "-c", _CONTROL[form], str(p)], 1)
-                controls.append((form, p, c))
+                controls.append((form, path_size(p), c))
     finally:
         if not a.keep:
             for fdir in made:
@@ -234,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                 "-",
             ]
         )
-    for form, p, r, _ok, why, over in results:
+    for form, size, r, _ok, why, over in results:
         rows.append(
             [
                 f"inspect {form}",
-                f"{path_size(p) / MB:,.0f}" if p.exists() else "-",
+                f"{size / MB:,.0f}",
                 f"{r.peak_mb:.0f}",
                 f"{r.wait4_mb:.0f}",
                 _f(r.vmhwm_mb),
@@ -250,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                 "FAIL" if over else "ok",
             ]
         )
-    for form, p, c in controls:
+    for form, size, c in controls:
         rows.append(
             [
                 f"control: mmap+touch {form}",
-                f"{path_size(p) / MB:,.0f}",
+                f"{size / MB:,.0f}",
                 f"{c.peak_mb:.0f}",
                 f"{c.wait4_mb:.0f}",
                 _f(c.vmhwm_mb),

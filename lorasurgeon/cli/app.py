@@ -35,10 +35,11 @@ def root(
 
 
 def _register() -> None:
-    from lorasurgeon.cli import factorize_cmd, inspect_cmd
+    from lorasurgeon.cli import factorize_cmd, inspect_cmd, resize_cmd
 
     inspect_cmd.register(app)
     factorize_cmd.register(app)
+    resize_cmd.register(app)
 
 
 _register()

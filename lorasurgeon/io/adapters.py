@@ -125,7 +125,7 @@ def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
             if marker == ".diff" and not any(k.startswith(KOHYA_PREFIXES) for k in keys):
                 continue
             return f"non-lora:{name}"
-    if any(k.startswith(KOHYA_PREFIXES) and (".lora_down." in k or ".lora_up." in k) for k in keys):
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) and "." not in k.split(".lora_", 1)[0] for k in keys):
         return "kohya"
     has_peft_ab = any(".lora_A." in k or ".lora_B." in k or k.endswith((".lora_A.weight",)) for k in keys)
     if has_peft_ab:
@@ -341,3 +341,162 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
     return Adapter("diffusers", targets, other, metadata, per, any(c.get("use_rslora") for c in per.values()), str(path))
+
+
+# --------------------------------------------------------------------------- names
+KOHYA_COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_",
+                          "transformer": "lora_transformer_"}
+GENERIC_KOHYA_PREFIX = "lora_"
+
+
+def kohya_name(module: str) -> str:
+    """kohya stem of a module name: the component picks the prefix, dots become underscores."""
+    if module.startswith(KOHYA_PREFIXES) and "." not in module:
+        return module  # already a kohya stem
+    comp, _, rest = module.partition(".")
+    if rest and comp in KOHYA_COMPONENT_PREFIX:
+        return KOHYA_COMPONENT_PREFIX[comp] + rest.replace(".", "_")
+    return GENERIC_KOHYA_PREFIX + module.replace(".", "_")
+
+
+def _strip_kohya_prefix(stem: str) -> str:
+    for p in (*KOHYA_PREFIXES, GENERIC_KOHYA_PREFIX):
+        if stem.startswith(p):
+            return stem[len(p):]
+    return stem
+
+
+def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, list[str]]:
+    """Map kohya stems back to the base model's module names (``.`` → ``_`` is lossy, so the
+    base's names are enumerated). Returns the renamed adapter and the stems that matched nothing.
+
+    Raises:
+        FormatError: a stem maps to several base modules (the candidates are named).
+    """
+    by_key: dict[str, list[str]] = {}
+    for m in base_modules:
+        by_key.setdefault(m.replace(".", "_"), []).append(m)
+    targets: dict[str, LoraTarget] = {}
+    unmatched: list[str] = []
+    for stem, t in ad.targets.items():
+        if "." in stem:  # already a module name
+            targets[stem] = t
+            continue
+        cands = by_key.get(_strip_kohya_prefix(stem), [])
+        if len(cands) > 1:
+            raise FormatError(f"kohya name {stem!r} is ambiguous: it fits {', '.join(sorted(cands))}", ad.source)
+        if not cands:
+            unmatched.append(stem)
+            targets[stem] = t
+            continue
+        t2 = LoraTarget(cands[0], t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
+        targets[cands[0]] = t2
+    return Adapter(ad.format, dict(sorted(targets.items())), ad.modules_to_save, ad.metadata, ad.config,
+                   ad.use_rslora, ad.source), unmatched
+
+
+# --------------------------------------------------------------------------- writing
+def _alpha_for(t: LoraTarget, rslora: bool) -> float:
+    """The alpha that gives this target's scale at its rank (so the scale is stated exactly)."""
+    return t.scale * math.sqrt(t.rank) if rslora else t.scale * t.rank
+
+
+def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors (and, for PEFT, the adapter_config.json) of ``ad`` in layout ``fmt``.
+
+    Alpha is rewritten per target so that alpha/r (alpha/sqrt(r) with rslora) equals the stored
+    scale exactly, whatever scale the target carries."""
+    state: dict[str, torch.Tensor] = {}
+    config: dict[str, Any] = {}
+    if fmt == "peft":
+        rs = ad.use_rslora
+        ranks = sorted(t.rank for t in ad.targets.values())
+        alphas = {m: _alpha_for(t, rs) for m, t in ad.targets.items()}
+        r_default = max(set(ranks), key=lambda r: (ranks.count(r), -r)) if ranks else 8
+        alpha_values = list(alphas.values())
+        a_default = max(set(alpha_values), key=lambda a: (alpha_values.count(a), -a)) if alpha_values else 8
+        for m, t in ad.targets.items():
+            state[f"{PEFT_PREFIX}{m}.lora_A.weight"] = t.A
+            state[f"{PEFT_PREFIX}{m}.lora_B.weight"] = t.B
+            if t.bias is not None:
+                state[f"{PEFT_PREFIX}{m}.lora_B.bias"] = t.bias
+            if t.magnitude is not None:
+                state[f"{PEFT_PREFIX}{m}.lora_magnitude_vector"] = t.magnitude
+        for n, v in ad.modules_to_save.items():
+            state[f"{PEFT_PREFIX}{n}"] = v
+        saved_modules = sorted({n.rsplit(".", 1)[0] for n in ad.modules_to_save})
+        config = {
+            "peft_type": "LORA",
+            "task_type": ad.config.get("task_type"),
+            "base_model_name_or_path": ad.config.get("base_model_name_or_path"),
+            "r": r_default,
+            "lora_alpha": a_default,
+            "target_modules": sorted(ad.targets),
+            "rank_pattern": {re.escape(m): t.rank for m, t in sorted(ad.targets.items()) if t.rank != r_default},
+            "alpha_pattern": {re.escape(m): a for m, a in sorted(alphas.items()) if a != a_default},
+            "use_rslora": rs,
+            "use_dora": any(t.magnitude is not None for t in ad.targets.values()),
+            "lora_bias": any(t.bias is not None for t in ad.targets.values()),
+            "fan_in_fan_out": any(t.fan_in_fan_out for t in ad.targets.values()),
+            "modules_to_save": saved_modules or None,
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "inference_mode": True,
+            "init_lora_weights": True,
+        }
+    elif fmt == "kohya":
+        for m, t in ad.targets.items():
+            if t.bias is not None:
+                raise UnsupportedError(f"kohya files cannot hold a LoRA bias (module {m!r}); use --to peft")
+            stem = kohya_name(m)
+            state[f"{stem}.lora_down.weight"] = t.A
+            state[f"{stem}.lora_up.weight"] = t.B
+            state[f"{stem}.alpha"] = torch.tensor(_alpha_for(t, False), dtype=torch.float32)
+            if t.magnitude is not None:
+                state[f"{stem}.dora_scale"] = t.magnitude.reshape(-1, 1) if t.A.ndim == 2 else t.magnitude.reshape(-1, 1, 1, 1)
+        for n, v in ad.modules_to_save.items():
+            state[n] = v
+    elif fmt == "diffusers":
+        per: dict[str, dict[str, Any]] = {}
+        for m, t in ad.targets.items():
+            if t.magnitude is not None or t.bias is not None:
+                raise UnsupportedError(f"module {m!r}: DoRA / LoRA bias are not written to diffusers files; use --to peft")
+            name = m if m.split(".", 1)[0] in DIFFUSERS_COMPONENTS else f"unet.{m}"
+            state[f"{name}.lora_A.weight"] = t.A
+            state[f"{name}.lora_B.weight"] = t.B
+            comp, _, sub = name.partition(".")
+            c = per.setdefault(comp, {"r": t.rank, "lora_alpha": _alpha_for(t, ad.use_rslora), "use_rslora": ad.use_rslora,
+                                      "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}})
+            c["target_modules"].append(sub)
+            if t.rank != c["r"]:
+                c["rank_pattern"][re.escape(sub)] = t.rank
+            if _alpha_for(t, ad.use_rslora) != c["lora_alpha"]:
+                c["alpha_pattern"][re.escape(sub)] = _alpha_for(t, ad.use_rslora)
+        flat = {f"{comp}.{k}": v for comp, c in sorted(per.items()) for k, v in c.items()}
+        config = {"lora_adapter_metadata": json.dumps(flat, sort_keys=True)}
+    else:
+        raise UnsupportedError(f"unknown adapter format {fmt!r}; choose peft, kohya or diffusers")
+    return state, config
+
+
+def write_adapter(ad: Adapter, out: str | Path, fmt: str, *, provenance_meta: dict[str, Any] | None = None,
+                  force: bool = False) -> Path:
+    """Write ``ad`` atomically: a PEFT folder (adapter_config.json + adapter_model.safetensors),
+    or a single kohya / diffusers ``.safetensors`` file. kohya ss_*/modelspec.* metadata is kept."""
+    from lorasurgeon.io.writer import METADATA_KEY, atomic_path, save_state_dict, write_json_atomic
+
+    state, config = adapter_state(ad, fmt)
+    state = {k: v.contiguous() for k, v in state.items()}
+    meta: dict[str, Any] = {}
+    if provenance_meta is not None:
+        meta[METADATA_KEY] = provenance_meta
+    if fmt == "kohya":
+        meta.update({k: v for k, v in ad.metadata.items() if k.startswith(("ss_", "modelspec."))})
+    if fmt == "peft":
+        meta["format"] = "pt"
+        with atomic_path(out, force, directory=True) as tmp:
+            save_state_dict(tmp / "adapter_model.safetensors", state, meta)
+            write_json_atomic(tmp / "adapter_config.json", config)
+        return Path(out)
+    meta.update(config)
+    return save_state_dict(out, state, meta, force=force)

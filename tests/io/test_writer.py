@@ -57,7 +57,7 @@ def test_byte_identical_wherever_written(tmp_path: Path) -> None:
 
 def test_non_contiguous_and_tied_tensors(tmp_path: Path) -> None:
     base = torch.randn(6, 4)
-    sd = {"emb.weight": base, "lm_head.weight": base, "t": base.T, "slice": base[::2]}
+    sd = {"emb.weight": base, "lm_head.weight": base, "t": base.T, "slice": base[::2], "scalar": torch.tensor(2.5)}
     out = save_state_dict(tmp_path / "o.safetensors", sd)
     got = load_file(out)
     for k in sd:

@@ -1,0 +1,238 @@
+"""``resize`` (re-rank a LoRA by exact factor algebra) and ``extract`` (tuned − base → LoRA)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
+from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
+from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
+from lorasurgeon.io.writer import check_output, provenance
+from lorasurgeon.nn.targeting import module_of, select
+from lorasurgeon.ops import ranks, svd
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class ResizeLayer:
+    module: str
+    shape: list[int]
+    rank_before: int
+    rank_after: int
+    alpha_before: float
+    alpha_after: float
+    scale: float
+    fro_kept: float  # ||B'A'||_F / ||BA||_F (the Frobenius fraction kept)
+
+
+@dataclass
+class ResizeResult:
+    schema: str
+    input: str
+    output: str | None
+    format: str
+    rule: dict[str, Any]
+    dry_run: bool
+    layers: list[ResizeLayer]
+    params_before: int
+    params_after: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rule_json(rule: ranks.RankRule) -> dict[str, Any]:
+    return {"kind": rule.kind, "value": rule.value, "max_rank": rule.max_rank}
+
+
+def resize_target(
+    t: LoraTarget, rule: ranks.RankRule, fp64: bool = False, rslora: bool = False
+) -> tuple[LoraTarget, float]:
+    """Re-rank one target exactly: SVD of B·A by QR of the factors (no dense delta); S goes
+    into B, A stays orthonormal; alpha is rewritten so the scale alpha/r is unchanged.
+
+    The rule sees the r singular values padded with zeros to min(out, in) of the dense delta,
+    as kohya's resize_lora does. ``ratio`` is a fraction of the adapter's current rank.
+
+    Returns:
+        (new target, Frobenius fraction kept).
+    """
+    res = svd.lowrank_svd(t.B, t.A, fp64=fp64)
+    out_dim = t.B.shape[0]
+    in_dim = svd.as_matrix(t.A).shape[1]
+    n = min(out_dim, in_dim)
+    padded = torch.zeros(n, dtype=torch.float64)
+    padded[: res.S.numel()] = res.S.double()
+    if rule.kind == "ratio":
+        k = max(1, math.floor(rule.value * t.rank + 0.5 + 1e-9))
+        if rule.max_rank is not None:
+            k = min(k, rule.max_rank)
+    else:
+        k = ranks.select_rank(padded, rule)
+    k = max(1, min(k, t.rank, res.S.numel()))
+    B = (res.U[:, :k] * res.S[:k]).to(t.B.dtype)
+    A = res.Vh[:k].to(t.A.dtype)
+    if t.is_conv:
+        B = B.reshape(out_dim, k, 1, 1)
+        A = A.reshape(k, *t.A.shape[1:])
+    total = float((res.S.double() ** 2).sum())
+    kept = math.sqrt(float((res.S[:k].double() ** 2).sum()) / total) if total > 0 else 1.0
+    alpha = t.scale * (math.sqrt(k) if rslora else k)
+    return LoraTarget(t.module, A.contiguous(), B.contiguous(), alpha, t.scale, None, t.bias, t.fan_in_fan_out), kept
+
+
+def resize_adapter(
+    inp: str | Path, out: str | Path | None, rule: ranks.RankRule, *, fmt: str | None = None,
+    fp64: bool = False, force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
+) -> ResizeResult:
+    """Re-rank every target of a LoRA adapter by the rule, exactly (see ``resize_target``).
+
+    Raises:
+        UnsupportedError: DoRA adapters (the magnitude depends on the base weight).
+    """
+    if out is None and not dry_run:
+        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+    if out is not None and not dry_run:
+        check_output(out, force)
+    ad = read_adapter(inp)
+    if any(t.magnitude is not None for t in ad.targets.values()):
+        raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
+    new: dict[str, LoraTarget] = {}
+    layers: list[ResizeLayer] = []
+    for i, (m, t) in enumerate(sorted(ad.targets.items())):
+        if progress:
+            progress(i, len(ad.targets), m)
+        nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
+        new[m] = nt
+        layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale, round(kept, 6)))
+    result = ResizeResult(
+        "lorasurgeon.resize/1", str(inp), None if dry_run else str(out), fmt or ad.format, _rule_json(rule), dry_run, layers,
+        sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),
+        sum(t.A.numel() + t.B.numel() for t in new.values()),
+    )
+    if not dry_run:
+        resized = Adapter(ad.format, new, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
+        prov = provenance("resize", {"rule": _rule_json(rule), "fp64": fp64, "format": fmt or ad.format}, [inp])
+        write_adapter(resized, out, fmt or ad.format, provenance_meta=prov, force=force)
+    return result
+
+
+# --------------------------------------------------------------------------- extract
+@dataclass
+class ExtractLayer:
+    module: str
+    shape: list[int]
+    rank: int
+    delta_norm: float
+    rel_error: float  # ||ΔW − B·A||_F / ||ΔW||_F
+
+
+@dataclass
+class ExtractResult:
+    schema: str
+    base: str
+    tuned: str
+    output: str | None
+    format: str
+    rule: dict[str, Any]
+    dry_run: bool
+    layers: list[ExtractLayer]
+    unchanged: list[str]
+    other_changed: list[str]
+    saved_other: list[str]
+    adapter_params: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def extract_adapter(
+    base: str | Path, tuned: str | Path, out: str | Path | None, rule: ranks.RankRule, *,
+    fmt: str = "peft", include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+    save_other: bool = False, svd_method: str = "auto", fp64: bool = False, seed: int = 0,
+    force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
+) -> ExtractResult:
+    """LoRA from a fine-tune: per 2-D/conv weight, ΔW = tuned − base (fp32), truncated SVD by the
+    rule (S into B), alpha = rank so the scale is 1. Zero deltas are skipped; other changed
+    tensors (biases, norms, new heads) are reported and, with ``save_other``, saved whole per
+    module as modules_to_save. Streams one tensor pair at a time.
+
+    Raises:
+        FormatError: shapes differ between base and tuned; NaN/Inf in a delta.
+        MatchError: no weight differs, or a pattern matches nothing.
+    """
+    if fmt not in ("peft", "kohya", "diffusers"):
+        raise InvalidOptionError(f"--format must be peft, kohya or diffusers, got {fmt!r}")
+    if out is None and not dry_run:
+        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+    if out is not None and not dry_run:
+        check_output(out, force)
+    with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
+        names = select(ct.names(), include, exclude, what="tensor").selected
+        targets: dict[str, LoraTarget] = {}
+        layers: list[ExtractLayer] = []
+        unchanged: list[str] = []
+        other: list[str] = []
+        for i, n in enumerate(names):
+            if progress:
+                progress(i, len(names), n)
+            ti = ct.info(n)
+            if n not in cb:
+                other.append(n)
+                continue
+            bi = cb.info(n)
+            if bi.shape != ti.shape:
+                raise FormatError(f"tensor {n!r} is {list(bi.shape)} in the base but {list(ti.shape)} in the tuned model", tuned)
+            t_new = ct.get(n)
+            t_old = cb.get(n)
+            if torch.equal(t_new, t_old):
+                unchanged.append(n)
+                continue
+            floating = ti.dtype in ("F16", "BF16", "F32", "F64")
+            is_weight = n.endswith(".weight") and len(ti.shape) in (2, 4) and floating and min(ti.shape[0], ti.numel // ti.shape[0]) > 1
+            if not is_weight:
+                other.append(n)
+                continue
+            delta = t_new.to(torch.float64 if fp64 else torch.float32) - t_old.to(torch.float64 if fp64 else torch.float32)
+            del t_new, t_old
+            m = module_of(n)
+            if rule.kind in ("rank", "ratio"):
+                k = ranks.select_rank(torch.ones(min(delta.shape[0], delta[0].numel())), rule)
+            else:
+                k = ranks.select_rank(svd.singular_values(delta, fp64=fp64, name=n), rule)
+            res = svd.truncated_svd(delta, k, method=svd_method, fp64=fp64, seed=seed, name=n)
+            B, A = svd.split_lora(res)
+            err = svd.relative_error(delta, res)
+            B = B.to(ST_DTYPES[ti.dtype])
+            A = A.to(ST_DTYPES[ti.dtype])
+            if delta.ndim == 4:
+                B = B.reshape(delta.shape[0], k, 1, 1)
+                A = A.reshape(k, *delta.shape[1:])
+            targets[m] = LoraTarget(m, A.contiguous(), B.contiguous(), float(k), 1.0)
+            layers.append(ExtractLayer(m, list(ti.shape), k, float(delta.norm()), round(err, 6)))
+        if not targets:
+            raise MatchError("no weight differs between base and tuned model; nothing to extract", tuned)
+        saved: dict[str, torch.Tensor] = {}
+        if save_other and other:
+            mods = {module_of(n) for n in other}
+            for n in ct.names():
+                if module_of(n) in mods and module_of(n) not in targets:
+                    saved[n] = ct.get(n)
+    result = ExtractResult(
+        "lorasurgeon.extract/1", str(base), str(tuned), None if dry_run else str(out), fmt, _rule_json(rule), dry_run,
+        layers, unchanged, other, sorted(saved), sum(t.A.numel() + t.B.numel() for t in targets.values()),
+    )
+    if not dry_run:
+        ad = Adapter(fmt, targets, saved, {}, {}, False, str(tuned))
+        opts = {"rule": _rule_json(rule), "format": fmt, "include": list(include or []), "exclude": list(exclude or []),
+                "save_other": save_other, "svd": svd_method, "fp64": fp64, "seed": seed}
+        write_adapter(ad, out, fmt, provenance_meta=provenance("extract", opts, [base, tuned]), force=force)
+    return result

@@ -1,0 +1,161 @@
+"""resize (against an independent transcription of kohya's resize_lora) and extract."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lorasurgeon.cli.app import app
+from lorasurgeon.io.adapters import read_adapter
+
+runner = CliRunner()
+
+
+def run(*args: str, code: int = 0) -> dict:
+    res = runner.invoke(app, [*args, "--json", "--quiet"])
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    return json.loads(res.stdout) if res.stdout else {}
+
+
+def kohya_file(tmp_path: Path, rank: int = 16, seed: int = 0) -> tuple[Path, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (out, inn) in {"lora_unet_a_to_q": (48, 40), "lora_unet_b_ff": (64, 32)}.items():
+        down = torch.randn(rank, inn, generator=g) * torch.linspace(1, 0.05, rank)[:, None]
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.lora_up.weight"] = torch.randn(out, rank, generator=g) * 0.1
+        sd[f"{name}.alpha"] = torch.tensor(float(rank) / 2)
+    sd["lora_unet_c_conv.lora_down.weight"] = torch.randn(rank, 8, 3, 3, generator=g)
+    sd["lora_unet_c_conv.lora_up.weight"] = torch.randn(24, rank, 1, 1, generator=g)
+    p = tmp_path / "k.safetensors"
+    save_file(sd, p, metadata={"ss_network_dim": str(rank)})
+    return p, sd
+
+
+def kohya_reference(up: torch.Tensor, down: torch.Tensor, alpha: float, method: str, param: float, new_rank: int):
+    """An independent transcription of kohya sd-scripts networks/resize_lora.py (rank_resize +
+    the dynamic index rules) on the dense delta: returns (new_rank, new_alpha, delta)."""
+    rank = down.shape[0]
+    scale = alpha / rank
+    W = (up.reshape(up.shape[0], -1).double() @ down.reshape(rank, -1).double())
+    U, S, Vh = torch.linalg.svd(W)
+    if method == "sv_ratio":
+        idx = int((S > S[0] / param).sum().item())
+    elif method == "sv_cumulative":
+        idx = int(torch.searchsorted(torch.cumsum(S, 0) / S.sum(), param).item()) + 1
+    elif method == "sv_fro":
+        idx = int(torch.searchsorted(torch.cumsum(S**2, 0) / (S**2).sum(), param**2).item()) + 1
+    else:
+        idx = int(param) - 1
+    idx = max(1, min(idx, len(S) - 1))
+    k = idx + 1
+    if S[0] <= 1e-6:
+        k = 1
+    k = min(k, new_rank)
+    new_alpha = scale * k
+    delta = (new_alpha / k) * (U[:, :k] * S[:k]) @ Vh[:k]
+    return k, new_alpha, delta
+
+
+@pytest.mark.parametrize("method, value", [("sv_fro", 0.9), ("sv_ratio", 4.0), ("sv_cumulative", 0.7), ("rank", 5)])
+def test_resize_matches_kohya(tmp_path: Path, method: str, value: float) -> None:
+    p, sd = kohya_file(tmp_path)
+    opt = "--" + method.replace("_", "-")
+    out = run("resize", str(p), "-o", str(tmp_path / "r.safetensors"), opt, str(value), "--max-rank", "8")
+    new = read_adapter(tmp_path / "r.safetensors")
+    assert load_file(tmp_path / "r.safetensors")  # a plain kohya file
+    rows = {x["module"]: x for x in out["layers"]}
+    for stem in ("lora_unet_a_to_q", "lora_unet_b_ff", "lora_unet_c_conv"):
+        up, down = sd[f"{stem}.lora_up.weight"], sd[f"{stem}.lora_down.weight"]
+        alpha = float(sd.get(f"{stem}.alpha", torch.tensor(float(down.shape[0]))))
+        k, new_alpha, ref = kohya_reference(up, down, alpha, method, float(value), 8)
+        t = new.targets[stem]
+        assert rows[stem]["rank_after"] == k == t.rank
+        assert t.alpha == pytest.approx(new_alpha)
+        ours = t.scale * (t.B.reshape(t.B.shape[0], -1).double() @ t.A.reshape(k, -1).double())
+        assert torch.allclose(ours, ref, atol=1e-5 * ref.abs().max())
+    assert new.metadata["ss_network_dim"] == "16"
+
+
+def test_resize_is_best_rank_k_and_keeps_scale(tmp_path: Path) -> None:
+    p, sd = kohya_file(tmp_path)
+    run("resize", str(p), "-o", str(tmp_path / "same.safetensors"), "--rank", "16")
+    same = read_adapter(tmp_path / "same.safetensors")
+    orig = read_adapter(p)
+    for m, t in orig.targets.items():
+        d0 = t.scale * t.B.reshape(t.B.shape[0], -1) @ t.A.reshape(t.rank, -1)
+        u = same.targets[m]
+        d1 = u.scale * u.B.reshape(u.B.shape[0], -1) @ u.A.reshape(u.rank, -1)
+        assert u.scale == pytest.approx(t.scale)
+        assert torch.allclose(d0, d1, atol=1e-5)
+    out = run("resize", str(p), "-o", str(tmp_path / "r4.safetensors"), "--rank", "4")
+    r4 = read_adapter(tmp_path / "r4.safetensors")
+    for m, t in orig.targets.items():
+        d = (t.scale * t.B.reshape(t.B.shape[0], -1).double() @ t.A.reshape(t.rank, -1).double())
+        S = torch.linalg.svdvals(d)
+        u = r4.targets[m]
+        got = torch.linalg.svdvals(u.scale * u.B.reshape(u.B.shape[0], -1).double() @ u.A.reshape(4, -1).double())
+        assert torch.allclose(got[:4], S[:4], rtol=1e-4)
+        kept = [x for x in out["layers"] if x["module"] == m][0]["fro_kept"]
+        assert kept == pytest.approx(math.sqrt(float((S[:4] ** 2).sum() / (S**2).sum())), rel=1e-4)
+
+
+def tiny_bert_pair(tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    torch.manual_seed(0)
+    base = transformers.BertModel(cfg)
+    base.save_pretrained(tmp_path / "base")
+    tuned = transformers.BertModel(cfg)
+    tuned.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        q = tuned.encoder.layer[0].attention.self.query.weight
+        q += 0.05 * torch.randn(16, 3, generator=g) @ torch.randn(3, 16, generator=g)
+        tuned.encoder.layer[0].intermediate.dense.weight += 0.01 * torch.randn(24, 16, generator=g)
+        tuned.encoder.layer[0].output.LayerNorm.bias += 0.1
+    tuned.save_pretrained(tmp_path / "tuned")
+    return base, tuned
+
+
+def test_extract_then_peft_merge_recovers_tuned(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    base, tuned = tiny_bert_pair(tmp_path)
+    out = run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o", str(tmp_path / "ad"),
+              "--ratio", "1.0", "--save-other", "--svd", "exact")
+    mods = {x["module"]: x for x in out["layers"]}
+    assert set(mods) == {"encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense"}
+    assert mods["encoder.layer.0.attention.self.query"]["rank"] == 16
+    assert out["other_changed"] == ["encoder.layer.0.output.LayerNorm.bias"]
+    assert out["saved_other"] == ["encoder.layer.0.output.LayerNorm.bias", "encoder.layer.0.output.LayerNorm.weight"]
+    fresh = type(base)(base.config)
+    fresh.load_state_dict(base.state_dict())
+    merged = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload()
+    tsd = tuned.state_dict()
+    for k, v in merged.state_dict().items():
+        assert torch.allclose(v, tsd[k], atol=1e-5), k
+
+
+def test_extract_low_rank_error_and_kohya(tmp_path: Path) -> None:
+    tiny_bert_pair(tmp_path)
+    out = run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o",
+              str(tmp_path / "k.safetensors"), "--rank", "3", "--format", "kohya", "--svd", "exact")
+    q = [x for x in out["layers"] if x["module"].endswith("query")][0]
+    assert q["rel_error"] < 1e-5  # the query delta has rank 3
+    res = runner.invoke(app, ["inspect", str(tmp_path / "k.safetensors"), "--json"])
+    assert json.loads(res.stdout)["kind"] == "kohya"
+
+
+def test_extract_identical_models_is_an_error(tmp_path: Path) -> None:
+    tiny_bert_pair(tmp_path)
+    res = runner.invoke(app, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"),
+                              "-o", str(tmp_path / "x"), "--rank", "2"])
+    assert res.exit_code == 1 and "no weight differs between base and tuned model" in res.stderr
+    assert not (tmp_path / "x").exists()

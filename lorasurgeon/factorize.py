@@ -9,7 +9,6 @@ The output is the factorized format of GUIDE §3: ``P.weight`` becomes ``P.weigh
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,14 +18,7 @@ import torch
 
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
-from lorasurgeon.io.writer import (
-    METADATA_KEY,
-    TensorSpec,
-    atomic_path,
-    check_output,
-    provenance,
-    write_safetensors,
-)
+from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
 from lorasurgeon.nn.targeting import matches, module_of, select
 from lorasurgeon.ops import ranks, svd
@@ -281,7 +273,7 @@ def _factorize(
         meta[METADATA_KEY] = provenance(
             "factorize", options, [inp], extra={"format": "factorized", "layers": dict(sorted(layers_meta.items()))}
         )
-        _write_output(ck, inp, Path(out), specs, stream(), meta, force)
+        write_like_input(ck, inp, Path(out), specs, stream(), meta, force)
     result.layers = [reports[c.module] for c in cands]
     _totals(result, cands)
     return result
@@ -361,30 +353,6 @@ def factorize_weight(
     return u, v, rep
 
 
-def _write_output(
-    ck: Checkpoint, inp: Path, out: Path, specs: list[TensorSpec],
-    tensors: Iterator[tuple[str, torch.Tensor]], meta: dict[str, Any], force: bool,
-) -> None:
-    """A file in gives a file out; a model folder in gives a model folder out (other files copied)."""
-    if not inp.is_dir():
-        write_safetensors(out, specs, tensors, meta, force=force)
-        return
-    weights = {f.resolve() for f in ck.files}
-    if ck.weights_file is not None:
-        weights.add(ck.weights_file.resolve())
-    with atomic_path(out, force, directory=True) as tmp:
-        for f in sorted(inp.rglob("*")):
-            rel = f.relative_to(inp)
-            if f.resolve() in weights or f.name.endswith(".index.json") or any(p.startswith(".") for p in rel.parts):
-                continue
-            if f.is_dir():
-                (tmp / rel).mkdir(parents=True, exist_ok=True)
-            elif f.is_file():
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, tmp / rel)
-        write_safetensors(tmp / "model.safetensors", specs, tensors, meta)
-
-
 # --------------------------------------------------------------------------- densify
 @dataclass
 class DensifyResult:
@@ -440,7 +408,7 @@ def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,
 
         meta = {k: v for k, v in ck.metadata.items() if k != METADATA_KEY}
         meta[METADATA_KEY] = provenance("densify", {}, [inp], extra={"format": "dense"})
-        _write_output(ck, inp, Path(out), specs, stream(), meta, force)
+        write_like_input(ck, inp, Path(out), specs, stream(), meta, force)
         before = ck.total_params
     after = sum(_numel(s.shape) for s in specs)
     return DensifyResult("lorasurgeon.densify/1", str(inp), str(out), len(layers), before, after)

@@ -12,7 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from lorasurgeon.cli.app import app
-from lorasurgeon.factorize import factorize_checkpoint, factorize_weight
+from lorasurgeon.factorize import factorize_weight
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import LowRankConv2d, apply_factorization, load_factorized
 from lorasurgeon.ops import ranks

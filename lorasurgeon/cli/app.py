@@ -35,11 +35,13 @@ def root(
 
 
 def _register() -> None:
-    from lorasurgeon.cli import factorize_cmd, inspect_cmd, resize_cmd
+    from lorasurgeon.cli import convert_cmd, factorize_cmd, inspect_cmd, merge_cmd, resize_cmd
 
     inspect_cmd.register(app)
     factorize_cmd.register(app)
     resize_cmd.register(app)
+    merge_cmd.register(app)
+    convert_cmd.register(app)
 
 
 _register()

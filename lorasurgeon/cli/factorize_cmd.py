@@ -10,9 +10,23 @@ import typer
 from rich.table import Table
 
 from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, InputPath, JsonOpt, QuietOpt
-from lorasurgeon.cli.output import handle_errors, human_bytes, human_count, log, print_json, progress, stdout_console
-from lorasurgeon.factorize import DensifyResult, FactorizeResult, densify_checkpoint, factorize_checkpoint, make_rule
+from lorasurgeon.cli.output import (
+    handle_errors,
+    human_bytes,
+    human_count,
+    log,
+    print_json,
+    progress,
+    stdout_console,
+)
 from lorasurgeon.errors import InvalidOptionError
+from lorasurgeon.factorize import (
+    DensifyResult,
+    FactorizeResult,
+    densify_checkpoint,
+    factorize_checkpoint,
+    make_rule,
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,15 @@ import typer
 from rich.table import Table
 
 from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, InputPath, JsonOpt, QuietOpt
-from lorasurgeon.cli.output import handle_errors, human_bytes, human_count, log, print_json, progress, stdout_console
+from lorasurgeon.cli.output import (
+    handle_errors,
+    human_bytes,
+    human_count,
+    log,
+    print_json,
+    progress,
+    stdout_console,
+)
 from lorasurgeon.inspection import InspectResult, inspect_checkpoint, plot_spectra
 
 

@@ -220,7 +220,7 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
     fifo = bool(config.get("fan_in_fan_out", False))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
-    rx = re.compile(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.([^.]+))?(?:\.(weight|bias))?$")
+    rx = re.compile(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.(?!weight$|bias$)([^.]+))?(?:\.(weight|bias))?$")
     for key, t in state.items():
         m = rx.match(key)
         if not m or (".lora_embedding_" in key):
@@ -366,9 +366,10 @@ def _strip_kohya_prefix(stem: str) -> str:
     return stem
 
 
-def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, list[str]]:
+def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, list[str], dict[str, str]]:
     """Map kohya stems back to the base model's module names (``.`` → ``_`` is lossy, so the
-    base's names are enumerated). Returns the renamed adapter and the stems that matched nothing.
+    base's names are enumerated). Returns the renamed adapter, the stems that matched nothing,
+    and the renames (stem → module name).
 
     Raises:
         FormatError: a stem maps to several base modules (the candidates are named).
@@ -378,6 +379,7 @@ def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, 
         by_key.setdefault(m.replace(".", "_"), []).append(m)
     targets: dict[str, LoraTarget] = {}
     unmatched: list[str] = []
+    renames: dict[str, str] = {}
     for stem, t in ad.targets.items():
         if "." in stem:  # already a module name
             targets[stem] = t
@@ -389,10 +391,10 @@ def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, 
             unmatched.append(stem)
             targets[stem] = t
             continue
-        t2 = LoraTarget(cands[0], t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
-        targets[cands[0]] = t2
+        targets[cands[0]] = LoraTarget(cands[0], t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
+        renames[stem] = cands[0]
     return Adapter(ad.format, dict(sorted(targets.items())), ad.modules_to_save, ad.metadata, ad.config,
-                   ad.use_rslora, ad.source), unmatched
+                   ad.use_rslora, ad.source), unmatched, renames
 
 
 # --------------------------------------------------------------------------- writing

@@ -191,7 +191,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         entries[name] = _StEntry(path, data_start + b, nbytes)
         spans.append((b, e, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise FormatError(f"tensors {n0!r} and {n1!r} overlap in the data section", path)
     return infos, entries, dict(meta_raw)

@@ -29,7 +29,7 @@ import torch
 
 from lorasurgeon._version import __version__
 from lorasurgeon.errors import OutputExistsError, WriteError
-from lorasurgeon.io.checkpoint import dtype_name
+from lorasurgeon.io.checkpoint import Checkpoint, dtype_name
 
 METADATA_KEY = "lorasurgeon"
 FORMAT_VERSION = 1
@@ -402,3 +402,27 @@ def save_state_dict(
     return write_safetensors(
         path, specs, iter(state.items()), metadata, force=force, max_shard_bytes=max_shard_bytes
     )
+
+
+def write_like_input(
+    ck: Checkpoint, inp: Path, out: Path, specs: list[TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str, Any], force: bool,
+) -> None:
+    """A file in gives a file out; a model folder in gives a model folder out (other files copied)."""
+    if not inp.is_dir():
+        write_safetensors(out, specs, tensors, meta, force=force)
+        return
+    weights = {f.resolve() for f in ck.files}
+    if ck.weights_file is not None:
+        weights.add(ck.weights_file.resolve())
+    with atomic_path(out, force, directory=True) as tmp:
+        for f in sorted(inp.rglob("*")):
+            rel = f.relative_to(inp)
+            if f.resolve() in weights or f.name.endswith(".index.json") or any(p.startswith(".") for p in rel.parts):
+                continue
+            if f.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            elif f.is_file():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, tmp / rel)
+        write_safetensors(tmp / "model.safetensors", specs, tensors, meta)

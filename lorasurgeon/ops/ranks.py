@@ -194,10 +194,10 @@ def select_rank(S: torch.Tensor, rule: RankRule) -> int:
         else:
             curve = torch.cumsum(e, dim=0) / total
             k = int(torch.searchsorted(curve, torch.tensor([t - _ENERGY_EPS], dtype=curve.dtype)).item()) + 1
+    elif float(s[0]) <= KOHYA_MIN_SV:  # kohya's rank_resize: "Zero matrix, set dim to 1"
+        k = 1
     else:
         k = _kohya_index(s, rule.kind, t) + 1
-        if float(s[0]) <= KOHYA_MIN_SV:  # kohya: zero matrix, set dim to 1
-            k = 1
     if rule.max_rank is not None:
         k = min(k, rule.max_rank)
     return max(1, min(k, n))

@@ -1,0 +1,38 @@
+"""``lorasurgeon convert``: parse options, call ``convert_adapter``, render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorasurgeon.cli.options import ForceOpt, JsonOpt, QuietOpt
+from lorasurgeon.cli.output import handle_errors, log, print_json, stdout_console
+from lorasurgeon.convert import convert_adapter
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert_command)
+
+
+def convert_command(
+    adapter: Annotated[Path, typer.Argument(help="A PEFT folder or file, kohya/LoCon file, or diffusers LoRA file.")],
+    to: Annotated[str, typer.Option("--to", help="peft | kohya | diffusers.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output (a folder for peft, a .safetensors file otherwise).")],
+    base: Annotated[Path | None, typer.Option("--base", help="Base checkpoint: maps kohya's lossy names back to modules.")] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert an adapter between PEFT, kohya and diffusers layouts; every delta is checked first."""
+    with handle_errors(json_out):
+        r = convert_adapter(adapter, to, output, base=base, force=force)
+        log(f"wrote {output}", quiet)
+        if json_out:
+            print_json(r.to_json())
+        else:
+            stdout_console().print(
+                f"converted {r.targets} targets {r.from_format} -> {r.to_format}; "
+                f"largest delta difference {r.max_abs_delta_diff:.3g}"
+            )

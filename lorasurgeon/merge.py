@@ -1,0 +1,198 @@
+"""``merge``: fold LoRA adapters into base weights, streaming the base one tensor at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon.errors import InvalidOptionError, MatchError, UnsupportedError
+from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_kohya_names
+from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
+from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
+from lorasurgeon.nn.layers import factorized_layers
+from lorasurgeon.ops import lora
+
+SCHEMA = "lorasurgeon.merge/1"
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class MergeLayer:
+    module: str
+    shape: list[int]
+    adapters: list[int]  # indices of the adapters applied, in input order
+    update_norm: float  # ||W' − W||_F
+    relative_update: float  # ||W' − W||_F / ||W||_F
+
+
+@dataclass
+class MergeResult:
+    schema: str
+    base: str
+    adapters: list[str]
+    weights: list[float]
+    output: str | None
+    unmerge: bool
+    dry_run: bool
+    layers: list[MergeLayer]
+    replaced: list[str]  # modules_to_save tensors that replaced base tensors
+    added: list[str]  # modules_to_save tensors the base did not have
+    unmatched: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _candidates(name: str) -> list[str]:
+    """Names under which an adapter's module may appear in the base: as is; without a diffusers
+    component prefix; without the first part (an adapter made on BertForX merged into BertModel)."""
+    rest = name.partition(".")[2]
+    return [name, rest] if rest else [name]
+
+
+def _match(ad: Adapter, base_weights: set[str], base_all: set[str]) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Map each target to a base weight tensor and each saved tensor to a base tensor name."""
+    tmap: dict[str, str] = {}
+    unmatched: list[str] = []
+    for m in ad.targets:
+        hit = next((c + ".weight" for c in _candidates(m) if c + ".weight" in base_weights), None)
+        if hit is None:
+            unmatched.append(m)
+        else:
+            tmap[m] = hit
+    smap: dict[str, str] = {}
+    for n in ad.modules_to_save:
+        smap[n] = next((c for c in _candidates(n) if c in base_all), n)
+    return tmap, smap, unmatched
+
+
+def merge_adapters(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    out: str | Path | None,
+    *,
+    weights: Sequence[float] | None = None,
+    unmerge: bool = False,
+    allow_unmatched: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressFn | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> MergeResult:
+    """W' = W + Σ_i w_i s_i B_i A_i per targeted weight (fp32 accumulate, cast back once to the base
+    dtype); LoRA biases added; DoRA applied; modules_to_save replace (or add) base tensors.
+
+    Args:
+        base: checkpoint or model folder (a folder in gives a folder out).
+        adapters: PEFT, kohya/LoCon or diffusers LoRAs; kohya names are resolved against the base.
+        weights: one per adapter (default 1 each).
+        unmerge: subtract plain LoRA instead (DoRA and modules_to_save cannot be unmerged).
+        allow_unmatched: unmatched targets become a warning instead of an error.
+
+    Raises:
+        MatchError: targets that match no base weight, or whose shape differs (listed), nothing written.
+        UnsupportedError: DoRA weighting/unmerging/combining, LoHa/LoKr/OFT inputs, a factorized base.
+    """
+    if not adapters:
+        raise InvalidOptionError("give at least one adapter")
+    w = [1.0] * len(adapters) if not weights else [float(x) for x in weights]
+    if len(w) != len(adapters):
+        raise InvalidOptionError(f"give one --weight per adapter: {len(adapters)} adapters, {len(w)} weights")
+    if out is None and not dry_run:
+        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+    if out is not None and not dry_run:
+        check_output(out, force)
+    base = Path(base)
+    with Checkpoint.open(base) as ck:
+        if factorized_layers(ck.metadata):
+            raise UnsupportedError("the base is a factorized checkpoint; densify it first (factorize --densify)", base)
+        names = set(ck.names())
+        base_weights = {n for n in names if n.endswith(".weight")}
+        base_modules = sorted(n[: -len(".weight")] for n in base_weights)
+        per_weight: dict[str, list[tuple[LoraTarget, float, int]]] = {}
+        saved: dict[str, torch.Tensor] = {}
+        problems: list[str] = []
+        unmatched_all: list[str] = []
+        for i, (path, wi) in enumerate(zip(adapters, w)):
+            ad = read_adapter(path)
+            if ad.format == "kohya":
+                ad, _, _ = resolve_kohya_names(ad, base_modules)
+            if unmerge and ad.modules_to_save:
+                raise UnsupportedError("unmerging cannot restore tensors an adapter replaced (modules_to_save)", path)
+            tmap, smap, unmatched = _match(ad, base_weights, names)
+            unmatched_all += [f"{Path(path).name}: {m}" for m in unmatched]
+            for m, wname in tmap.items():
+                t = ad.targets[m]
+                bshape = ck.info(wname).shape
+                if tuple(t.delta_shape()) != tuple(bshape):
+                    problems.append(f"{m} (adapter {list(t.delta_shape())} vs base {list(bshape)})")
+                    continue
+                if t.bias is not None and wname[: -len(".weight")] + ".bias" not in names:
+                    problems.append(f"{m} (LoRA bias but the base layer has no bias)")
+                    continue
+                per_weight.setdefault(wname, []).append((t, wi, i))
+            for n, bn in smap.items():
+                if bn in names and tuple(ck.info(bn).shape) != tuple(ad.modules_to_save[n].shape):
+                    problems.append(f"{n} (saved {list(ad.modules_to_save[n].shape)} vs base {list(ck.info(bn).shape)})")
+                saved[bn] = ad.modules_to_save[n]
+        if problems:
+            raise MatchError(f"{len(problems)} adapter target(s) do not fit the base: " + "; ".join(problems[:10]), base)
+        if unmatched_all and not allow_unmatched:
+            raise MatchError(
+                f"{len(unmatched_all)} adapter target(s) match no base weight: " + ", ".join(unmatched_all[:10])
+                + ("" if len(unmatched_all) <= 10 else ", ...") + " (pass --allow-unmatched to skip them)", base)
+        if unmatched_all and warn:
+            warn(f"skipping {len(unmatched_all)} unmatched target(s): " + ", ".join(unmatched_all[:10]))
+        for parts in per_weight.values():  # DoRA rules, checked before anything is written
+            lora.check_dora([(t, wi) for t, wi, _ in parts], unmerge=unmerge)
+        bias_parts = {wn[: -len(".weight")] + ".bias": parts for wn, parts in per_weight.items()
+                      if any(t.bias is not None for t, _, _ in parts)}
+        added = sorted(n for n in saved if n not in names)
+        replaced = sorted(n for n in saved if n in names)
+        specs = [TensorSpec(n, ST_DTYPES[ck.info(n).dtype], ck.info(n).shape) for n in ck.names()]
+        specs += [TensorSpec(n, saved[n].dtype, tuple(saved[n].shape)) for n in added]
+        layers: list[MergeLayer] = []
+        result = MergeResult(SCHEMA, str(base), [str(a) for a in adapters], w, None if dry_run else str(out), unmerge,
+                             dry_run, layers, replaced, added, unmatched_all)
+        if dry_run:
+            for wn, parts in sorted(per_weight.items()):
+                layers.append(MergeLayer(wn[: -len(".weight")], list(ck.info(wn).shape), [i for _, _, i in parts],
+                                         float("nan"), float("nan")))
+            return result
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            todo = ck.names()
+            for j, n in enumerate(todo):
+                if progress:
+                    progress(j, len(todo), n)
+                if n in saved:
+                    yield n, saved[n].to(ST_DTYPES[ck.info(n).dtype])
+                    continue
+                t = ck.get(n)
+                if n in per_weight:
+                    parts = per_weight[n]
+                    new = lora.merge_weight(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge)
+                    upd = float((new.float() - t.float()).norm())
+                    base_norm = float(t.float().norm())
+                    layers.append(MergeLayer(n[: -len(".weight")], list(t.shape), [i for _, _, i in parts], upd,
+                                             upd / base_norm if base_norm > 0 else float("inf")))
+                    yield n, new
+                elif n in bias_parts:
+                    yield n, lora.merge_bias(t, [(p, wi) for p, wi, _ in bias_parts[n]], unmerge=unmerge)
+                else:
+                    yield n, t
+            for n in added:
+                yield n, saved[n]
+            if progress:
+                progress(len(todo), len(todo), "")
+
+        meta: dict[str, Any] = {k: v for k, v in ck.metadata.items() if k != METADATA_KEY}
+        opts = {"weights": w, "unmerge": unmerge, "allow_unmatched": allow_unmatched}
+        meta[METADATA_KEY] = provenance("merge", opts, [base, *adapters], extra={"format": "dense"})
+        write_like_input(ck, base, Path(out), specs, stream(), meta, force)
+    layers.sort(key=lambda x: x.module)
+    return result

@@ -1,0 +1,220 @@
+"""merge and convert, with peft itself as the reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from lorasurgeon.cli.app import app
+from lorasurgeon.io.adapters import read_adapter
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+def run(*args: str, code: int = 0) -> dict:
+    res = runner.invoke(app, [*args, "--json", "--quiet"])
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    return json.loads(res.stdout) if res.stdout.strip() else {}
+
+
+def fail(*args: str, code: int = 1) -> str:
+    res = runner.invoke(app, list(args))
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    return res.stderr.strip()
+
+
+def bert_cfg(**kw):
+    return transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=24, max_position_embeddings=16, **kw)
+
+
+def make_base(tmp_path: Path, cls=None, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    model = (cls or transformers.BertModel)(bert_cfg(**kw)).eval()
+    model.save_pretrained(tmp_path / "base")
+    return model
+
+
+def fresh(tmp_path: Path, cls=None, **kw) -> nn.Module:
+    return (cls or transformers.BertModel).from_pretrained(tmp_path / "base").eval()
+
+
+def make_adapter(tmp_path: Path, name: str, seed: int, cls=None, **cfg) -> Path:
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(fresh(tmp_path, cls), peft.LoraConfig(init_lora_weights=False, **cfg))
+    pm.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def peft_merged(tmp_path: Path, adapter: Path, cls=None) -> dict[str, torch.Tensor]:
+    return peft.PeftModel.from_pretrained(fresh(tmp_path, cls), str(adapter)).merge_and_unload().state_dict()
+
+
+def assert_state_close(ours: Path, ref: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    got = load_file(ours / "model.safetensors")
+    for k, v in ref.items():
+        if k in got:
+            assert torch.allclose(got[k], v, atol=atol), (k, (got[k] - v).abs().max())
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]),
+        dict(r=4, lora_alpha=8, target_modules=["query", "key", "dense"], rank_pattern={"key": 2},
+             alpha_pattern={"dense": 3}, use_rslora=True),
+        dict(r=3, lora_alpha=6, target_modules=["query", "dense"], lora_bias=True),
+        dict(r=4, lora_alpha=4, target_modules=["query", "value"], use_dora=True),
+    ],
+    ids=["plain", "patterns-rslora", "lora-bias", "dora"],
+)
+def test_merge_equals_peft(tmp_path: Path, cfg: dict) -> None:
+    make_base(tmp_path)
+    ad = make_adapter(tmp_path, "ad", 1, **cfg)
+    out = run("merge", str(tmp_path / "base"), str(ad), "-o", str(tmp_path / "m"))
+    assert out["layers"] and all(x["relative_update"] > 0 for x in out["layers"])
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert_state_close(tmp_path / "m", peft_merged(tmp_path, ad))
+
+
+def test_weighted_merge_of_two_and_unmerge(tmp_path: Path) -> None:
+    base = make_base(tmp_path)
+    a1 = make_adapter(tmp_path, "a1", 1, r=4, lora_alpha=8, target_modules=["query", "value"])
+    a2 = make_adapter(tmp_path, "a2", 2, r=2, lora_alpha=2, target_modules=["query", "dense"], use_rslora=True)
+    run("merge", str(tmp_path / "base"), str(a1), str(a2), "-w", "0.5", "-w", "-2", "-o", str(tmp_path / "m"))
+    b = base.state_dict()
+    d1 = {k: v - b[k] for k, v in peft_merged(tmp_path, a1).items()}
+    d2 = {k: v - b[k] for k, v in peft_merged(tmp_path, a2).items()}
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    for k in got:
+        assert torch.allclose(got[k], b[k] + 0.5 * d1[k] - 2 * d2[k], atol=1e-6), k
+    run("merge", str(tmp_path / "m"), str(a1), str(a2), "-w", "0.5", "-w", "-2", "--unmerge", "-o", str(tmp_path / "u"))
+    back = load_file(tmp_path / "u" / "model.safetensors")
+    for k in back:
+        assert torch.allclose(back[k], b[k], atol=1e-6), k
+
+
+def test_merge_bf16_base_casts_once(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 24, generator=g).to(torch.bfloat16)
+    save_file({"l.weight": W}, tmp_path / "b.safetensors")
+    A, B = torch.randn(4, 24, generator=g), torch.randn(32, 4, generator=g)
+    (tmp_path / "ad").mkdir()
+    save_file({"base_model.model.l.lora_A.weight": A, "base_model.model.l.lora_B.weight": B}, tmp_path / "ad" / "adapter_model.safetensors")
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 2}))
+    run("merge", str(tmp_path / "b.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "o.safetensors"))
+    got = load_file(tmp_path / "o.safetensors")["l.weight"]
+    ref = (W.double() + 0.5 * B.double() @ A.double()).to(torch.bfloat16)  # one rounding, from exact
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def test_conv_adapters_equal_peft(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = ConvNet()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "net.safetensors")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c1", "c2"], init_lora_weights=False))
+    pm.base_model.model.load_state_dict(net.state_dict(), strict=False)
+    for n, p in pm.named_parameters():
+        if "base_layer" in n:
+            p.data.copy_(net.state_dict()[n.replace("base_model.model.", "").replace("base_layer.", "")])
+    pm.save_pretrained(tmp_path / "ad")
+    ref = pm.merge_and_unload().state_dict()
+    run("merge", str(tmp_path / "net.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "o.safetensors"))
+    got = load_file(tmp_path / "o.safetensors")
+    for k in ("c1.weight", "c2.weight"):
+        assert torch.allclose(got[k], ref[k], atol=1e-6)
+
+
+def test_modules_to_save_replace_base(tmp_path: Path) -> None:
+    cls = transformers.BertForSequenceClassification
+    make_base(tmp_path, cls, num_labels=3)
+    ad = make_adapter(tmp_path, "ad", 1, cls, r=2, target_modules=["query"], modules_to_save=["classifier"])
+    # change the saved classifier so the replacement is visible
+    sd = load_file(ad / "adapter_model.safetensors")
+    sd["base_model.model.classifier.weight"] = sd["base_model.model.classifier.weight"] + 1
+    save_file(sd, ad / "adapter_model.safetensors")
+    out = run("merge", str(tmp_path / "base"), str(ad), "-o", str(tmp_path / "m"))
+    assert out["replaced"] == ["classifier.bias", "classifier.weight"]
+    assert_state_close(tmp_path / "m", peft_merged(tmp_path, ad, cls))
+
+
+def test_kohya_round_trip_and_merge(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    ad = make_adapter(tmp_path, "ad", 1, r=4, lora_alpha=8, target_modules=["query", "dense"], rank_pattern={"dense": 2})
+    run("convert", str(ad), "--to", "kohya", "-o", str(tmp_path / "k.safetensors"))
+    assert fail("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "-o", str(tmp_path / "p")).endswith(
+        "kohya names are lossy ('.' became '_'); pass --base to map them to module names")
+    run("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", str(tmp_path / "base"), "-o", str(tmp_path / "p"))
+    a, b = read_adapter(ad), read_adapter(tmp_path / "p")
+    assert set(a.targets) == set(b.targets)
+    for m in a.targets:
+        da = a.targets[m].scale * a.targets[m].B @ a.targets[m].A
+        db = b.targets[m].scale * b.targets[m].B @ b.targets[m].A
+        assert torch.allclose(da, db, atol=1e-7)
+    run("merge", str(tmp_path / "base"), str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "mk"))
+    assert_state_close(tmp_path / "mk", peft_merged(tmp_path, ad))
+    # our PEFT output loads in peft and merges to the same weights
+    assert_state_close(tmp_path / "mk", peft_merged(tmp_path, tmp_path / "p"))
+
+
+def test_diffusers_round_trip(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    ad = make_adapter(tmp_path, "ad", 3, r=2, lora_alpha=3, target_modules=["value"], use_rslora=True)
+    run("convert", str(ad), "--to", "diffusers", "-o", str(tmp_path / "d.safetensors"))
+    assert run("inspect", str(tmp_path / "d.safetensors"))["kind"] == "diffusers"
+    out = run("convert", str(tmp_path / "d.safetensors"), "--to", "peft", "-o", str(tmp_path / "p"))
+    assert out["max_abs_delta_diff"] < 1e-6
+    run("merge", str(tmp_path / "base"), str(tmp_path / "p"), "-o", str(tmp_path / "m"))
+    assert_state_close(tmp_path / "m", peft_merged(tmp_path, ad))
+
+
+def test_ambiguous_kohya_name(tmp_path: Path) -> None:
+    save_file({"a.b_c.weight": torch.zeros(4, 4), "a_b.c.weight": torch.zeros(4, 4)}, tmp_path / "b.safetensors")
+    save_file({"lora_unet_a_b_c.lora_down.weight": torch.ones(1, 4), "lora_unet_a_b_c.lora_up.weight": torch.ones(4, 1)},
+              tmp_path / "k.safetensors")
+    msg = fail("merge", str(tmp_path / "b.safetensors"), str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "o.safetensors"))
+    assert msg.endswith("kohya name 'lora_unet_a_b_c' is ambiguous: it fits a.b_c, a_b.c")
+
+
+def test_merge_errors_write_nothing(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    ad = make_adapter(tmp_path, "ad", 1, r=2, target_modules=["query"])
+    dora = make_adapter(tmp_path, "dora", 1, r=2, target_modules=["query"], use_dora=True)
+    other = tmp_path / "other.safetensors"
+    save_file({"x.weight": torch.zeros(3, 3)}, other)
+    out = str(tmp_path / "o")
+    assert "adapter target(s) match no base weight" in fail("merge", str(other), str(ad), "-o", out)
+    assert "give one --weight per adapter: 1 adapters, 2 weights" in fail("merge", str(tmp_path / "base"), str(ad), "-w", "1", "-w", "2", "-o", out)
+    assert "weighting a DoRA adapter is ill-posed" in fail("merge", str(tmp_path / "base"), str(dora), "-w", "0.5", "-o", out)
+    assert "unmerging DoRA is ill-posed" in fail("merge", str(tmp_path / "base"), str(dora), "--unmerge", "-o", out)
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_q.hada_w1_a": torch.zeros(2, 2)}, loha)
+    assert "LoHa (LyCORIS) adapter: only LoRA (and LoCon) layouts are supported" in fail("merge", str(tmp_path / "base"), str(loha), "-o", out)
+    # shape mismatch: an adapter for a wider model
+    sd = load_file(ad / "adapter_model.safetensors")
+    sd = {k: torch.cat([v, v], dim=1) if "lora_A" in k else v for k, v in sd.items()}
+    save_file(sd, ad / "adapter_model.safetensors")
+    assert "do not fit the base" in fail("merge", str(tmp_path / "base"), str(ad), "-o", out)
+    assert not Path(out).exists()
+    res = run("merge", str(other), str(tmp_path / "dora"), "--allow-unmatched", "-o", str(tmp_path / "ok.safetensors"))
+    assert res["unmatched"]

@@ -40,6 +40,9 @@ def _register() -> None:
     inspect_cmd.register(app)
     factorize_cmd.register(app)
     resize_cmd.register(app)
+    from lorasurgeon.cli import compose_cmd
+
+    compose_cmd.register(app)
     merge_cmd.register(app)
     convert_cmd.register(app)
 

@@ -305,6 +305,13 @@ def ties_merge(trimmed: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     return disjoint_mean(weighted, agree)
 
 
+def ties_dense(deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
+    """Full TIES on dense task deltas: trim each to its top-``density`` fraction by |x|, then
+    :func:`ties_merge` (elect on the unweighted trimmed tensors, weighted disjoint mean)."""
+    d = _check_density(density)
+    return ties_merge([magnitude_prune(t, d) for t in deltas], weights)
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Σ w_i t_i, a new tensor."""
     out = torch.zeros_like(tensors[0])

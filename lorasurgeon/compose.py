@@ -1,0 +1,301 @@
+"""``compose``: combine several LoRA adapters into one, by a registered method (ops/compose.py)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
+from lorasurgeon.io.adapters import KOHYA_PREFIXES, Adapter, LoraTarget, read_adapter, write_adapter
+from lorasurgeon.io.writer import check_output, provenance
+from lorasurgeon.ops import compose as ops
+from lorasurgeon.ops.svd import as_matrix
+
+ProgressFn = Callable[[int, int, str], None]
+FORMATS = ("peft", "kohya", "diffusers")
+SCHEMA = "lorasurgeon.compose/1"
+
+
+@dataclass
+class ComposeLayer:
+    """One composed target.
+
+    Attributes:
+        module: the module name.
+        shape: the base weight's shape the delta applies to.
+        rank: the output rank.
+        sources: how many input adapters target this module.
+        rel_error: see ``ops.compose.Composed.rel_error`` (0 for cat; truncation error for svd and
+            the recompressing methods; deviation from the weighted sum for peft_linear).
+    """
+
+    module: str
+    shape: list[int]
+    rank: int
+    sources: int
+    rel_error: float
+
+
+@dataclass
+class ComposeResult:
+    schema: str
+    inputs: list[str]
+    output: str | None
+    format: str
+    method: str
+    exact: bool
+    weights: list[float]
+    rank: int | None
+    density: float | None
+    seed: int | None
+    dry_run: bool
+    layers: list[ComposeLayer]
+    modules_to_save: list[str]
+    averaged: list[str]
+    totals: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_options(
+    method: ops.ComposeMethod, n: int, weights: Sequence[float] | None, rank: int | None, density: float | None
+) -> list[float]:
+    if n < 1:
+        raise InvalidOptionError("give at least one adapter to compose")
+    w = [1.0] * n if not weights else [float(x) for x in weights]
+    if len(w) != n:
+        raise InvalidOptionError(
+            f"{len(w)} --weight value(s) for {n} adapters: give one --weight per adapter, in order, or none (1 each)"
+        )
+    if not all(math.isfinite(x) for x in w):
+        raise InvalidOptionError(f"weights must be finite numbers, got {w}")
+    if rank is not None:
+        if not method.uses_rank:
+            raise InvalidOptionError(
+                f"--rank does not apply to --method {method.name} (its rank is fixed by the inputs); "
+                "use --method svd to recompress the exact sum to a rank"
+            )
+        if rank < 1:
+            raise InvalidOptionError(f"--rank must be at least 1, got {rank}")
+    if method.uses_density:
+        if density is None:
+            raise InvalidOptionError(f"--method {method.name} needs --density D (0 < D <= 1, the fraction of entries kept)")
+        if not (0.0 < float(density) <= 1.0):
+            raise InvalidOptionError(f"--density must satisfy 0 < D <= 1, got {density}")
+    elif density is not None:
+        users = [m.name for m in ops.COMPOSE_METHODS.values() if m.uses_density]
+        raise InvalidOptionError(f"--density applies only to --method {', '.join(users)}, not {method.name}")
+    return w
+
+
+def _is_kohya_stem(name: str) -> bool:
+    return "." not in name and name.startswith(KOHYA_PREFIXES)
+
+
+def _check_naming(adapters: Sequence[Adapter], paths: Sequence[str | Path]) -> None:
+    """Refuse mixing kohya stems (whose module names need the base model to recover) with dotted
+    module names: the union would hold the same layer twice under two names."""
+    kinds = {p: all(_is_kohya_stem(m) for m in ad.targets) for ad, p in zip(adapters, paths, strict=True)}
+    if len(set(kinds.values())) > 1:
+        stems = next(p for p, k in kinds.items() if k)
+        raise UnsupportedError(
+            "cannot compose a kohya file (module names are lossy underscored stems) with adapters named by "
+            "module path; convert all inputs to one layout first", stems,
+        )
+
+
+def _layer_tasks(
+    module: str, present: list[tuple[int, LoraTarget]], weights: Sequence[float], paths: Sequence[str | Path]
+) -> list[ops.Task]:
+    """Check that every adapter targeting ``module`` agrees on its shapes; the tasks as matrices."""
+    i0, t0 = present[0]
+    for i, t in present[1:]:
+        if t.A.shape[1:] != t0.A.shape[1:] or t.B.shape[0] != t0.B.shape[0] or t.B.shape[2:] != t0.B.shape[2:]:
+            raise FormatError(
+                f"module {module!r}: delta shape {list(t.delta_shape())} differs from {list(t0.delta_shape())} "
+                f"in {Path(paths[i0]).name}; these adapters are for different models", paths[i],
+            )
+        if t.fan_in_fan_out != t0.fan_in_fan_out:
+            raise FormatError(f"module {module!r}: fan_in_fan_out differs from {Path(paths[i0]).name}", paths[i])
+    return [ops.Task(as_matrix(t.B), as_matrix(t.A), float(t.scale), float(weights[i])) for i, t in present]
+
+
+def _out_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt if dt.is_floating_point else torch.float32
+
+
+def _compose_bias(present: list[tuple[int, LoraTarget]], weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor | None:
+    """LoRA bias (PEFT lora_bias): PEFT adds bias · scale, so at output scale 1 the composed bias is
+    Σ w_i s_i bias_i (an adapter without one adds nothing). Never pruned: it is not low-rank."""
+    with_bias = [(i, t) for i, t in present if t.bias is not None]
+    if not with_bias:
+        return None
+    acc = torch.zeros(with_bias[0][1].bias.shape, dtype=torch.float64)  # type: ignore[union-attr]
+    for i, t in with_bias:
+        acc += float(weights[i]) * float(t.scale) * t.bias.double()  # type: ignore[union-attr]
+    return acc.to(dtype)
+
+
+def _compose_saved(
+    adapters: Sequence[Adapter], weights: Sequence[float], paths: Sequence[str | Path]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """modules_to_save: the union. A tensor saved by one adapter, or identically by several, is kept
+    as is. Different copies of one tensor are full weights (heads, embeddings), not deltas, so a
+    weighted SUM would scale them; the one combination that keeps their magnitude is the weighted
+    average Σ w_i T_i / Σ w_i (a "model soup"), over the adapters that save it. We take it and report
+    the tensor as averaged (PEFT's add_weighted_adapter refuses this case outright).
+
+    Raises:
+        InvalidOptionError: the weights of the adapters saving a differing tensor sum to 0.
+        UnsupportedError: differing copies of a non-float tensor.
+    """
+    holders: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for i, ad in enumerate(adapters):
+        for name, t in ad.modules_to_save.items():
+            holders.setdefault(name, []).append((i, t))
+    saved: dict[str, torch.Tensor] = {}
+    averaged: list[str] = []
+    for name in sorted(holders):
+        copies = holders[name]
+        first = copies[0][1]
+        if all(c.shape == first.shape and c.dtype == first.dtype and torch.equal(c, first) for _, c in copies[1:]):
+            saved[name] = first
+            continue
+        if any(c.shape != first.shape for _, c in copies):
+            raise FormatError(f"modules_to_save tensor {name!r} has different shapes across adapters", paths[copies[1][0]])
+        if not all(c.dtype.is_floating_point for _, c in copies):
+            raise UnsupportedError(f"modules_to_save tensor {name!r} differs across adapters and is not float; cannot average it",
+                                   paths[copies[1][0]])
+        wsum = sum(float(weights[i]) for i, _ in copies)
+        if wsum == 0:
+            raise InvalidOptionError(
+                f"modules_to_save tensor {name!r} differs across adapters and is averaged with their weights, "
+                "which sum to 0 there; change the weights"
+            )
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for i, c in copies:
+            acc += float(weights[i]) * c.double()
+        saved[name] = (acc / wsum).to(_out_dtype([c for _, c in copies]))
+        averaged.append(name)
+    return saved, averaged
+
+
+def compose_adapters(
+    inputs: Sequence[str | Path], out: str | Path | None, method: str, *, weights: Sequence[float] | None = None,
+    rank: int | None = None, density: float | None = None, seed: int = 0, fmt: str = "peft", fp64: bool = False,
+    force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
+) -> ComposeResult:
+    """Compose LoRA adapters into one adapter at scale 1 (see ``ops.compose`` for the methods).
+
+    Each input's ranks, alphas, rslora and rank/alpha patterns are folded into the factors through
+    each target's own scale; targets are unioned (an adapter that lacks a target contributes nothing
+    there). Output targets have scale 1 (non-rslora, alpha = rank, stated per target by
+    ``write_adapter``). LoRA biases: Σ w_i s_i bias_i. modules_to_save: see ``_compose_saved``.
+    Layers are composed one at a time (dense deltas only for the delta-based methods).
+
+    Args:
+        inputs: adapter paths (PEFT folders or files, kohya, diffusers), in ``weights`` order.
+        out: output path (a folder for PEFT); None only with ``dry_run``.
+        method: a registered method name (``ops.compose.method_names()``).
+        weights: one per input (default 1 each).
+        rank: target rank of recompressing methods (default: the largest input rank per layer).
+        density: fraction kept by ties / dare_* / magnitude_prune (required there).
+        seed: DARE's seed (per layer: sha256 of seed and module name).
+        fmt: output layout, peft | kohya | diffusers.
+        fp64: compute in fp64.
+
+    Returns:
+        The ComposeResult (also for ``dry_run``, which computes everything and writes nothing).
+
+    Raises:
+        InvalidOptionError: unknown method, weight count mismatch, --rank/--density misuse, bad format,
+            peft_linear on unequal ranks.
+        UnsupportedError: a DoRA input (composing DoRA is ill-posed), kohya stems mixed with module paths.
+        FormatError: the adapters disagree on a module's shape.
+        OutputExistsError: the output exists and not ``force``.
+    """
+    m = ops.get_method(method)
+    w = _check_options(m, len(inputs), weights, rank, density)
+    if fmt not in FORMATS:
+        raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if out is None and not dry_run:
+        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+    if out is not None and not dry_run:
+        check_output(out, force)
+    adapters = [read_adapter(p) for p in inputs]
+    for ad, p in zip(adapters, inputs, strict=True):
+        dora = sorted(n for n, t in ad.targets.items() if t.magnitude is not None)
+        if dora:
+            raise UnsupportedError(
+                f"composing DoRA is ill-posed: its magnitude renormalises W+ΔW per row, so adapters do not add "
+                f"(module {dora[0]!r}); merge each into the base model instead", p,
+            )
+    _check_naming(adapters, inputs)
+    modules = sorted({name for ad in adapters for name in ad.targets})
+    targets: dict[str, LoraTarget] = {}
+    layers: list[ComposeLayer] = []
+    for li, mod in enumerate(modules):
+        if progress:
+            progress(li, len(modules), mod)
+        present = [(i, ad.targets[mod]) for i, ad in enumerate(adapters) if mod in ad.targets]
+        tasks = _layer_tasks(mod, present, w, inputs)
+        c = m.fn(tasks, ops.LayerOptions(rank=rank, density=density, seed=seed, module=mod, fp64=fp64))
+        t0 = present[0][1]
+        dt = _out_dtype([x for _, t in present for x in (t.A, t.B)])
+        k = c.rank
+        A = c.A.to(dt).reshape(k, *t0.A.shape[1:]).contiguous()
+        B = c.B.to(dt).reshape(t0.B.shape[0], k, *t0.B.shape[2:]).contiguous()
+        bias = _compose_bias(present, w, dt)
+        targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
+        layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
+    if progress:
+        progress(len(modules), len(modules), "")
+    saved, averaged = _compose_saved(adapters, w, inputs)
+    warnings: list[str] = []
+    if m.name == "peft_linear" and len(adapters) > 1:
+        worst = max((x.rel_error for x in layers), default=0.0)
+        warnings.append(
+            "peft_linear is PEFT's factor-wise 'linear' combination, not the weighted sum: its product adds "
+            f"cross terms B_i·A_j (peft#3004); largest relative deviation from the weighted sum {worst:.3g}; "
+            "use --method cat or svd for the exact result"
+        )
+    if averaged:
+        warnings.append(
+            f"{len(averaged)} modules_to_save tensor(s) differ across adapters and were averaged with the "
+            f"normalised weights: {', '.join(averaged[:5])}{' ...' if len(averaged) > 5 else ''}"
+        )
+    ranks = [x.rank for x in layers]
+    totals = {
+        "layers": len(layers),
+        "params": sum(t.A.numel() + t.B.numel() for t in targets.values()),
+        "input_params": sum(t.A.numel() + t.B.numel() for ad in adapters for t in ad.targets.values()),
+        "rank_min": min(ranks, default=0),
+        "rank_max": max(ranks, default=0),
+        "max_rel_error": max((x.rel_error for x in layers), default=0.0),
+    }
+    result = ComposeResult(
+        SCHEMA, [str(p) for p in inputs], None if dry_run else str(out), fmt, m.name, m.exact, w,
+        rank, density if m.uses_density else None, seed if m.uses_seed else None, dry_run, layers,
+        sorted(saved), averaged, totals, warnings,
+    )
+    if not dry_run:
+        first_cfg = next((ad.config for ad in adapters if ad.format == "peft" and ad.config), {})
+        config = {k: first_cfg.get(k) for k in ("task_type", "base_model_name_or_path") if first_cfg.get(k) is not None}
+        composed = Adapter(fmt, targets, saved, {}, config, False, None)
+        opts: dict[str, Any] = {"method": m.name, "weights": w, "rank": rank, "format": fmt, "fp64": fp64}
+        if m.uses_density:
+            opts["density"] = density
+        if m.uses_seed:
+            opts["seed"] = seed
+        write_adapter(composed, out, fmt, provenance_meta=provenance("compose", opts, inputs), force=force)  # type: ignore[arg-type]
+    return result

@@ -35,7 +35,7 @@ def root(
 
 
 def _register() -> None:
-    from lorasurgeon.cli import convert_cmd, factorize_cmd, inspect_cmd, merge_cmd, resize_cmd
+    from lorasurgeon.cli import convert_cmd, factorize_cmd, inspect_cmd, merge_cmd, resize_cmd, train_cmd
 
     inspect_cmd.register(app)
     factorize_cmd.register(app)
@@ -45,6 +45,7 @@ def _register() -> None:
     compose_cmd.register(app)
     merge_cmd.register(app)
     convert_cmd.register(app)
+    train_cmd.register(app)
 
 
 _register()

@@ -482,9 +482,10 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def write_adapter(ad: Adapter, out: str | Path, fmt: str, *, provenance_meta: dict[str, Any] | None = None,
-                  force: bool = False) -> Path:
-    """Write ``ad`` atomically: a PEFT folder (adapter_config.json + adapter_model.safetensors),
-    or a single kohya / diffusers ``.safetensors`` file. kohya ss_*/modelspec.* metadata is kept."""
+                  force: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``ad`` atomically: a PEFT folder (adapter_config.json + adapter_model.safetensors,
+    plus ``extra_files`` such as metrics.json), or a single kohya / diffusers ``.safetensors``
+    file. kohya ss_*/modelspec.* metadata is kept."""
     from lorasurgeon.io.writer import METADATA_KEY, atomic_path, save_state_dict, write_json_atomic
 
     state, config = adapter_state(ad, fmt)
@@ -499,6 +500,8 @@ def write_adapter(ad: Adapter, out: str | Path, fmt: str, *, provenance_meta: di
         with atomic_path(out, force, directory=True) as tmp:
             save_state_dict(tmp / "adapter_model.safetensors", state, meta)
             write_json_atomic(tmp / "adapter_config.json", config)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
         return Path(out)
     meta.update(config)
     return save_state_dict(out, state, meta, force=force)

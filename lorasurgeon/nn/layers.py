@@ -134,8 +134,52 @@ def load_factorized(model: nn.Module, checkpoint: Any) -> nn.Module:
     missing, unexpected = out.load_state_dict(state, strict=False)
     # Buffers a checkpoint may legitimately omit (e.g. position_ids) are tolerated; weights are not.
     missing = [m for m in missing if not m.endswith(("position_ids", "num_batches_tracked"))]
+    unexpected = [u for u in unexpected if not u.endswith(("position_ids", "num_batches_tracked"))]
     if missing or unexpected:
         raise FormatError(
             f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}", ck.path
         )
     return out
+
+
+# --------------------------------------------------------------------------- LoRA wrappers
+class LoRALinear(nn.Module):
+    """y = base(x) + s · B(A(dropout(x))), the base layer frozen and kept as ``base_layer``
+    (PEFT's layout: ``lora_A`` in→r, ``lora_B`` r→out, B initialised to zero)."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / (rank**0.5) if rslora else alpha / rank
+        kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **kw)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+class LoRAConv2d(nn.Module):
+    """Conv2d + s · (1×1 conv B)∘(k×k conv A), A with the base's stride/padding/dilation."""
+
+    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        super().__init__()
+        if base_layer.groups != 1:
+            raise FormatError(f"LoRA on a grouped conv (groups={base_layer.groups}) is not supported")
+        self.base_layer = base_layer
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / (rank**0.5) if rslora else alpha / rank
+        kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Conv2d(base_layer.in_channels, rank, base_layer.kernel_size, base_layer.stride,
+                                base_layer.padding, base_layer.dilation, bias=False, **kw)
+        self.lora_B = nn.Conv2d(rank, base_layer.out_channels, 1, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling

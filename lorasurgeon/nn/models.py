@@ -1,0 +1,187 @@
+"""Resolve a runnable model: a Hugging Face folder, ``--arch module:factory`` plus weights, or a
+factorized checkpoint or folder (rebuilt from its metadata, no flags)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
+from lorasurgeon.io.checkpoint import Checkpoint
+from lorasurgeon.nn.layers import apply_factorization, factorized_layers
+
+
+# Buffers that checkpoints may hold or omit depending on the library version that saved them.
+IGNORABLE = ("position_ids", "num_batches_tracked")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what is needed to feed it."""
+
+    model: nn.Module
+    kind: str  # "hf" (transformers) | "module" (--arch)
+    source: str
+    tokenizer: Any = None
+    config: dict[str, Any] | None = None
+    factorized: dict[str, Any] = field(default_factory=dict)
+    arch: str | None = None
+
+    @property
+    def has_head(self) -> bool:
+        """True when the model outputs class logits (a classifier) rather than embeddings."""
+        if self.kind == "module":
+            return True
+        return hasattr(self.model, "classifier") or hasattr(self.model, "score")
+
+
+def import_factory(arch: str) -> Any:
+    """``package.module:callable`` → the callable.
+
+    Raises:
+        InvalidOptionError: malformed, not importable, or not callable.
+    """
+    mod_name, sep, attr = arch.partition(":")
+    if not sep or not mod_name or not attr:
+        raise InvalidOptionError(f"--arch must look like 'package.module:factory', got {arch!r}")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InvalidOptionError(f"--arch {arch!r}: cannot import {mod_name!r} ({e})") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise InvalidOptionError(f"--arch {arch!r}: {attr!r} is not a callable in {mod_name!r}")
+    return fn
+
+
+def _call_factory(fn: Any, num_labels: int | None) -> nn.Module:
+    kwargs = {}
+    if num_labels is not None:
+        params = inspect.signature(fn).parameters
+        for name in ("num_classes", "num_labels"):
+            if name in params:
+                kwargs[name] = num_labels
+                break
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise InvalidOptionError(f"--arch factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> None:
+    state = {n: ck.get(n) for n in ck.names()}
+    target = model
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix) and not any(k.startswith(prefix + ".") for k in state):
+        target = getattr(model, prefix)  # a bare encoder's weights into a model with a head
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith(IGNORABLE)]
+    unexpected = [u for u in unexpected if not u.endswith(IGNORABLE)]
+    if target is not model or not strict_head:
+        missing = [m for m in missing if not m.startswith(("classifier", "score", "pooler"))]
+    if missing or unexpected:
+        raise FormatError(
+            f"weights do not fit the model: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})", ck.path)
+
+
+def load_model(
+    path: str | Path | None,
+    *,
+    arch: str | None = None,
+    num_labels: int | None = None,
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Build a runnable model in eval mode.
+
+    Args:
+        path: a Hugging Face model folder (dense or factorized), or the weights for ``arch``
+            (a checkpoint file or folder, dense or factorized); may be None with ``arch``.
+        arch: ``module:factory`` returning an nn.Module (given ``num_classes``/``num_labels``
+            when it accepts them).
+        num_labels: for a Hugging Face folder, add a sequence-classification head (new when the
+            folder has none; then it is untrained).
+        attn_implementation: transformers' attention ("eager" for ONNX export), default theirs.
+
+    Raises:
+        InputNotFoundError, FormatError, InvalidOptionError.
+    """
+    if arch is not None:
+        model = _call_factory(import_factory(arch), num_labels)
+        layers: dict[str, Any] = {}
+        if path is not None:
+            with Checkpoint.open(path) as ck:
+                layers = factorized_layers(ck.metadata)
+                if layers:
+                    model = apply_factorization(model, layers, copy_model=False)
+                _load_state(model, ck, strict_head=num_labels is None)
+        return LoadedModel(model.eval().to(device), "module", str(path), None, None, layers, arch)
+    if path is None:
+        raise InvalidOptionError("give a model folder, or --arch module:factory with weights")
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError("no such model folder", p)
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        raise InvalidOptionError("a checkpoint file needs --arch module:factory to build its model; a Hugging Face folder needs config.json", p)
+    try:
+        import transformers
+    except ImportError:
+        raise InvalidOptionError("Hugging Face folders need transformers: pip install 'lorasurgeon[hf]'") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config_dict = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    auto = transformers.AutoModelForSequenceClassification if num_labels is not None else transformers.AutoModel
+    with Checkpoint.open(p) as ck:
+        layers = factorized_layers(ck.metadata)
+        if layers or num_labels is not None:
+            # From the config, then our own strict load: works for dense and factorized folders,
+            # with or without a head already in the weights.
+            torch.manual_seed(0)  # a new head's initialisation must not depend on the caller's RNG
+            model = auto.from_config(config, **attn)
+            if layers:
+                prefix = getattr(model, "base_model_prefix", "")
+                keys_have_prefix = any(k.startswith(prefix + ".") for k in ck.names()) if prefix else True
+                if prefix and not keys_have_prefix and hasattr(model, prefix):
+                    setattr(model, prefix, apply_factorization(getattr(model, prefix), layers, copy_model=False))
+                else:
+                    model = apply_factorization(model, layers, copy_model=False)
+            _load_state(model, ck, strict_head=False)
+        else:
+            model = auto.from_pretrained(p, local_files_only=True, **attn)
+    tokenizer = None
+    if any((p / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
+    return LoadedModel(model.eval().to(device), "hf", str(p), tokenizer, config_dict, layers)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens, padding excluded (sentence-transformers' pooling)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def model_outputs(lm: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits for classifiers, mean-pooled embeddings for bare encoders."""
+    if lm.kind == "module":
+        return lm.model(inputs["x"])
+    out = lm.model(**inputs)
+    if hasattr(out, "logits"):
+        return out.logits
+    return mean_pool(out.last_hidden_state, inputs.get("attention_mask"))

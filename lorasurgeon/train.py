@@ -1,0 +1,232 @@
+"""One training loop for ``attach`` (LoRA fine-tuning) and ``distill`` (factorized student ← teacher).
+
+Deterministic for a seed on one machine: the shuffle order comes from a seeded generator, the
+global RNG (dropout, new heads) is seeded, and ``--resume`` restores both from the last epoch.
+Multi-process: under ``torchrun`` (WORLD_SIZE > 1) gradients are averaged across processes with
+``torch.distributed`` (gloo on CPU, nccl on CUDA); each process takes every world-th batch and
+rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorasurgeon.data import Dataset
+from lorasurgeon.errors import InvalidOptionError, WriteError
+from lorasurgeon.io.writer import atomic_path
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 32
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    seed: int = 0
+    val_split: float = 0.1
+    test_split: float = 0.0
+    max_length: int = 128
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for name, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum)):
+            if v < 1:
+                raise InvalidOptionError(f"{name} must be at least 1, got {v}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InvalidOptionError(f"--lr must be a positive number, got {self.lr:g}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_metric: float
+    samples_per_s: float
+
+
+@dataclass
+class FitResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    best_metric: float
+    metric_name: str
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidOptionError("--device cuda: no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise InvalidOptionError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return device
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def is_main_process() -> bool:
+    return _dist()[0] == 0
+
+
+def _to(inputs: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def fit(
+    model: nn.Module,
+    params: list[tuple[str, nn.Parameter]],
+    train: Dataset,
+    val: Dataset,
+    loss_fn: Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor],
+    evaluate: Callable[[Dataset], float],
+    opts: TrainOptions,
+    *,
+    metric_name: str = "accuracy",
+    progress: ProgressFn | None = None,
+    resume_file: Path | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """AdamW over ``params`` with gradient accumulation; validation after each epoch; the best
+    epoch's parameters (by ``evaluate``, higher is better) are loaded back at the end.
+
+    Args:
+        params: (name, parameter) pairs to train; everything else stays frozen.
+        loss_fn: loss of one batch (inputs on the device, labels or None).
+        resume_file: where the training state is saved after every epoch (atomically); with
+            ``resume`` an existing one is loaded and training continues after its epoch.
+    """
+    opts.validate()
+    rank, world = _dist()
+    torch.manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    trainable = [p for _, p in params]
+    opt = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+    history: list[EpochRecord] = []
+    best = (-math.inf, 0, {n: p.detach().clone() for n, p in params})
+    start_epoch = 0
+    if resume and resume_file is not None and resume_file.is_file():
+        st = torch.load(resume_file, map_location="cpu", weights_only=True)
+        by_name = dict(params)
+        for n, v in st["params"].items():
+            by_name[n].data.copy_(v)
+        opt.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["rng"])
+        gen.set_state(st["gen"])
+        history = [EpochRecord(**h) for h in st["history"]]
+        best = (st["best_metric"], st["best_epoch"], st["best_params"])
+        start_epoch = st["epoch"]
+    elif resume:
+        raise InvalidOptionError("--resume: no saved training state for this output", resume_file)
+    n_batches = math.ceil(len(train) / opts.batch_size)
+    total_steps = n_batches * opts.epochs
+    for epoch in range(start_epoch, opts.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        seen, loss_sum, loss_n = 0, 0.0, 0
+        opt.zero_grad(set_to_none=True)
+        per_rank = n_batches // world if world > 1 else n_batches  # equal step counts on every rank
+        j = -1
+        for b, (inputs, labels) in enumerate(train.batches(opts.batch_size, shuffle=True, generator=gen)):
+            if b % world != rank or b // world >= per_rank:
+                continue
+            j += 1
+            inputs = _to(inputs, opts.device)
+            labels = None if labels is None else labels.to(opts.device)
+            loss = loss_fn(inputs, labels)
+            (loss / opts.grad_accum).backward()
+            if (j + 1) % opts.grad_accum == 0 or j == per_rank - 1:
+                if world > 1:
+                    import torch.distributed as dist
+
+                    for p in trainable:
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= world
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            seen += next(iter(inputs.values())).shape[0]
+            loss_sum += float(loss.detach()) * next(iter(inputs.values())).shape[0]
+            loss_n += next(iter(inputs.values())).shape[0]
+            if progress:
+                sps = seen / max(time.perf_counter() - t0, 1e-9)
+                progress(epoch * n_batches + b + 1, total_steps, f"epoch {epoch + 1} loss {loss_sum / loss_n:.4f} {sps:.0f} samples/s")
+        model.eval()
+        metric = evaluate(val)
+        rec = EpochRecord(epoch + 1, round(loss_sum / max(loss_n, 1), 6), round(metric, 6),
+                          round(seen / max(time.perf_counter() - t0, 1e-9), 1))
+        history.append(rec)
+        if metric > best[0]:
+            best = (metric, epoch + 1, {n: p.detach().clone() for n, p in params})
+        if resume_file is not None and rank == 0:
+            state = {"epoch": epoch + 1, "params": {n: p.detach().clone() for n, p in params},
+                     "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "gen": gen.get_state(),
+                     "history": [asdict(h) for h in history], "best_metric": best[0], "best_epoch": best[1],
+                     "best_params": best[2]}
+            try:
+                with atomic_path(resume_file, force=True) as tmp:
+                    torch.save(state, tmp)
+            except OSError as e:
+                raise WriteError(f"cannot save the training state ({e})", resume_file) from e
+    by_name = dict(params)
+    for n, v in best[2].items():
+        by_name[n].data.copy_(v)
+    model.eval()
+    return FitResult(history, best[1], round(best[0], 6), metric_name, start_epoch)
+
+
+@torch.no_grad()
+def predict(fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], ds: Dataset, batch_size: int, device: str) -> torch.Tensor:
+    """Outputs of ``fn`` over a dataset, batch by batch, on the CPU."""
+    outs = [fn(_to(inputs, device)).float().cpu() for inputs, _ in ds.batches(batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if labels.numel() else float("nan")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. (2015): KL(softmax(t/T) ‖ softmax(s/T)) · T², batch mean."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean") * (t * t)
+
+
+def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement and KL(teacher ‖ student) for logits."""
+    return {
+        "top1_agreement": float((student.argmax(-1) == teacher.argmax(-1)).float().mean()),
+        "kl": float(F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")),
+    }
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())

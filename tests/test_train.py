@@ -1,0 +1,144 @@
+"""data, model resolution, attach (LoRA training, PEFT loading, determinism, resume), distill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from lorasurgeon.cli.app import app
+from lorasurgeon.data import load_dataset, split
+from lorasurgeon.errors import FormatError, InputNotFoundError
+from lorasurgeon.finetune import attach_lora
+from lorasurgeon.io.checkpoint import Checkpoint
+from lorasurgeon.nn.models import load_model
+from lorasurgeon.train import TrainOptions
+from lorasurgeon.zoo import mlp
+
+runner = CliRunner()
+ARCH = "lorasurgeon.zoo:mlp"
+
+
+def run(*args: str, code: int = 0) -> dict:
+    res = runner.invoke(app, [*args, "--json", "--quiet"])
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    return json.loads(res.stdout) if res.stdout.strip() else {}
+
+
+def test_digits_split_is_deterministic() -> None:
+    ds = load_dataset("digits")
+    assert len(ds) == 1797 and ds.inputs["x"].shape == (1797, 1, 8, 8) and ds.num_classes == 10
+    a = split(ds, 0.1, seed=3)
+    b = split(ds, 0.1, seed=3)
+    c = split(ds, 0.1, seed=4)
+    assert torch.equal(a[1].labels, b[1].labels) and len(a[1]) == 180 and len(a[0]) == 1617
+    assert not torch.equal(a[1].inputs["x"], c[1].inputs["x"])
+    assert torch.equal(load_dataset("digits-inverted").inputs["x"], 1 - ds.inputs["x"])
+
+
+def test_tables_and_tensor_files(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("text,label\nhello,pos\nbad day,neg\nok,pos\n")
+    ds = load_dataset(tmp_path / "t.csv")
+    assert ds.extra["texts"] == ["hello", "bad day", "ok"] and ds.classes == ["neg", "pos"] and ds.labels.tolist() == [1, 0, 1]
+    (tmp_path / "t.jsonl").write_text('{"body": "a", "y": 2}\n{"body": "b", "y": 10}\n')
+    ds = load_dataset(tmp_path / "t.jsonl", text_column="body", label_column="y")
+    assert ds.classes == ["2", "10"] and ds.labels.tolist() == [0, 1]
+    with pytest.raises(FormatError, match="no column 'text'"):
+        load_dataset(tmp_path / "t.jsonl")
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 3), np.float32), y=np.arange(5))
+    ds = load_dataset(tmp_path / "d.npz")
+    assert ds.kind == "tensor" and ds.labels.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(InputNotFoundError, match="named sets: digits, digits-inverted"):
+        load_dataset("nope")
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c, v in (("cat", 0), ("dog", 255)):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((6, 6, 3), v, np.uint8)).save(tmp_path / c / f"{i}.png")
+    ds = load_dataset(tmp_path, image_size=4)
+    assert ds.inputs["x"].shape == (4, 3, 4, 4) and ds.classes == ["cat", "dog"] and float(ds.inputs["x"][3].mean()) == 1.0
+
+
+def _base(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    m = mlp()
+    p = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, p)
+    return p
+
+
+def test_attach_trains_and_peft_loads(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    base = _base(tmp_path)
+    out = run("attach", str(base), "--arch", ARCH, "--data", "digits", "-o", str(tmp_path / "ad"), "--target", "fc*",
+              "--rank", "4", "--alpha", "8", "--head", "classifier", "--epochs", "2", "--lr", "0.01", "--batch-size", "64")
+    assert out["targets"] == ["fc1", "fc2"] and out["heads"] == ["classifier"]
+    assert out["val_accuracy"] > out["val_accuracy_before"] + 0.5
+    assert (tmp_path / "ad" / "metrics.json").is_file()
+    # peft loads our adapter and reproduces our trained model
+    lm = load_model(base, arch=ARCH)
+    pm = peft.PeftModel.from_pretrained(lm.model, str(tmp_path / "ad")).eval()
+    x = load_dataset("digits").inputs["x"][:300]
+    acc = (pm(x).argmax(-1) == load_dataset("digits").labels[:300]).float().mean()
+    assert acc > 0.6  # the base is an untrained MLP: only LoRA (rank 4) and the head learned
+    merged = run("merge", str(base), str(tmp_path / "ad"), "-o", str(tmp_path / "m.safetensors"))
+    assert merged["replaced"] == ["classifier.bias", "classifier.weight"]
+    mm = load_model(tmp_path / "m.safetensors", arch=ARCH).model
+    assert torch.allclose(mm(x), pm(x), atol=1e-5)
+
+
+def test_attach_is_byte_identical_and_resumable(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    kw = dict(arch=ARCH, targets=["fc*"], rank=2, heads=["classifier"])
+    attach_lora(base, "digits", tmp_path / "a", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), **kw)
+    attach_lora(base, "digits", tmp_path / "b", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), **kw)
+    for f in ("adapter_model.safetensors", "adapter_config.json", "metrics.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+    calls = []
+
+    def interrupt(done: int, total: int, item: str) -> None:
+        calls.append(item)
+        if item.startswith("epoch 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), progress=interrupt, **kw)
+    assert not (tmp_path / "c").exists() and (tmp_path / ".c.train-state.pt").is_file()
+    attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), resume=True, **kw)
+    assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert not (tmp_path / ".c.train-state.pt").exists()
+
+
+def test_attach_errors(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    res = runner.invoke(app, ["attach", str(base), "--arch", ARCH, "--data", "digits", "-o", str(tmp_path / "x"), "--target", "conv*"])
+    assert res.exit_code == 1 and "--target 'conv*' matches no Linear or Conv2d module" in res.stderr
+    res = runner.invoke(app, ["attach", str(base), "--arch", "nope.module:f", "--data", "digits", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "cannot import 'nope.module'" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_distill_improves_agreement(tmp_path: Path) -> None:
+    base = tmp_path / "teacher.safetensors"
+    run("attach", "--arch", ARCH, "--data", "digits", "--full", "-o", str(base), "--epochs", "3", "--lr", "0.003", "--batch-size", "64")
+    run("factorize", str(base), "-o", str(tmp_path / "s.safetensors"), "--rank", "6", "--include", "fc*")
+    out = run("distill", "--teacher", str(base), "--student", str(tmp_path / "s.safetensors"), "--arch", ARCH,
+              "--data", "digits", "-o", str(tmp_path / "d.safetensors"), "--epochs", "3", "--lr", "0.003", "--batch-size", "64")
+    assert out["loss"] == "kl"
+    assert out["after"]["top1_agreement"] > out["before"]["top1_agreement"]
+    assert out["after"]["kl"] < out["before"]["kl"]
+    a, b = Checkpoint.open(tmp_path / "s.safetensors"), Checkpoint.open(tmp_path / "d.safetensors")
+    assert a.names() == b.names()
+    assert json.loads(a.metadata["lorasurgeon"])["layers"] == json.loads(b.metadata["lorasurgeon"])["layers"]
+    assert not torch.equal(a.get("fc1.weight_u"), b.get("fc1.weight_u"))
+    assert torch.equal(a.get("classifier.weight"), b.get("classifier.weight"))  # only the factors trained

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lorasurgeon.calibrate import CalibrationOptions
+from lorasurgeon.calibrate import CalibrationSession as _Calibrated
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
@@ -31,6 +33,10 @@ RULE_OPTIONS = ("rank", "ratio", "energy", "sv_ratio", "sv_fro", "sv_cumulative"
 
 @dataclass
 class LayerReport:
+    """One layer of a factorize report. ``rel_error`` is ||W − UV||_F / ||W||_F; with calibration,
+    ``output_error`` is the method's relative error on the calibration inputs (exact for svd-llm)
+    and ``energy_kept`` is measured in that transformed space."""
+
     module: str
     kind: str  # linear | conv2d
     shape: list[int]
@@ -40,6 +46,7 @@ class LayerReport:
     params_after: int
     rel_error: float
     energy_kept: float
+    output_error: float | None = None
 
 
 @dataclass
@@ -81,7 +88,11 @@ def _candidates(
     exclude: Sequence[str] | None,
     min_params: int,
     allow_unmatched: bool,
+    conv_groups: dict[str, int] | None = None,
 ) -> tuple[list[_Candidate], list[dict[str, str]]]:
+    """The weights to factorize. A 4-D weight needs groups = 1, which a state dict cannot show:
+    it qualifies when the model confirms it (``conv_groups`` from a loaded model) or when an
+    --include pattern names it."""
     weights = [n for n in ck.names() if n.endswith(".weight") and len(ck.info(n).shape) in (2, 4)]
     sel = select(ck.names(), include, exclude, allow_unmatched=allow_unmatched, what="tensor")
     chosen = set(sel.selected)
@@ -101,7 +112,11 @@ def _candidates(
         shape = info.shape
         if len(shape) == 4:
             named = bool(include) and any(matches(n, p) and p not in ("*",) for p in include)
-            if not named:
+            groups = (conv_groups or {}).get(mod)
+            if groups is not None and groups != 1:
+                skipped.append({"module": mod, "reason": f"grouped conv (groups={groups}) stays dense"})
+                continue
+            if not named and groups is None:
                 skipped.append({"module": mod, "reason": "conv: groups unknown from a state dict; name it with --include"})
                 continue
             kind, m, k = "conv2d", shape[0], shape[1] * shape[2] * shape[3]
@@ -156,6 +171,7 @@ def factorize_checkpoint(
     dry_run: bool = False,
     allow_unmatched: bool = False,
     progress: ProgressFn | None = None,
+    calibration: CalibrationOptions | None = None,
 ) -> FactorizeResult:
     """Factorize the selected weights of a checkpoint, one tensor at a time.
 
@@ -170,6 +186,8 @@ def factorize_checkpoint(
         fp64: SVD in fp64.
         seed: for the randomized SVD.
         force, dry_run, allow_unmatched, progress: as the CLI options.
+        calibration: data-aware factorization (svd-llm, asvd, fwsvd) and the fidelity gate; needs
+            a runnable model (a Hugging Face folder, or ``calibration.arch``).
 
     Returns:
         FactorizeResult with per-layer rank, parameters, relative error and energy kept.
@@ -189,7 +207,7 @@ def factorize_checkpoint(
         check_output(out, force)
     try:
         return _factorize(inp, out, rule, budget, include, exclude, min_params, svd_method, fp64, seed, force,
-                          dry_run, allow_unmatched, progress)
+                          dry_run, allow_unmatched, progress, calibration)
     except FormatError as e:
         if e.path is None:  # e.g. NaN in a weight: the message names the layer, the path the file
             e.path = str(inp)
@@ -200,12 +218,16 @@ def _factorize(
     inp: Path, out: str | Path | None, rule: ranks.RankRule | None, budget: float | None,
     include: Sequence[str] | None, exclude: Sequence[str] | None, min_params: int, svd_method: str,
     fp64: bool, seed: int, force: bool, dry_run: bool, allow_unmatched: bool, progress: ProgressFn | None,
+    calibration: CalibrationOptions | None = None,
 ) -> FactorizeResult:
     with Checkpoint.open(inp) as ck:
         if factorized_layers(ck.metadata):
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
-        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched)
-        ranks_by_module = _plan_ranks(ck, cands, rule, budget, fp64, progress)
+        cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
+        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, cal.conv_groups if cal else None)
+        if cal is not None:
+            cal.collect([c.module for c in cands], progress)
+        ranks_by_module = _plan_ranks(ck, cands, rule, budget, fp64, progress, cal)
         reports: dict[str, LayerReport] = {}
         layers_meta: dict[str, dict[str, Any]] = {}
         for c in cands:
@@ -236,6 +258,8 @@ def _factorize(
         bytes_after = sum(s.nbytes for s in specs)
         options = {"rule": _rule_json(rule, budget), "include": list(include or []), "exclude": list(exclude or []),
                    "min_params": min_params, "svd": svd_method, "fp64": fp64, "seed": seed}
+        if calibration is not None:
+            options["calibration"] = calibration.to_options()
         result = FactorizeResult(
             schema=SCHEMA, input=str(inp), output=None if dry_run else str(out), dry_run=dry_run,
             rule=_rule_json(rule, budget), svd=svd_method, layers=[], skipped=skipped,
@@ -251,21 +275,35 @@ def _factorize(
             _totals(result, cands)
             return result
 
+        precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if cal is not None:
+            # Calibrated: all factors first (the model is in memory anyway), then the gate.
+            for i, c in enumerate(factor_names.values()):
+                if progress:
+                    progress(i, len(factor_names), f"factorize {c.module}")
+                w = ck.get(c.tensor)
+                precomputed[c.module], reports[c.module] = cal.factorize(w, ranks_by_module[c.module], c, svd_method, fp64, seed)
+                del w
+            result.extra["fidelity"] = cal.gate(precomputed)
+            result.extra["calibration"] = cal.summary()
+
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             todo = ck.names()
             for i, n in enumerate(todo):
                 if progress:
                     progress(i, len(todo), n)
-                t = ck.get(n)
-                if n in factor_names:
-                    c = factor_names[n]
-                    u, v, rep = factorize_weight(t, ranks_by_module[c.module], c, svd_method, fp64, seed)
-                    reports[c.module] = rep
-                    del t
-                    yield f"{c.module}.weight_u", u
-                    yield f"{c.module}.weight_v", v
+                c = factor_names.get(n)
+                if c is None:
+                    yield n, ck.get(n)
+                    continue
+                if c.module in precomputed:
+                    u, v = precomputed.pop(c.module)
                 else:
-                    yield n, t
+                    t = ck.get(n)
+                    u, v, reports[c.module] = factorize_weight(t, ranks_by_module[c.module], c, svd_method, fp64, seed)
+                    del t
+                yield f"{c.module}.weight_u", u
+                yield f"{c.module}.weight_v", v
             if progress:
                 progress(len(todo), len(todo), "")
 
@@ -299,10 +337,12 @@ def _rule_json(rule: ranks.RankRule | None, budget: float | None) -> dict[str, A
 
 def _plan_ranks(
     ck: Checkpoint, cands: list[_Candidate], rule: ranks.RankRule | None, budget: float | None,
-    fp64: bool, progress: ProgressFn | None,
+    fp64: bool, progress: ProgressFn | None, cal: _Calibrated | None = None,
 ) -> dict[str, int | None]:
     """Ranks per module. Fixed-rank and ratio rules need only shapes; the others need each
-    layer's singular values (one layer in memory at a time)."""
+    layer's singular values (one layer in memory at a time). With calibration those are the
+    singular values of the method's transformed matrix (for svd-llm, W·S), so energy rules and
+    the budget act on the output error instead of the weight error."""
     if rule is not None and rule.kind in ("rank", "ratio"):
         out = {}
         for c in cands:
@@ -314,7 +354,7 @@ def _plan_ranks(
         if progress:
             progress(i, len(cands), f"spectrum {c.module}")
         w = ck.get(c.tensor)
-        S = svd.singular_values(w, fp64=fp64, name=c.tensor)
+        S = svd.singular_values(cal.transformed(c.module, w) if cal else w, fp64=fp64, name=c.tensor)
         del w
         spectra.append(ranks.LayerSpectrum(c.module, c.m, c.n, S))
     if rule is not None:

@@ -17,12 +17,28 @@ from torch import nn
 from lorasurgeon.data import Dataset, load_dataset, split, tokenize
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, write_adapter
-from lorasurgeon.io.checkpoint import Checkpoint
-from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input, write_safetensors
+from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
+from lorasurgeon.io.writer import (
+    METADATA_KEY,
+    TensorSpec,
+    check_output,
+    provenance,
+    write_like_input,
+    write_safetensors,
+)
 from lorasurgeon.nn.layers import LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
 from lorasurgeon.nn.models import LoadedModel, load_model, model_outputs
 from lorasurgeon.train import (
-    FitResult, TrainOptions, accuracy, agreement, fit, is_main_process, kd_loss, mean_cosine, predict, resolve_device,
+    FitResult,
+    TrainOptions,
+    accuracy,
+    agreement,
+    fit,
+    is_main_process,
+    kd_loss,
+    mean_cosine,
+    predict,
+    resolve_device,
 )
 
 ProgressFn = Callable[[int, int, str], None]
@@ -367,8 +383,15 @@ def _write_student(ls: LoadedModel, student: Path, out: Path, teacher: str | Pat
                 return state[n]
             if prefix and f"{prefix}.{n}" in state:
                 return state[f"{prefix}.{n}"]
-            raise FormatError(f"trained student has no tensor {n!r}", student)
-        specs = [TensorSpec(n, lookup(n).dtype, tuple(lookup(n).shape)) for n in names]
+            return ck.get(n)  # not part of the module (e.g. a non-persistent buffer): copied through
+        def spec(n: str) -> TensorSpec:
+            t = state.get(n, state.get(f"{prefix}.{n}")) if prefix else state.get(n)
+            if t is None:
+                i = ck.info(n)
+                return TensorSpec(n, ST_DTYPES[i.dtype], i.shape)
+            return TensorSpec(n, t.dtype, tuple(t.shape))
+
+        specs = [spec(n) for n in names]
         meta: dict[str, Any] = {k: v for k, v in ck.metadata.items() if k != METADATA_KEY}
         layers = json.loads(ck.metadata[METADATA_KEY])["layers"]
         inputs = [teacher, student] + ([data] if Path(str(data)).exists() else [])

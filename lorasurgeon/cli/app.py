@@ -46,6 +46,9 @@ def _register() -> None:
     merge_cmd.register(app)
     convert_cmd.register(app)
     train_cmd.register(app)
+    from lorasurgeon.cli import export_cmd
+
+    export_cmd.register(app)
 
 
 _register()

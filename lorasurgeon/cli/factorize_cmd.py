@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from lorasurgeon.calibrate import CalibrationOptions
 from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, InputPath, JsonOpt, QuietOpt
 from lorasurgeon.cli.output import (
     handle_errors,
@@ -50,6 +51,17 @@ def factorize_command(
     svd_method: Annotated[str, typer.Option("--svd", help="exact | randomized | auto (randomized when k <= min(m,n)/4).")] = "auto",
     fp64: Annotated[bool, typer.Option("--fp64", help="Compute SVDs in fp64.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")] = 0,
+    calibration: Annotated[str | None, typer.Option("--calibration", help="Calibration data (any dataset attach reads): enables --method and the gate.", rich_help_panel="Calibration")] = None,
+    method: Annotated[str, typer.Option("--method", help="svd | asvd | svd-llm | fwsvd (data-aware; needs --calibration).", rich_help_panel="Calibration")] = "svd",
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", help="Examples used for the statistics.", rich_help_panel="Calibration")] = 128,
+    heldout_samples: Annotated[int, typer.Option("--heldout-samples", help="Other examples used to measure fidelity (the gate).", rich_help_panel="Calibration")] = 64,
+    alpha: Annotated[float, typer.Option("--alpha", help="asvd: exponent on mean |activation|.", rich_help_panel="Calibration")] = 0.5,
+    damping: Annotated[float, typer.Option("--damping", help="svd-llm: ridge on XᵀX relative to its mean diagonal.", rich_help_panel="Calibration")] = 1e-3,
+    arch: Annotated[str | None, typer.Option("--arch", help="module:factory building the model when IN is a bare checkpoint.", rich_help_panel="Calibration")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per calibration text.", rich_help_panel="Calibration")] = 128,
+    image_size: Annotated[int | None, typer.Option("--image-size", rich_help_panel="Calibration")] = None,
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Gate: exit 3 and write nothing when the held-out mean cosine is lower.", rich_help_panel="Calibration")] = None,
+    max_output_error: Annotated[float | None, typer.Option("--max-output-error", help="Gate: exit 3 when the held-out relative output error is higher.", rich_help_panel="Calibration")] = None,
     densify: Annotated[bool, typer.Option("--densify", help="Turn a factorized checkpoint back into dense weights (W = U·V).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (ranks, sizes); write nothing.")] = False,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="A pattern matching nothing is a warning, not an error.")] = False,
@@ -66,13 +78,20 @@ def factorize_command(
                 d = densify_checkpoint(path, output, force=force, progress=cb)
             print_json(d.to_json()) if json_out else render_densify(d)
             return
+        cal = None
+        if calibration is not None:
+            cal = CalibrationOptions(calibration, method, calibration_samples, heldout_samples, alpha, damping, arch,
+                                     max_length=max_length, image_size=image_size, min_cosine=min_cosine,
+                                     max_output_error=max_output_error, seed=seed)
+        elif method != "svd" or min_cosine is not None or max_output_error is not None or arch is not None:
+            raise InvalidOptionError("--method, --arch, --min-cosine and --max-output-error need --calibration DATA")
         rule, frac = make_rule(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
                                sv_cumulative=sv_cumulative, budget=budget, max_rank=max_rank)
         with progress("factorize", quiet) as cb:
             result = factorize_checkpoint(
                 path, output, rule=rule, budget=frac, include=include, exclude=exclude, min_params=min_params,
                 svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run,
-                allow_unmatched=allow_unmatched, progress=cb,
+                allow_unmatched=allow_unmatched, progress=cb, calibration=cal,
             )
         if not dry_run:
             log(f"wrote {output}", quiet)
@@ -94,6 +113,10 @@ def render(r: FactorizeResult) -> None:
     con.print(t)
     for s in r.skipped:
         con.print(f"skipped {s['module']}: {s['reason']}")
+    fid = r.extra.get("fidelity")
+    if fid:
+        con.print(f"held-out fidelity ({fid['heldout_samples']} examples): mean cosine {fid['mean_cosine']:.4f}, "
+                  f"relative output error {fid['output_error']:.4f}")
     con.print(
         f"parameters: {human_count(r.params_before)} -> {human_count(r.params_after)}   "
         f"size: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)}   compression: {r.compression:.2f}x"

@@ -18,7 +18,6 @@ from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionErr
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import apply_factorization, factorized_layers
 
-
 # Buffers that checkpoints may hold or omit depending on the library version that saved them.
 IGNORABLE = ("position_ids", "num_batches_tracked")
 

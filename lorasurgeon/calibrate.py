@@ -1,0 +1,433 @@
+"""Data-aware factorization: statistics from calibration inputs, and the SVD they weight.
+
+Methods (GUIDE §4):
+- ``svd-llm`` (Wang et al. 2024): whiten with the Cholesky factor S of the input second moments,
+  XᵀX = S·Sᵀ (fp64, damped). SVD of W·S = U Σ Vᵀ; keep k: U_k·√Σ_k and √Σ_k·V_kᵀ·S⁻¹. Then
+  ‖(W − Ŵ)X‖_F² = Σ_{i>k} σ_i²: the dropped energy of W·S is exactly the output error.
+- ``asvd`` (Yuan et al. 2023): scale input columns by s^α (s = mean |x| per input feature), SVD,
+  undo the scaling.
+- ``fwsvd`` (Hsu et al. 2022): weight output rows by √(Σ (∂L/∂W_ij)²) summed over the row and
+  the calibration set (Fisher information), SVD, undo.
+- ``svd``: plain.
+
+Statistics are collected with forward hooks, for groups of layers whose statistics fit a memory
+budget, one pass over the calibration data per group: memory stays bounded whatever the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorasurgeon.data import Dataset
+from lorasurgeon.errors import FormatError, InvalidOptionError
+from lorasurgeon.nn.layers import apply_factorization
+from lorasurgeon.nn.models import LoadedModel, model_outputs
+from lorasurgeon.ops import svd
+
+METHODS = ("svd", "asvd", "svd-llm", "fwsvd")
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerStats:
+    """What one layer's method needs: a column transform (Cholesky factor or diagonal), a row
+    weighting, the damping used and the number of calibration rows (tokens or patches) seen."""
+
+    col_chol: torch.Tensor | None = None  # (n, n) lower triangular, fp64
+    col_diag: torch.Tensor | None = None  # (n,)
+    row_diag: torch.Tensor | None = None  # (m,)
+    damping: float = 0.0
+    rows: int = 0
+    note: str = ""
+
+
+_current_mask: list[torch.Tensor | None] = [None]
+
+
+def _layer_inputs(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The matrix X (rows × n) the layer's weight multiplies: real (unpadded) tokens for a Linear,
+    unfolded patches for a Conv2d (channel-major, matching weight.reshape(out, -1))."""
+    if isinstance(mod, nn.Conv2d):
+        cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, C·kh·kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    mask = _current_mask[0]
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]  # padding positions are not data: leave them out of the statistics
+    return x.reshape(-1, x.shape[-1])
+
+
+def _run(lm: LoadedModel, ds: Dataset, batch_size: int, device: str) -> None:
+    try:
+        for inputs, _labels in ds.batches(batch_size):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            _current_mask[0] = inputs.get("attention_mask")
+            with torch.no_grad():
+                model_outputs(lm, inputs)
+    finally:
+        _current_mask[0] = None
+
+
+def collect_stats(
+    lm: LoadedModel,
+    ds: Dataset,
+    modules: Sequence[str],
+    method: str,
+    *,
+    batch_size: int = 16,
+    alpha: float = 0.5,
+    damping: float = 1e-3,
+    memory_bytes: int = 1 << 30,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> dict[str, LayerStats]:
+    """Run the model on the calibration set and collect each layer's statistics.
+
+    Args:
+        modules: module names (Linear or groups-1 Conv2d) of ``lm.model``.
+        method: asvd | svd-llm | fwsvd.
+        alpha: asvd's exponent on the mean absolute activation.
+        damping: svd-llm's ridge, relative to the mean diagonal of XᵀX; raised ×10 (up to 1) when
+            the Cholesky factorization fails, e.g. when there are fewer rows than inputs.
+        memory_bytes: the Gram matrices of one pass fit this budget (layers are grouped).
+
+    Raises:
+        InvalidOptionError: unknown method; fwsvd on an encoder without labels.
+        FormatError: a module that is not Linear / Conv2d.
+    """
+    model = lm.model.eval()
+    mods = {}
+    for name in modules:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"module {name!r} of the checkpoint is not in the model") from None
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise FormatError(f"module {name!r} is a {type(m).__name__}; calibrated factorization needs Linear or Conv2d")
+        mods[name] = m
+    if method == "fwsvd":
+        return _fisher_rows(lm, ds, mods, batch_size, device, progress)
+    if method not in ("asvd", "svd-llm"):
+        raise InvalidOptionError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    width = {n: (m.in_features if isinstance(m, nn.Linear) else m.in_channels * math.prod(m.kernel_size)) for n, m in mods.items()}
+    groups: list[list[str]] = [[]]
+    used = 0
+    for n in modules:
+        need = width[n] ** 2 * 8 if method == "svd-llm" else width[n] * 8
+        if groups[-1] and used + need > memory_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += need
+    out: dict[str, LayerStats] = {}
+    for gi, group in enumerate(groups):
+        if progress:
+            progress(gi, len(groups), f"calibration pass {gi + 1}/{len(groups)}")
+        acc: dict[str, torch.Tensor] = {n: torch.zeros((width[n], width[n]) if method == "svd-llm" else (width[n],),
+                                                        dtype=torch.float64) for n in group}
+        rows: dict[str, int] = dict.fromkeys(group, 0)
+
+        def hook(name: str, acc: dict[str, torch.Tensor] = acc, rows: dict[str, int] = rows) -> Callable[..., None]:
+            def fn(mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+                X = _layer_inputs(mod, args[0].detach()).to("cpu", torch.float64)
+                if method == "svd-llm":
+                    acc[name].addmm_(X.T, X)
+                else:
+                    acc[name].add_(X.abs().sum(0))
+                rows[name] += X.shape[0]
+            return fn
+
+        handles = [mods[n].register_forward_hook(hook(n)) for n in group]
+        try:
+            _run(lm, ds, batch_size, device)
+        finally:
+            for h in handles:
+                h.remove()
+        for n in group:
+            if method == "asvd":
+                s = (acc[n] / max(rows[n], 1)).clamp_min(1e-8) ** alpha
+                out[n] = LayerStats(col_diag=s, rows=rows[n])
+            else:
+                out[n] = _cholesky(acc[n], damping, rows[n])
+                if out[n].note:
+                    out[n].note = f"{n}: {out[n].note}"
+            del acc[n]
+    if progress:
+        progress(len(groups), len(groups), "")
+    return out
+
+
+def _cholesky(G: torch.Tensor, damping: float, rows: int) -> LayerStats:
+    """Lower Cholesky factor of G + λ·mean(diag G)·I, λ raised ×10 until it succeeds."""
+    n = G.shape[0]
+    scale = float(G.diagonal().mean()) if n else 0.0
+    if scale <= 0:
+        return LayerStats(col_chol=torch.eye(n, dtype=torch.float64), damping=float("inf"), rows=rows,
+                          note="no activation: plain SVD")
+    lam = damping
+    note = "" if rows >= n else f"only {rows} calibration rows for {n} inputs: damped fallback"
+    while lam <= 1.0:
+        L, info = torch.linalg.cholesky_ex(G + (lam * scale) * torch.eye(n, dtype=G.dtype))
+        if int(info) == 0 and bool(torch.isfinite(L).all()):
+            return LayerStats(col_chol=L, damping=lam, rows=rows, note=note)
+        lam = lam * 10 if lam > 0 else 1e-8
+    return LayerStats(col_chol=torch.eye(n, dtype=torch.float64), damping=float("inf"), rows=rows,
+                      note="Cholesky failed even with damping 1: plain SVD")
+
+
+def _fisher_rows(lm: LoadedModel, ds: Dataset, mods: dict[str, nn.Module], batch_size: int, device: str,
+                 progress: ProgressFn | None) -> dict[str, LayerStats]:
+    """Summed squared gradients of the task loss per output row (FWSVD's Fisher weights)."""
+    model = lm.model
+    loss_fn = _task_loss(lm, ds, batch_size, device)
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in mods.values():
+        m.weight.requires_grad_(True)
+        m.weight.grad = None
+    fisher = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in mods.items()}
+    try:
+        for b, (inputs, labels) in enumerate(ds.batches(batch_size)):
+            if progress:
+                progress(b, math.ceil(len(ds) / batch_size), "fisher")
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            out = model_outputs(lm, inputs)
+            loss_fn(out, None if labels is None else labels.to(device)).backward()
+            for n, m in mods.items():
+                g = m.weight.grad.detach().to("cpu", torch.float64)
+                fisher[n] += g.pow(2).reshape(g.shape[0], -1).sum(1)
+                m.weight.grad = None
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return {n: LayerStats(row_diag=f.sqrt().clamp_min(1e-12 * max(float(f.sqrt().max()), 1e-30)), rows=len(ds))
+            for n, f in fisher.items()}
+
+
+def _task_loss(lm: LoadedModel, ds: Dataset, batch_size: int, device: str
+               ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """Cross-entropy on the labels (or, unlabelled, on the model's own predictions); for an
+    encoder without a head, on a ridge-regression probe fitted to the calibration embeddings."""
+    if lm.has_head:
+        def ce(out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+            return F.cross_entropy(out, out.argmax(-1).detach() if y is None else y, reduction="sum")
+        return ce
+    if ds.labels is None:
+        raise InvalidOptionError("--method fwsvd on an encoder without a head needs a labelled calibration set")
+    with torch.no_grad():
+        E = torch.cat([model_outputs(lm, {k: v.to(device) for k, v in i.items()}).double().cpu() for i, _ in ds.batches(batch_size)])
+    Y = F.one_hot(ds.labels, int(ds.labels.max()) + 1).double()
+    E1 = torch.cat([E, torch.ones(E.shape[0], 1, dtype=E.dtype)], 1)
+    P = torch.linalg.solve(E1.T @ E1 + 1e-3 * torch.eye(E1.shape[1], dtype=E.dtype), E1.T @ Y).float().to(device)
+
+    def probe(out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        logits = torch.cat([out, torch.ones(out.shape[0], 1, device=out.device, dtype=out.dtype)], 1) @ P
+        return F.cross_entropy(logits, y, reduction="sum")
+    return probe
+
+
+# --------------------------------------------------------------------------- weighted SVD
+def transformed(W: torch.Tensor, st: LayerStats | None) -> torch.Tensor:
+    """The matrix whose truncation error is the method's error: W·S, W·diag(s), diag(r)·W (fp64)."""
+    M = svd.as_matrix(W).to(torch.float64)
+    if st is None:
+        return M
+    if st.col_chol is not None:
+        M = M @ st.col_chol
+    if st.col_diag is not None:
+        M = M * st.col_diag
+    if st.row_diag is not None:
+        M = st.row_diag[:, None] * M
+    return M
+
+
+def factorize_calibrated(W: torch.Tensor, st: LayerStats | None, k: int, *, method: str = "exact", seed: int = 0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Balanced factors of the method's best rank-k approximation, cast to W's dtype once.
+
+    Returns:
+        (u (m×k), v (k×n), singular values of the transformed matrix (top k), the relative
+        transformed error sqrt(dropped energy / total energy) — for svd-llm, the relative error of
+        the layer's output on the calibration inputs).
+    """
+    M = transformed(W, st)
+    res = svd.truncated_svd(M, k, method=method, fp64=True, seed=seed)
+    root = res.S.sqrt()
+    u = res.U * root
+    v = root[:, None] * res.Vh
+    if st is not None and st.col_chol is not None:
+        # v·S⁻¹ = (S⁻ᵀ·vᵀ)ᵀ: one triangular solve, no explicit inverse.
+        v = torch.linalg.solve_triangular(st.col_chol.T, v.T, upper=True).T
+    if st is not None and st.col_diag is not None:
+        v = v / st.col_diag
+    if st is not None and st.row_diag is not None:
+        u = u / st.row_diag[:, None]
+    total = float(M.pow(2).sum())
+    kept = float(res.S.pow(2).sum())
+    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    return u.to(W.dtype), v.to(W.dtype), res.S, rel
+
+
+# --------------------------------------------------------------------------- fidelity
+def factorized_copy(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """A copy of ``model`` with the given layers replaced by their low-rank factors."""
+    layers = {}
+    for n, (u, _v) in factors.items():
+        mod = model.get_submodule(n)
+        layers[n] = {"kind": "conv2d" if isinstance(mod, nn.Conv2d) else "linear", "rank": int(u.shape[1])}
+    low = apply_factorization(model, layers)
+    for n, (u, v) in factors.items():
+        mod = low.get_submodule(n)
+        orig = model.get_submodule(n)
+        with torch.no_grad():
+            mod.weight_u.copy_(u.reshape(mod.weight_u.shape))
+            mod.weight_v.copy_(v.reshape(mod.weight_v.shape))
+            if orig.bias is not None:
+                mod.bias.copy_(orig.bias)
+    return low.eval()
+
+
+@torch.no_grad()
+def fidelity(lm: LoadedModel, low: nn.Module, ds: Dataset, batch_size: int = 32, device: str = "cpu") -> dict[str, float]:
+    """Mean cosine and mean relative error of the outputs (embeddings or logits) on ``ds``."""
+    lo = copy.copy(lm)
+    lo.model = low
+    cos, err, n = 0.0, 0.0, 0
+    for inputs, _ in ds.batches(batch_size):
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        a = model_outputs(lm, inputs).double()
+        b = model_outputs(lo, inputs).double()
+        cos += float(F.cosine_similarity(a, b, dim=-1).sum())
+        err += float(((a - b).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)).sum())
+        n += a.shape[0]
+    return {"mean_cosine": round(cos / max(n, 1), 6), "output_error": round(err / max(n, 1), 6)}
+
+
+# --------------------------------------------------------------------------- a session
+@dataclass
+class CalibrationOptions:
+    """``factorize --calibration DATA --method M`` and the fidelity gate."""
+
+    data: str
+    method: str = "svd-llm"
+    samples: int = 128
+    heldout: int = 64
+    alpha: float = 0.5
+    damping: float = 1e-3
+    arch: str | None = None
+    batch_size: int = 16
+    max_length: int = 128
+    text_column: str = "text"
+    label_column: str | None = "label"
+    image_size: int | None = None
+    min_cosine: float | None = None
+    max_output_error: float | None = None
+    memory_bytes: int = 1 << 30
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidOptionError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.samples < 1 or self.heldout < 0:
+            raise InvalidOptionError("--calibration-samples must be >= 1 and --heldout-samples >= 0")
+        if self.min_cosine is not None and not (-1 <= self.min_cosine <= 1):
+            raise InvalidOptionError(f"--min-cosine must be in [-1, 1], got {self.min_cosine:g}")
+        if (self.min_cosine is not None or self.max_output_error is not None) and self.heldout < 1:
+            raise InvalidOptionError("the fidelity gate needs held-out samples (--heldout-samples >= 1)")
+        if not (0 <= self.damping <= 1):
+            raise InvalidOptionError(f"--damping must be in [0, 1], got {self.damping:g}")
+
+    def to_options(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("method", "samples", "heldout", "alpha", "damping", "arch", "max_length",
+                                          "text_column", "label_column", "image_size", "min_cosine", "max_output_error", "seed")}
+        d["data"] = self.data if not Path(self.data).exists() else Path(self.data).name
+        return d
+
+
+class CalibrationSession:
+    """The loaded model, the calibration and held-out splits, and each layer's statistics."""
+
+    def __init__(self, lm: LoadedModel, calib: Dataset, heldout: Dataset | None, opts: CalibrationOptions) -> None:
+        self.lm, self.calib, self.heldout, self.opts = lm, calib, heldout, opts
+        self.stats: dict[str, LayerStats] = {}
+        self.conv_groups = {n: m.groups for n, m in lm.model.named_modules() if isinstance(m, nn.Conv2d)}
+
+    @classmethod
+    def prepare(cls, model_path: Path, opts: CalibrationOptions) -> CalibrationSession:
+        from lorasurgeon.data import load_dataset, tokenize
+        from lorasurgeon.nn.models import load_model
+
+        opts.validate()
+        lm = load_model(model_path, arch=opts.arch)
+        ds = load_dataset(opts.data, text_column=opts.text_column, label_column=opts.label_column, image_size=opts.image_size)
+        if ds.kind == "text":
+            if lm.tokenizer is None:
+                raise InvalidOptionError("a text calibration set needs a model folder with a tokenizer", model_path)
+            ds = tokenize(ds, lm.tokenizer, opts.max_length)
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(opts.seed))
+        n_cal = min(opts.samples, len(ds))
+        n_held = min(opts.heldout, len(ds) - n_cal)
+        if (opts.min_cosine is not None or opts.max_output_error is not None) and n_held < 1:
+            raise InvalidOptionError(f"the calibration set has {len(ds)} examples: none left for the held-out gate")
+        return cls(lm, ds.subset(perm[:n_cal]), ds.subset(perm[n_cal:n_cal + n_held]) if n_held else None, opts)
+
+    def collect(self, modules: Sequence[str], progress: ProgressFn | None = None) -> None:
+        if self.opts.method != "svd":
+            self.stats = collect_stats(self.lm, self.calib, modules, self.opts.method, batch_size=self.opts.batch_size,
+                                       alpha=self.opts.alpha, damping=self.opts.damping,
+                                       memory_bytes=self.opts.memory_bytes, progress=progress)
+
+    def transformed(self, module: str, w: torch.Tensor) -> torch.Tensor:
+        return transformed(w, self.stats.get(module))
+
+    def factorize(self, w: torch.Tensor, k: int, c: Any, svd_method: str, fp64: bool, seed: int
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+        """Factors shaped for the file (conv: out×k×1×1 and k×in×kh×kw) and the layer report."""
+        from lorasurgeon.factorize import LayerReport, factorize_weight
+
+        st = self.stats.get(c.module)
+        if st is None:
+            u, v, rep = factorize_weight(w, k, c, svd_method, fp64, seed)
+            return (u, v), rep
+        u, v, _S, out_rel = factorize_calibrated(w, st, k, method="exact" if svd_method == "exact" else "auto", seed=seed)
+        W = svd.as_matrix(w).double()
+        rel_w = float((W - u.double() @ v.double()).norm() / W.norm()) if float(W.norm()) > 0 else 0.0
+        shape = tuple(w.shape)
+        if len(shape) == 4:
+            u, v = u.reshape(shape[0], k, 1, 1), v.reshape(k, *shape[1:])
+        m, n = W.shape
+        rep = LayerReport(c.module, c.kind, list(shape), k, "factorized", m * n, k * (m + n), round(rel_w, 6),
+                          round(1 - out_rel**2, 6))
+        rep.output_error = round(out_rel, 6)
+        return (u.contiguous(), v.contiguous()), rep
+
+    def gate(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        """Held-out fidelity of the factorized model; raises VerificationError below the gate."""
+        from lorasurgeon.errors import VerificationError
+
+        if self.heldout is None:
+            return {}
+        low = factorized_copy(self.lm.model, {n: (u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)) for n, (u, v) in factors.items()})
+        fid = fidelity(self.lm, low, self.heldout, self.opts.batch_size * 2)
+        fid["heldout_samples"] = len(self.heldout)
+        o = self.opts
+        if o.min_cosine is not None and fid["mean_cosine"] < o.min_cosine:
+            raise VerificationError(f"held-out mean cosine {fid['mean_cosine']:.4f} is below --min-cosine {o.min_cosine:g}; nothing written")
+        if o.max_output_error is not None and fid["output_error"] > o.max_output_error:
+            raise VerificationError(f"held-out output error {fid['output_error']:.4f} is above --max-output-error {o.max_output_error:g}; nothing written")
+        return fid
+
+    def summary(self) -> dict[str, Any]:
+        damp = [s.damping for s in self.stats.values() if s.col_chol is not None]
+        notes = sorted({s.note for s in self.stats.values() if s.note})
+        return {"method": self.opts.method, "samples": len(self.calib), "heldout": 0 if self.heldout is None else len(self.heldout),
+                "damping_max": max(damp) if damp else None, "notes": notes}

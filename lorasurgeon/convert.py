@@ -77,7 +77,8 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
             mods = sorted({n.rsplit(".", 1)[0] for n in ck.names() if n.endswith(".weight")})
         ad, unmatched, renamed = io_ad.resolve_kohya_names(ad, mods)
         if unmatched:
-            raise FormatError(f"{len(unmatched)} kohya name(s) match no module of the base, e.g. {unmatched[0]!r}", inp)
+            raise FormatError(f"{len(unmatched)} kohya name(s) match no module of the base {Path(base).name}, "
+                              f"e.g. {unmatched[0]!r}", inp)
     if ad.format == "diffusers" and to == "peft":
         ad, renamed = _strip_component(ad)
     back = _reparse(ad, to)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +240,7 @@ def _tensor_file(p: Path) -> Dataset:
         try:
             with np.load(p, allow_pickle=False) as z:
                 arrs = {k: torch.from_numpy(z[k].copy()) for k in z.files}
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise FormatError(f"cannot read npz ({e})", p) from None
     else:
         from lorasurgeon.io.checkpoint import Checkpoint
@@ -250,6 +251,8 @@ def _tensor_file(p: Path) -> Dataset:
         raise FormatError(f"tensor file needs an 'x' array (found {', '.join(sorted(arrs))})", p)
     x = arrs["x"]
     x = x.float() if x.is_floating_point() else x
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise FormatError("'x' holds NaN or Inf values", p)
     y = arrs.get("y")
     if y is not None and y.shape[0] != x.shape[0]:
         raise FormatError(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}", p)

@@ -386,11 +386,29 @@ def _num_labels(path: str | Path | None, arch: str | None) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" bars from transformers: our own log lines say what happens."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def resolve(path: str | Path | None, arch: str | None) -> LoadedModel:
     """Load the model for export: eager attention (the graph onnxruntime's optimizer fuses)."""
     torch.manual_seed(0)  # a factory's initialisation must not depend on the caller's RNG
     attn = "eager" if arch is None else None
-    lm = load_model(path, arch=arch, num_labels=_num_labels(path, arch), attn_implementation=attn)
+    with _quiet_transformers():
+        lm = load_model(path, arch=arch, num_labels=_num_labels(path, arch), attn_implementation=attn)
     lm.model.eval()
     return lm
 
@@ -527,6 +545,9 @@ def _torch_export(module: nn.Module, feed: dict[str, torch.Tensor], spec: InputS
                   path: Path, opset: int) -> None:
     """The TorchScript exporter: deterministic, and the graph onnxruntime's BERT fusions expect."""
     args = tuple(feed[n] for n in spec.names)
+    # The exporter puts the module back in the mode it found it in: a new wrapper is in training
+    # mode, which would switch dropout on in the model it wraps.
+    module.eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -534,6 +555,7 @@ def _torch_export(module: nn.Module, feed: dict[str, torch.Tensor], spec: InputS
             dynamic_axes=spec.dynamic_axes(output), opset_version=opset, dynamo=False,
             do_constant_folding=True,
         )
+    module.eval()
 
 
 def _ops(model: Any) -> Counter:

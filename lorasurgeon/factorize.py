@@ -221,7 +221,7 @@ def _factorize(
     calibration: CalibrationOptions | None = None,
 ) -> FactorizeResult:
     with Checkpoint.open(inp) as ck:
-        if factorized_layers(ck.metadata):
+        if factorized_layers(ck.metadata, inp):
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
         cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, cal.conv_groups if cal else None)
@@ -418,7 +418,7 @@ def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,
     inp = Path(inp)
     check_output(out, force)
     with Checkpoint.open(inp) as ck:
-        layers = factorized_layers(ck.metadata)
+        layers = factorized_layers(ck.metadata, inp)
         if not layers:
             raise FormatError("not a lorasurgeon factorized checkpoint (no 'lorasurgeon' layers metadata)", inp)
         factor_of: dict[str, str] = {}
@@ -428,6 +428,14 @@ def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,
                 if f"{mod}.{part}" not in ck:
                     raise FormatError(f"factorized layer {mod!r} has no {part}", inp)
                 factor_of[f"{mod}.{part}"] = mod
+            # The metadata must agree with the factors (GUIDE §3), else U·V cannot be its shape.
+            shape, k = list(spec["shape"]), spec["rank"]
+            want = [[shape[0], k], [k, shape[1]]] if spec.get("kind", "linear") == "linear" else [
+                [shape[0], k, 1, 1], [k, *shape[1:]]]
+            got = [list(ck.info(f"{mod}.weight_u").shape), list(ck.info(f"{mod}.weight_v").shape)]
+            if got != want:
+                raise FormatError(f"factorized layer {mod!r}: factors {got[0]} and {got[1]} do not match its metadata "
+                                  f"(rank {k}, shape {shape})", inp)
             dt = ST_DTYPES[ck.info(f"{mod}.weight_u").dtype]
             specs.append(TensorSpec(f"{mod}.weight", dt, tuple(spec["shape"])))
         for n in ck.names():

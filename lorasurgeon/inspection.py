@@ -278,7 +278,10 @@ def _spectra(
         if progress:
             progress(i, len(todo), n)
         w = ck.get(n)
-        S = svd.singular_values(w, name=n)
+        try:
+            S = svd.singular_values(w, name=n)
+        except FormatError as e:  # NaN/Inf: the message names the tensor; name the file too
+            raise FormatError(e.message, e.path or ck.path) from None
         m, k = svd.as_matrix(w).shape
         del w
         out.append(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lorasurgeon.errors import InvalidOptionError, MatchError, UnsupportedError
+from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_kohya_names
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
@@ -108,7 +108,7 @@ def merge_adapters(
         check_output(out, force)
     base = Path(base)
     with Checkpoint.open(base) as ck:
-        if factorized_layers(ck.metadata):
+        if factorized_layers(ck.metadata, base):
             raise UnsupportedError("the base is a factorized checkpoint; densify it first (factorize --densify)", base)
         names = set(ck.names())
         base_weights = {n for n in names if n.endswith(".weight")}
@@ -129,10 +129,10 @@ def merge_adapters(
                 t = ad.targets[m]
                 bshape = ck.info(wname).shape
                 if tuple(t.delta_shape()) != tuple(bshape):
-                    problems.append(f"{m} (adapter {list(t.delta_shape())} vs base {list(bshape)})")
+                    problems.append(f"{Path(path).name}: {m} (adapter {list(t.delta_shape())} vs base {list(bshape)})")
                     continue
                 if t.bias is not None and wname[: -len(".weight")] + ".bias" not in names:
-                    problems.append(f"{m} (LoRA bias but the base layer has no bias)")
+                    problems.append(f"{Path(path).name}: {m} (LoRA bias but the base layer has no bias)")
                     continue
                 per_weight.setdefault(wname, []).append((t, wi, i))
             for n, bn in smap.items():
@@ -174,6 +174,8 @@ def merge_adapters(
                     continue
                 t = ck.get(n)
                 if n in per_weight:
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise FormatError(f"base weight {n!r} holds NaN or Inf values; merging into it is meaningless", base)
                     parts = per_weight[n]
                     new = lora.merge_weight(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge)
                     upd = float((new.float() - t.float()).norm())

@@ -193,6 +193,9 @@ def extract_adapter(
                 raise FormatError(f"tensor {n!r} is {list(bi.shape)} in the base but {list(ti.shape)} in the tuned model", tuned)
             t_new = ct.get(n)
             t_old = cb.get(n)
+            for t, src in ((t_new, tuned), (t_old, base)):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise FormatError(f"tensor {n!r} holds NaN or Inf values", src)
             if torch.equal(t_new, t_old):
                 unchanged.append(n)
                 continue

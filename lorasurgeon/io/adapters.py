@@ -177,6 +177,7 @@ def read_adapter(path: str | Path) -> Adapter:
         ptype = str(config.get("peft_type", "LORA")).upper()
         if ptype != "LORA":
             raise UnsupportedError(f"peft_type {ptype} is not LoRA; only LoRA adapters are supported", cfg)
+        _check_peft_config(config, cfg)
     with Checkpoint.open(p) as ck:
         state = {n: ck.get(n) for n in ck.names()}
         metadata = dict(ck.metadata)
@@ -194,6 +195,34 @@ def read_adapter(path: str | Path) -> Adapter:
     raise FormatError("holds no LoRA tensors (no lora_A/lora_B, lora_down/lora_up keys)", p)
 
 
+def _is_number(v: Any, *, integer: bool = False) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return (isinstance(v, int) and v >= 1) if integer else math.isfinite(v)
+
+
+def _check_peft_config(config: dict[str, Any], cfg: Path) -> None:
+    """The fields the reader computes with must have the types PEFT writes: a hand-edited or
+    hostile config otherwise fails deep inside with a bare ValueError/TypeError."""
+    r = config.get("r", 8)
+    if not _is_number(r, integer=True):
+        raise FormatError(f"'r' must be a positive integer, got {r!r:.60}", cfg)
+    alpha = config.get("lora_alpha", r)
+    if not _is_number(alpha):
+        raise FormatError(f"'lora_alpha' must be a finite number, got {alpha!r:.60}", cfg)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = config.get(key) or {}
+        if not isinstance(pat, dict):
+            raise FormatError(f"'{key}' must map module patterns to numbers, got {type(pat).__name__}", cfg)
+        for k, v in pat.items():
+            if not _is_number(v, integer=key == "rank_pattern"):
+                raise FormatError(f"'{key}' gives {k!r:.60} the invalid value {v!r:.60}", cfg)
+            try:
+                re.compile(rf"(^|.*\.){k}$")
+            except re.error as e:
+                raise FormatError(f"'{key}' key {k!r:.60} is not a valid regular expression ({e})", cfg) from None
+
+
 def _pair_up(
     groups: dict[str, dict[str, torch.Tensor]], path: Path
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
@@ -207,6 +236,9 @@ def _pair_up(
             raise FormatError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} do not chain (ranks differ)", path
             )
+        for part, t in sorted(parts.items()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"module {mod!r}: its {part} tensor holds NaN or Inf values", path)
         out[mod] = (A, B, parts)
     return out
 
@@ -277,6 +309,8 @@ def _read_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], path: 
     targets: dict[str, LoraTarget] = {}
     for mod, (A, B, parts) in _pair_up(groups, path).items():
         rank = int(A.shape[0])
+        if mod in alphas and (alphas[mod].numel() != 1 or not bool(torch.isfinite(alphas[mod].float()).all())):
+            raise FormatError(f"module {mod!r}: alpha must be one finite number, got shape {list(alphas[mod].shape)}", path)
         alpha = float(alphas[mod].float().item()) if mod in alphas else float(rank)
         mag = parts.get("magnitude")
         targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, False), mag.reshape(-1) if mag is not None else None)
@@ -323,6 +357,8 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
             groups.setdefault(mod, {})["A" if kind in ("lora_A", "lora.down") else "B"] = t
             continue
         if key.endswith(".alpha"):
+            if t.numel() != 1 or not bool(torch.isfinite(t.float()).all()):
+                raise FormatError(f"{key!r} must be one finite number, got shape {list(t.shape)}", path)
             alphas[key[: -len(".alpha")]] = float(t.float().item())
             continue
         other[key] = t
@@ -335,8 +371,13 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
         alpha = alphas.get(mod)
         if alpha is None:
             sub = mod.split(".", 1)[1] if "." in mod else mod
-            ak = pattern_key(cfg.get("alpha_pattern") or {}, sub)
-            alpha = float(cfg["alpha_pattern"][ak]) if ak is not None else float(cfg.get("lora_alpha", rank))
+            try:
+                ak = pattern_key(cfg.get("alpha_pattern") or {}, sub)
+                alpha = float(cfg["alpha_pattern"][ak]) if ak is not None else float(cfg.get("lora_alpha", rank))
+            except (TypeError, ValueError, KeyError, re.error) as e:
+                raise FormatError(f"lora_adapter_metadata for {comp!r} is malformed ({type(e).__name__}: {e})", path) from None
+            if not math.isfinite(alpha):
+                raise FormatError(f"lora_adapter_metadata gives {mod!r} a non-finite alpha", path)
         targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, rslora))
     if not targets:
         raise FormatError("holds no LoRA tensors", path)

@@ -152,6 +152,11 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         isinstance(k, str) and isinstance(v, str) for k, v in meta_raw.items()
     ):
         raise FormatError("corrupt safetensors header: __metadata__ must map strings to strings", path)
+    # JSON escapes can smuggle lone surrogates (\udcff) that no UTF-8 writer or terminal accepts;
+    # the safetensors library refuses them too.
+    for text in (*header, *meta_raw, *meta_raw.values()):
+        if not _is_unicode(text):
+            raise FormatError(f"corrupt safetensors header: {text!r:.80} is not valid UTF-8 (a lone surrogate escape)", path)
     data_start = 8 + hlen
     data_len = size - data_start
     infos: dict[str, TensorInfo] = {}
@@ -159,32 +164,33 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     spans: list[tuple[int, int, str]] = []
     for name, spec in header.items():
         if not isinstance(spec, dict):
-            raise FormatError(f"corrupt safetensors header: entry {name!r} is not an object", path)
+            raise FormatError(f"corrupt safetensors header: entry {_q(name)} is not an object", path)
         dt = spec.get("dtype")
         shape = spec.get("shape")
         offs = spec.get("data_offsets")
-        if dt not in ST_DTYPES:
-            raise FormatError(f"tensor {name!r} has unknown dtype {dt!r}", path)
+        if not isinstance(dt, str) or dt not in ST_DTYPES:
+            raise FormatError(f"tensor {_q(name)} has unknown dtype {dt!r:.40}", path)
         if not (
-            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape)
         ):
-            raise FormatError(f"tensor {name!r} has an invalid shape {shape!r}", path)
+            raise FormatError(f"tensor {_q(name)} has an invalid shape {shape!r:.80}", path)
         if not (
             isinstance(offs, list)
             and len(offs) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
         ):
-            raise FormatError(f"tensor {name!r} has invalid data_offsets {offs!r}", path)
+            raise FormatError(f"tensor {_q(name)} has invalid data_offsets {offs!r:.80}", path)
         b, e = offs
         if not (0 <= b <= e <= data_len):
             raise FormatError(
-                f"tensor {name!r} offsets [{b}, {e}] lie outside the {data_len}-byte data section (truncated or corrupt file)",
+                f"tensor {_q(name)} offsets [{b}, {e}] lie outside the {data_len}-byte data section (truncated or corrupt file)",
                 path,
             )
         nbytes = _numel(tuple(shape)) * dtype_size(dt)
         if e - b != nbytes:
             raise FormatError(
-                f"tensor {name!r}: shape {shape} of {dt} needs {nbytes} bytes but its offsets span {e - b}",
+                f"tensor {_q(name)}: shape {shape} of {dt} needs {nbytes} bytes but its offsets span {e - b}",
                 path,
             )
         infos[name] = TensorInfo(name, tuple(shape), dt, nbytes, path.name)
@@ -193,8 +199,22 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise FormatError(f"tensors {n0!r} and {n1!r} overlap in the data section", path)
+            raise FormatError(f"tensors {_q(n0)} and {_q(n1)} overlap in the data section", path)
     return infos, entries, dict(meta_raw)
+
+
+def _q(name: str, limit: int = 80) -> str:
+    """A tensor name quoted for a one-line message, shortened when a header makes it huge."""
+    r = repr(name)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_exact(path: Path, offset: int, nbytes: int) -> bytearray:
@@ -295,6 +315,8 @@ class Checkpoint:
                 config = json.loads(cfg.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise FormatError(f"config.json is not valid JSON ({e})", cfg) from None
+            if not isinstance(config, dict):
+                raise FormatError("config.json is not a JSON object", cfg)
         chosen: Path | None = None
         for fname in _FOLDER_WEIGHT_FILES:
             if (folder / fname).is_file():
@@ -339,6 +361,9 @@ class Checkpoint:
         if not isinstance(wm, dict) or not wm:
             raise FormatError("shard index has no weight_map", index)
         folder = index.parent
+        for rel in wm.values():
+            if not isinstance(rel, str):  # before set(): a list or object would not even hash
+                raise UnsafeFileError(f"shard index names {rel!r:.60}, which is not a file inside its folder", index)
         shards: dict[str, Path] = {}
         for rel in sorted(set(wm.values()), key=str):
             target = _safe_join(folder, rel, index)

@@ -83,30 +83,62 @@ class LowRankConv2d(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, stride={self.stride}"
 
 
-def factorized_layers(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """The ``layers`` table of a factorized checkpoint's ``lorasurgeon`` metadata ({} if none)."""
+def factorized_layers(metadata: Mapping[str, str], path: Any = None) -> dict[str, dict[str, Any]]:
+    """The ``layers`` table of a factorized checkpoint's ``lorasurgeon`` metadata ({} if none).
+
+    Raises:
+        FormatError: the metadata is not a JSON object, or a layer lacks a known kind, a positive
+            integer rank or a shape of the right length (``path`` names the file in the message).
+    """
     raw = metadata.get("lorasurgeon")
     if not raw:
         return {}
     try:
         rec = json.loads(raw)
     except json.JSONDecodeError:
-        raise FormatError("lorasurgeon metadata is not valid JSON") from None
+        raise FormatError("lorasurgeon metadata is not valid JSON", path) from None
+    if not isinstance(rec, dict):
+        raise FormatError("lorasurgeon metadata is not a JSON object", path)
     if rec.get("format") != "factorized":
         return {}
-    return dict(rec.get("layers", {}))
+    layers = rec.get("layers", {})
+    if not isinstance(layers, dict):
+        raise FormatError("lorasurgeon metadata: 'layers' is not an object", path)
+    for name, spec in layers.items():
+        kind = spec.get("kind", "linear") if isinstance(spec, dict) else None
+        rank = spec.get("rank") if isinstance(spec, dict) else None
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not (
+            kind in ("linear", "conv2d")
+            and isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1
+            and isinstance(shape, list) and len(shape) == (2 if kind == "linear" else 4)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        ):
+            raise FormatError(
+                f"lorasurgeon metadata: factorized layer {name!r:.80} needs kind linear|conv2d, a positive integer "
+                f"rank and its shape; got {json.dumps(spec)[:80]}", path,
+            )
+    return dict(layers)
 
 
-def apply_factorization(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], copy_model: bool = True) -> nn.Module:
+def apply_factorization(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], copy_model: bool = True,
+                        path: Any = None) -> nn.Module:
     """Replace each named Linear/Conv2d by its low-rank twin (parameters uninitialised until a
-    state dict is loaded). Returns a copy unless ``copy_model`` is False."""
+    state dict is loaded). Returns a copy unless ``copy_model`` is False. ``path`` (the
+    checkpoint) is named in the FormatError raised when a layer does not fit the model."""
     if copy_model:
         model = copy.deepcopy(model)
     for name, spec in sorted(layers.items()):
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
         old = getattr(parent, child, None)
         rank = int(spec["rank"])
+        if isinstance(old, (nn.Linear, nn.Conv2d)) and "shape" in spec and list(old.weight.shape) != list(spec["shape"]):
+            raise FormatError(f"factorized layer {name!r} has shape {list(spec['shape'])} in the metadata but "
+                              f"{list(old.weight.shape)} in the model", path)
         if isinstance(old, nn.Linear) and spec.get("kind", "linear") == "linear":
             new: nn.Module = LowRankLinear.from_linear(old, rank)
         elif isinstance(old, nn.Conv2d) and spec.get("kind") == "conv2d":
@@ -114,7 +146,7 @@ def apply_factorization(model: nn.Module, layers: Mapping[str, Mapping[str, Any]
         else:
             raise FormatError(
                 f"factorized layer {name!r} ({spec.get('kind')}) does not match the model's module "
-                f"({type(old).__name__ if old is not None else 'missing'})"
+                f"({type(old).__name__ if old is not None else 'missing'})", path
             )
         setattr(parent, child, new)
     return model
@@ -126,10 +158,10 @@ def load_factorized(model: nn.Module, checkpoint: Any) -> nn.Module:
     from lorasurgeon.io.checkpoint import Checkpoint
 
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
-    layers = factorized_layers(ck.metadata)
+    layers = factorized_layers(ck.metadata, ck.path)
     if not layers:
         raise FormatError("not a lorasurgeon factorized checkpoint (no layers in its metadata)", ck.path)
-    out = apply_factorization(model, layers)
+    out = apply_factorization(model, layers, path=ck.path)
     state = {n: ck.get(n) for n in ck.names()}
     missing, unexpected = out.load_state_dict(state, strict=False)
     # Buffers a checkpoint may legitimately omit (e.g. position_ids) are tolerated; weights are not.

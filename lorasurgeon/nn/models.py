@@ -81,6 +81,16 @@ def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> N
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and hasattr(model, prefix) and not any(k.startswith(prefix + ".") for k in state):
         target = getattr(model, prefix)  # a bare encoder's weights into a model with a head
+    # torch raises a multi-line RuntimeError on a shape mismatch even with strict=False: check first.
+    own = target.state_dict()
+    wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise FormatError(f"weights do not fit the model: {len(wrong)} shape mismatch(es), e.g. {wrong[0]}", ck.path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FormatError(f"tensor {bad[0]!r} holds NaN or Inf values" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                          ck.path)
     missing, unexpected = target.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith(IGNORABLE)]
     unexpected = [u for u in unexpected if not u.endswith(IGNORABLE)]
@@ -119,9 +129,9 @@ def load_model(
         layers: dict[str, Any] = {}
         if path is not None:
             with Checkpoint.open(path) as ck:
-                layers = factorized_layers(ck.metadata)
+                layers = factorized_layers(ck.metadata, ck.path)
                 if layers:
-                    model = apply_factorization(model, layers, copy_model=False)
+                    model = apply_factorization(model, layers, copy_model=False, path=ck.path)
                 _load_state(model, ck, strict_head=num_labels is None)
         return LoadedModel(model.eval().to(device), "module", str(path), None, None, layers, arch)
     if path is None:
@@ -143,7 +153,7 @@ def load_model(
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     auto = transformers.AutoModelForSequenceClassification if num_labels is not None else transformers.AutoModel
     with Checkpoint.open(p) as ck:
-        layers = factorized_layers(ck.metadata)
+        layers = factorized_layers(ck.metadata, ck.path)
         if layers or num_labels is not None:
             # From the config, then our own strict load: works for dense and factorized folders,
             # with or without a head already in the weights.
@@ -153,9 +163,9 @@ def load_model(
                 prefix = getattr(model, "base_model_prefix", "")
                 keys_have_prefix = any(k.startswith(prefix + ".") for k in ck.names()) if prefix else True
                 if prefix and not keys_have_prefix and hasattr(model, prefix):
-                    setattr(model, prefix, apply_factorization(getattr(model, prefix), layers, copy_model=False))
+                    setattr(model, prefix, apply_factorization(getattr(model, prefix), layers, copy_model=False, path=ck.path))
                 else:
-                    model = apply_factorization(model, layers, copy_model=False)
+                    model = apply_factorization(model, layers, copy_model=False, path=ck.path)
             _load_state(model, ck, strict_head=False)
         else:
             model = auto.from_pretrained(p, local_files_only=True, **attn)

@@ -1,0 +1,164 @@
+"""Data-aware factorization: the SVD-LLM identity, each method's optimality, the gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from lorasurgeon.calibrate import LayerStats, _cholesky, collect_stats, factorize_calibrated
+from lorasurgeon.cli.app import app
+from lorasurgeon.data import load_dataset
+from lorasurgeon.nn.models import load_model
+from lorasurgeon.zoo import mlp
+
+runner = CliRunner()
+ARCH = "lorasurgeon.zoo:mlp"
+
+
+def skewed(n_rows: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose features differ in scale by 100x and are correlated: where plain SVD is blind."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, 2, n)[torch.randperm(n, generator=g)]
+    mix = torch.eye(n) + 0.3 * torch.randn(n, n, generator=g)
+    return (torch.randn(n_rows, n, generator=g) * scales) @ mix
+
+
+def test_svd_llm_identity_and_optimality() -> None:
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    X = skewed(500, 32).double()
+    st = _cholesky(X.T @ X, damping=0.0, rows=500)
+    assert st.damping == 0.0
+    for k in (4, 12, 20):
+        u, v, S, out_rel = factorize_calibrated(W, st, k, method="exact")
+        err = ((W - u @ v) @ X.T).norm() / (W @ X.T).norm()
+        assert float(err) == pytest.approx(out_rel, rel=1e-6)  # the SVD-LLM identity
+        # ...and it beats plain SVD on the output error (it is the optimum for this X).
+        U, Sp, Vh = torch.linalg.svd(W)
+        plain = ((W - U[:, :k] * Sp[:k] @ Vh[:k]) @ X.T).norm() / (W @ X.T).norm()
+        assert float(err) < float(plain)
+
+
+def test_asvd_and_fwsvd_minimise_their_weighted_error() -> None:
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    s = torch.logspace(-1, 1, 30, dtype=torch.float64)
+    r = torch.logspace(-1, 1, 40, dtype=torch.float64)
+    U, Sp, Vh = torch.linalg.svd(W)
+    for st, weigh in ((LayerStats(col_diag=s), lambda E: E * s), (LayerStats(row_diag=r), lambda E: r[:, None] * E)):
+        u, v, _S, rel = factorize_calibrated(W, st, 8, method="exact")
+        ours = weigh(W - u @ v).norm()
+        plain = weigh(W - U[:, :8] * Sp[:8] @ Vh[:8]).norm()
+        assert float(ours) < float(plain)
+        assert float(ours / weigh(W).norm()) == pytest.approx(rel, rel=1e-6)
+
+
+def test_too_few_rows_uses_the_damped_fallback() -> None:
+    X = torch.randn(5, 16, dtype=torch.float64)
+    st = _cholesky(X.T @ X, damping=0.0, rows=5)
+    assert st.damping > 0 and "only 5 calibration rows for 16 inputs: damped fallback" in st.note
+    assert torch.isfinite(st.col_chol).all()
+
+
+def _trained_mlp(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    m = mlp()
+    ds = load_dataset("digits")
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(m(ds.inputs["x"]), ds.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, p)
+    return p
+
+
+def test_collect_stats_matches_direct_computation(tmp_path: Path) -> None:
+    p = _trained_mlp(tmp_path)
+    lm = load_model(p, arch=ARCH)
+    ds = load_dataset("digits").subset(torch.arange(100))
+    st = collect_stats(lm, ds, ["fc1", "fc2"], "svd-llm", batch_size=32, damping=0.0)
+    X = ds.inputs["x"].flatten(1).double()
+    assert st["fc1"].rows == 100
+    G = st["fc1"].col_chol @ st["fc1"].col_chol.T
+    assert torch.allclose(G, X.T @ X + 0.0, atol=1e-6) or st["fc1"].damping > 0
+    a = collect_stats(lm, ds, ["fc1"], "asvd", alpha=0.5)
+    assert torch.allclose(a["fc1"].col_diag, (X.abs().mean(0)).clamp_min(1e-8) ** 0.5)
+    f = collect_stats(lm, ds, ["fc2"], "fwsvd")
+    assert f["fc2"].row_diag.shape == (256,) and bool((f["fc2"].row_diag > 0).all())
+
+
+def test_cli_methods_beat_plain_on_heldout(tmp_path: Path) -> None:
+    p = _trained_mlp(tmp_path)
+
+    def fid(m: str) -> dict:
+        res = runner.invoke(app, ["factorize", str(p), "--arch", ARCH, "-o", str(tmp_path / f"{m}.safetensors"), "--rank", "6",
+                                  "--include", "fc*", "--calibration", "digits", "--method", m, "--calibration-samples", "600",
+                                  "--heldout-samples", "400", "--json", "--quiet"])
+        assert res.exit_code == 0, res.stderr
+        return json.loads(res.stdout)["extra"]["fidelity"]
+
+    plain, ours = fid("svd"), fid("svd-llm")
+    assert ours["output_error"] < plain["output_error"], (ours, plain)
+    # fwsvd minimises the Fisher-weighted error of the task loss, not the output error: on this
+    # saturated classifier it does not beat plain SVD there (see docs/results.md); its own
+    # optimality is tested in test_asvd_and_fwsvd_minimise_their_weighted_error.
+
+
+def test_asvd_beats_plain_on_skewed_activations() -> None:
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(64, 48, generator=g, dtype=torch.float64)
+    X = skewed(400, 48, seed=4).double()
+    st = LayerStats(col_diag=X.abs().mean(0) ** 0.5)
+    U, Sp, Vh = torch.linalg.svd(W)
+    for k in (4, 8, 16):
+        u, v, _S, _rel = factorize_calibrated(W, st, k, method="exact")
+        ours = ((W - u @ v) @ X.T).norm()
+        plain = ((W - U[:, :k] * Sp[:k] @ Vh[:k]) @ X.T).norm()
+        assert float(ours) < float(plain)
+
+
+def test_gate_exits_3_and_writes_nothing(tmp_path: Path) -> None:
+    p = _trained_mlp(tmp_path)
+    out = tmp_path / "o.safetensors"
+    res = runner.invoke(app, ["factorize", str(p), "--arch", ARCH, "-o", str(out), "--rank", "1", "--include", "fc*",
+                              "--calibration", "digits", "--method", "svd-llm", "--min-cosine", "0.999"])
+    assert res.exit_code == 3
+    assert "is below --min-cosine 0.999; nothing written" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["mlp.safetensors"]
+    res = runner.invoke(app, ["factorize", str(p), "-o", str(out), "--rank", "1", "--min-cosine", "0.5"])
+    assert res.exit_code == 1 and "need --calibration DATA" in res.stderr
+
+
+def test_calibrated_factorization_of_a_text_model(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(60)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    tok = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"text": " ".join(f"w{rng.integers(0, 12) if j % 2 else rng.integers(0, 60)}" for j in range(rng.integers(3, 20)))})
+             for _ in range(200)]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines))
+    res = {}
+    for m in ("svd", "svd-llm"):
+        r = runner.invoke(app, ["factorize", str(tmp_path / "bert"), "-o", str(tmp_path / m), "--ratio", "0.25", "--json",
+                                "--quiet", "--calibration", str(tmp_path / "t.jsonl"), "--method", m, "--heldout-samples", "64"])
+        assert r.exit_code == 0, r.stderr
+        res[m] = json.loads(r.stdout)["extra"]["fidelity"]
+    assert res["svd-llm"]["mean_cosine"] > res["svd"]["mean_cosine"]
+    lm = load_model(tmp_path / "svd-llm")  # the folder rebuilds with no flags
+    assert lm.factorized

@@ -439,3 +439,171 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+# ----------------------------------------------------------------------------- timing and inputs
+# Added for benchmarks/factorize.py and benchmarks/adapters.py. Everything below imports torch
+# lazily, so inspect_memory.py's measuring parent stays lean.
+
+
+@dataclass
+class Timing:
+    """Wall-clock and CPU seconds of one call. ``cpu_s`` is this process's user+system time
+    (all threads): on a shared machine it is much less sensitive to other load than ``wall_s``."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def timed(fn, *args, **kwargs):  # -> tuple[object, Timing]
+    """Call ``fn(*args, **kwargs)``; return its result and the wall/CPU time it took."""
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, Timing(time.perf_counter() - t0, time.process_time() - c0)
+
+
+def run_timed(cmd: Sequence[str], *, env: dict[str, str] | None = None, check: bool = True) -> Timing:
+    """Run a subprocess; its wall time and CPU time (user+sys of the child, from ``wait4``)."""
+    cmd = [str(c) for c in cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_force_fork)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    if check and proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, stderr=err)
+    return Timing(wall, ru.ru_utime + ru.ru_stime)
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def load_note() -> str:
+    """The 1/5/15-minute load averages and core count: how contended the machine was."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f}/{five:.1f}/{fifteen:.1f} on {os.cpu_count()} cores"
+
+
+def warm_file(path: Path, chunk: int = 16 << 20) -> float:
+    """Read a file (or a folder's files) once, so it sits in the page cache; returns seconds."""
+    t0 = time.perf_counter()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    buf = bytearray(chunk)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def copy_fsync(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
+    """The I/O floor of any rewrite: copy ``src`` to ``dst`` and fsync it (``cp`` + ``sync``)."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
+        while True:
+            n = fi.readinto(buf)
+            if not n:
+                break
+            fo.write(view[:n])
+        os.fsync(fo.fileno())
+
+
+def random_orthonormal(rows: int, cols: int, generator):  # -> torch.Tensor (rows, cols), rows >= cols
+    """Q of the QR of a Gaussian (rows x cols) matrix in fp32: orthonormal columns, Haar-like."""
+    import torch
+
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float32)).Q
+
+
+def spectrum_matrix(rows: int, cols: int, S, seed: int = 0):  # -> torch.Tensor
+    """``U diag(S) V^T`` (rows x cols, fp32) with random orthonormal U (rows x p), V (cols x p),
+    p = len(S) <= min(rows, cols): a matrix with exactly the singular values S (up to fp32 rounding)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    p = S.numel()
+    U = random_orthonormal(rows, p, g)
+    V = random_orthonormal(cols, p, g)
+    W = (U * S.to(torch.float32)) @ V.T
+    del U, V
+    return W.contiguous()
+
+
+def write_tensors_safetensors(path: Path, tensors, metadata: dict[str, str] | None = None) -> None:
+    """Write ``(name, tensor)`` pairs (an iterable; each tensor is produced, written and dropped in
+    turn) given their specs up front: ``tensors`` is a list of (name, shape, dtype, make) with
+    ``make()`` returning the tensor. Header first, then each tensor's bytes, like write_safetensors."""
+    import torch
+
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+    specs = [TensorSpec(n, tuple(shape), names[dt]) for n, shape, dt, _ in tensors]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(_st_header(specs, {"format": "pt", **(metadata or {})}))
+        for (n, shape, dt, make), s in zip(tensors, specs, strict=True):
+            t = make()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dt:
+                raise ValueError(f"{n}: made {tuple(t.shape)} {t.dtype}, planned {shape} {dt}")
+            f.write(_tensor_bytes(t))
+            del t
+    os.replace(tmp, path)
+
+
+def lora_factors(out_dim: int, in_dim: int, rank: int, seed: int, decay: float = 1.0, dtype=None):
+    """A LoRA pair B (out x r), A (r x in) whose product has a decaying spectrum: A has Gaussian
+    rows scaled 1/sqrt(in), B Gaussian columns scaled by (i+1)^-decay. Deterministic in ``seed``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(rank, in_dim, generator=g) / in_dim**0.5
+    B = torch.randn(out_dim, rank, generator=g) * (torch.arange(1, rank + 1, dtype=torch.float32) ** -decay) * 0.05
+    dt = dtype or torch.float32
+    return B.to(dt).contiguous(), A.to(dt).contiguous()
+
+
+def write_peft_adapter(
+    folder: Path,
+    pairs: dict[str, tuple[object, object]],
+    rank: int,
+    alpha: float,
+) -> Path:
+    """A PEFT LoRA folder: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+    ``base_model.model.<module>.lora_A.weight`` (r x in) and ``...lora_B.weight`` (out x r).
+    ``pairs`` maps module -> (B, A)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(pairs),
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "task_type": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    items = []
+    for mod in sorted(pairs):
+        B, A = pairs[mod]
+        items.append((f"base_model.model.{mod}.lora_A.weight", tuple(A.shape), A.dtype, (lambda A=A: A)))
+        items.append((f"base_model.model.{mod}.lora_B.weight", tuple(B.shape), B.dtype, (lambda B=B: B)))
+    items.sort(key=lambda x: x[0])
+    write_tensors_safetensors(folder / "adapter_model.safetensors", items)
+    return folder
+
+
+def remove_path(p: Path) -> None:
+    """Delete a file or folder if present."""
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)

@@ -107,6 +107,7 @@ SENTENCES = (
 class VerifyCase:
     batch: int
     seq_len: int | None
+    shape: list[int]  # of the first input
     max_abs_error: float
     max_rel_error: float  # max|Δ| / max|reference|
 
@@ -202,7 +203,8 @@ class ExportResult:
 @dataclass
 class InputSpec:
     """How to feed the model: named text inputs (dynamic batch and sequence) or one tensor
-    ``x`` with a fixed per-sample shape (dynamic batch)."""
+    with a per-sample shape (dynamic batch; dynamic spatial axes too when the model runs at
+    two sizes, as fully convolutional nets with global pooling do)."""
 
     kind: str  # "text" | "tensor"
     names: list[str]
@@ -211,26 +213,42 @@ class InputSpec:
     vocab_size: int = 0
     max_len: int = 512
     pad_id: int = 0
+    spatial: bool = False  # tensor axes after the channel axis are dynamic
+
+    def _axis_names(self) -> dict[int, str]:
+        axes = {0: "batch"}
+        if self.kind == "text":
+            axes[1] = "sequence"
+        elif self.spatial:
+            rest = len(self.sample_shape) - 1
+            names = ["height", "width"] if rest == 2 else ["length"] if rest == 1 else [f"dim{i}" for i in range(rest)]
+            axes.update({2 + i: nm for i, nm in enumerate(names)})
+        return axes
 
     def dynamic_axes(self, output: str) -> dict[str, dict[int, str]]:
-        if self.kind == "text":
-            axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in self.names}
-        else:
-            axes = {n: {0: "batch"} for n in self.names}
+        axes: dict[str, dict[int, str]] = {n: self._axis_names() for n in self.names}
         axes[output] = {0: "batch"}
         return axes
 
     def describe(self) -> list[dict[str, Any]]:
         if self.kind == "text":
             return [{"name": n, "shape": ["batch", "sequence"], "dtype": "int64"} for n in self.names]
-        return [{"name": n, "shape": ["batch", *self.sample_shape], "dtype": "float32"} for n in self.names]
+        named = self._axis_names()
+        shape = [named.get(i + 1, d) for i, d in enumerate(self.sample_shape)]
+        return [{"name": n, "shape": ["batch", *shape], "dtype": "float32"} for n in self.names]
 
-    def make(self, batch: int, seq_len: int | None, seed: int, full: bool = False) -> dict[str, torch.Tensor]:
+    def alternative_shape(self) -> tuple[int, ...]:
+        """Another spatial size, to check (and then verify) dynamic spatial axes."""
+        c, *rest = self.sample_shape
+        return (c, *[d // 2 if min(rest) >= 16 else d * 2 for d in rest])
+
+    def make(self, batch: int, seq_len: int | None, seed: int, full: bool = False,
+             shape: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
         """A deterministic batch. Text rows have different real lengths (padding inside the
-        batch) unless ``full``; tensors are standard normal."""
+        batch) unless ``full``; tensors are standard normal (of ``shape`` when given)."""
         g = torch.Generator().manual_seed(seed)
         if self.kind == "tensor":
-            return {self.names[0]: torch.randn(batch, *self.sample_shape, generator=g)}
+            return {self.names[0]: torch.randn(batch, *(shape or self.sample_shape), generator=g)}
         seq = max(2, min(int(seq_len or 16), self.max_len))
         lengths = [seq if full or i == 0 else int(torch.randint(2, seq + 1, (1,), generator=g)) for i in range(batch)]
         if self.tokenizer is not None:
@@ -290,7 +308,8 @@ def _runs(model: nn.Module, shape: tuple[int, ...]) -> bool:
 
 def _infer_sample_shape(lm: LoadedModel) -> tuple[int, ...]:
     """The per-sample input shape of an ``--arch`` model, from its first layer: a Linear gives
-    (in_features,), a conv gives (channels, s, s) for the first common image size s that runs."""
+    (in_features,), a conv gives (channels, s, s) for the first common image size s that runs
+    (224 first: a model that runs at any size is exported with dynamic spatial axes anyway)."""
     shape = getattr(lm.model, "input_shape", None)
     if shape is not None:
         return tuple(int(d) for d in shape)
@@ -314,7 +333,7 @@ def input_spec(lm: LoadedModel, input_shape: Sequence[int] | None) -> InputSpec:
         shape = tuple(input_shape) if input_shape else _infer_sample_shape(lm)
         if input_shape and not _runs(lm.model, shape):
             raise InvalidOptionError(f"the model does not run on inputs of shape (batch, {', '.join(map(str, shape))}); check --input-shape")
-        return InputSpec("tensor", ["x"], shape)
+        return _with_spatial(InputSpec("tensor", ["x"], shape), lm.model)
     cfg = lm.model.config
     params = inspect.signature(lm.model.forward).parameters
     if "input_ids" in params:
@@ -341,9 +360,15 @@ def input_spec(lm: LoadedModel, input_shape: Sequence[int] | None) -> InputSpec:
             if size[0] is None:
                 raise InvalidOptionError("cannot tell the image size from config.json; pass --input-shape (e.g. 3,224,224)")
             shape = (int(getattr(cfg, "num_channels", 3)), int(size[0]), int(size[1]))
-        return InputSpec("tensor", ["pixel_values"], shape)
+        return _with_spatial(InputSpec("tensor", ["pixel_values"], shape), lm.model)
     raise UnsupportedError(f"cannot tell the inputs of {type(lm.model).__name__}: export supports text encoders "
                            "(input_ids) and vision models (pixel_values), or --arch modules", lm.source)
+
+
+def _with_spatial(spec: InputSpec, model: nn.Module) -> InputSpec:
+    if len(spec.sample_shape) >= 2:
+        spec.spatial = _runs(model, spec.alternative_shape())
+    return spec
 
 
 class _Exported(nn.Module):
@@ -720,12 +745,15 @@ def run_session(sess: Any, feed: dict[str, torch.Tensor], run_options: Any = Non
     return np.asarray(out, dtype=np.float32)
 
 
-def verify_cases(spec: InputSpec) -> list[tuple[int, int | None]]:
-    """Several batch sizes and lengths through the dynamic axes."""
+def verify_cases(spec: InputSpec) -> list[tuple[int, int | None, tuple[int, ...] | None]]:
+    """Several batch sizes and lengths (or spatial sizes) through the dynamic axes."""
     if spec.kind == "tensor":
-        return [(1, None), (2, None), (5, None)]
+        cases: list[tuple[int, int | None, tuple[int, ...] | None]] = [(1, None, None), (2, None, None), (5, None, None)]
+        if spec.spatial:
+            cases.append((2, None, spec.alternative_shape()))
+        return cases
     cap = spec.max_len
-    return sorted({(1, min(7, cap)), (2, min(16, cap)), (4, min(48, cap)), (8, min(128, cap))})
+    return [(b, s, None) for b, s in sorted({(1, min(7, cap)), (2, min(16, cap)), (4, min(48, cap)), (8, min(128, cap))})]
 
 
 def _compare(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -741,10 +769,10 @@ def _compare(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 def verify(sess: Any, lm: LoadedModel, spec: InputSpec, atol: float, reference: str = "pytorch",
            run_options: Any = None) -> Verification:
     cases = []
-    for i, (b, s) in enumerate(verify_cases(spec)):
-        feed = spec.make(b, s, seed=1000 + i)
+    for i, (b, s, shape) in enumerate(verify_cases(spec)):
+        feed = spec.make(b, s, seed=1000 + i, shape=shape)
         a, r = _compare(run_session(sess, feed, run_options), _reference(lm, feed))
-        cases.append(VerifyCase(b, s if spec.kind == "text" else None, a, r))
+        cases.append(VerifyCase(b, s if spec.kind == "text" else None, list(feed[spec.names[0]].shape), a, r))
     worst_a = max(c.max_abs_error for c in cases)
     worst_r = max(c.max_rel_error for c in cases)
     return Verification(sess.get_providers()[0], reference, atol, worst_a, worst_r, worst_a <= atol, cases)
@@ -893,7 +921,7 @@ def _build(
     ver = verify(sess, lm, spec, atol)
     if not ver.passed:
         worst = max(ver.cases, key=lambda c: c.max_abs_error)
-        where = f"batch {worst.batch}" + (f" x {worst.seq_len} tokens" if worst.seq_len else "")
+        where = "input " + "x".join(map(str, worst.shape))
         raise VerificationError(f"onnxruntime differs from PyTorch: max |diff| {ver.max_abs_error:.3g} > atol {atol:g} "
                                 f"(at {where}); nothing written", lm.source)
     adapter_files: list[Path] = []

@@ -83,10 +83,10 @@ def render(r: ExportResult) -> None:
         say(f"adapter file: {f}")
     v = r.verification
     t = Table(title=f"Verification: onnxruntime ({v.provider}) vs {v.reference}, atol {v.atol:g}", title_justify="left")
-    for c in ("batch", "seq len", "max abs error", "max rel error"):
+    for c in ("input shape", "max abs error", "max rel error"):
         t.add_column(c, justify="right")
     for c in v.cases:
-        t.add_row(str(c.batch), "-" if c.seq_len is None else str(c.seq_len), f"{c.max_abs_error:.3g}", f"{c.max_rel_error:.3g}")
+        t.add_row("x".join(map(str, c.shape)), f"{c.max_abs_error:.3g}", f"{c.max_rel_error:.3g}")
     con.print(t)
     say(f"verification: {'passed' if v.passed else 'FAILED'} (max abs {v.max_abs_error:.3g}, max rel {v.max_rel_error:.3g})")
     for av, f in zip(r.adapter_verification, r.adapter_files):

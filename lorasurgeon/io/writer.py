@@ -96,10 +96,14 @@ def atomic_path(path: str | Path, force: bool = False, directory: bool = False) 
     parent = final.parent
     prefix = f".{final.name}.tmp-"
     try:
+        umask = os.umask(0)
+        os.umask(umask)
         if directory:
             tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual permissions
         else:
             fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600
             os.close(fd)
             tmp = Path(name)
     except OSError as e:

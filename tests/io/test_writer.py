@@ -159,3 +159,14 @@ write_safetensors({str(tmp_path / 'o.safetensors')!r}, specs, gen())
     proc.wait(timeout=20)
     assert proc.returncode != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        f = save_state_dict(tmp_path / "o.safetensors", small_state_dict())
+        d = save_state_dict(tmp_path / "d", small_state_dict(), max_shard_bytes=10_000)
+    finally:
+        os.umask(umask)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert d.stat().st_mode & 0o777 == 0o755

@@ -150,10 +150,8 @@ def test_auto_picks_randomized_below_a_quarter_and_exact_above() -> None:
     assert torch.equal(svd.truncated_svd(w, 21, method="auto").U, svd.truncated_svd(w, 21, method="exact").U)
 
 
-def test_default_oversample_rule() -> None:
-    for k in (1, 8, 96, 1024):
-        assert svd.default_oversample(k) >= 10
-        assert svd.default_oversample(k) >= k // 2
+def test_default_oversample_rule_is_q_equals_2k() -> None:
+    assert [svd.default_oversample(k) for k in (1, 8, 10, 96, 1024)] == [10, 10, 10, 96, 1024]
 
 
 # ---------------------------------------------------------------------------
@@ -250,6 +248,18 @@ def test_gram_route_truncates_like_gesdd(shape: tuple[int, int]) -> None:
     torch.testing.assert_close(Sg.double(), S[:k], rtol=1e-5, atol=0)
     assert_orthonormal_columns(U.double(), 1e-5)
     assert_orthonormal_columns(Vh.T.double(), 1e-5)
+
+
+def test_exact_mode_routes_fp32_rectangular_cpu_matrices_through_gram() -> None:
+    assert svd._use_gram(torch.empty(90, 40))
+    assert svd._use_gram(torch.empty(40, 90))
+    assert not svd._use_gram(torch.empty(60, 50))  # near square: gesdd is as fast
+    assert not svd._use_gram(torch.empty(90, 40, dtype=torch.float64))  # fp64 keeps gesdd
+    W, _ = power_law(90, 40, alpha=1.0)
+    res = svd.truncated_svd(W.half(), 10, method="exact")
+    got = svd._gram_svd(W.half().float(), 10)
+    assert got is not None and torch.equal(res.U, got[0])
+    assert rel(recon(res).double(), best_rank_k(W.half().double(), 10)) < 1e-5
 
 
 def test_gram_route_declines_when_kept_values_are_below_its_precision() -> None:

@@ -182,23 +182,24 @@ def _valid_st_bytes() -> bytes:
         return p.read_bytes()
 
 
-def truncation_points(size: int, hlen: int, n: int | None) -> list[int]:
-    """Cut points of a file of ``size`` bytes with an ``hlen``-byte header: all of them when ``n``
-    is None, otherwise ``n`` spread over the length field, the header and the data."""
-    every = list(range(0, size))
-    if n is None:
-        return every
-    fixed = {0, 1, 4, 7, 8, 9, 8 + hlen // 2, 8 + hlen - 1, 8 + hlen, 8 + hlen + 1, size - 4, size - 1}
+def truncation_points(size: int, hlen: int, n: int | None, data_points: int = 40) -> list[int]:
+    """Cut points of a file of ``size`` bytes with an ``hlen``-byte header: with ``n`` None, every
+    byte of the length field and header and ``data_points`` spread over the data; otherwise
+    ``n`` points spread over all three, boundaries included."""
     rng = random.Random(size)
-    extra = rng.sample(every, k=max(0, n - len(fixed)))
-    return sorted({c for c in fixed | set(extra) if 0 <= c < size})[: max(n, len(fixed))]
+    data = range(8 + hlen, size)
+    if n is None:
+        return sorted(set(range(0, 8 + hlen)) | set(rng.sample(data, k=min(data_points, len(data)))))
+    fixed = {0, 1, 4, 7, 8, 9, 8 + hlen // 2, 8 + hlen - 1, 8 + hlen, 8 + hlen + 1, size - 4, size - 1}
+    rest = [c for c in range(size) if c not in fixed]
+    return sorted(fixed | set(rng.sample(rest, k=max(0, n - len(fixed)))))
 
 
-def truncated_cases(n: int | None) -> list[Case]:
+def truncated_cases(n: int | None, data_points: int = 40) -> list[Case]:
     data = _valid_st_bytes()
     (hlen,) = struct.unpack("<Q", data[:8])
     return [Case(f"truncated@{c}", _file("cut.safetensors", data[:c]), FILE_ROLES, "")
-            for c in truncation_points(len(data), hlen, n)]
+            for c in truncation_points(len(data), hlen, n, data_points)]
 
 
 def random_cases(seeds: Sequence[int], lengths: Sequence[int] = (1, 8, 64, 4096)) -> list[Case]:

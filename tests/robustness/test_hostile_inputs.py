@@ -34,10 +34,12 @@ from tests.robustness.hostile import (
     wrong_model_cases,
 )
 
-FAST_CASES: list[Case] = [
-    *header_cases(),
-    *truncated_cases(12),
-    *random_cases([0]),
+# Byte-level corruptions of one file all meet the same reader (Checkpoint.open); the fast suite
+# sends them through one command per distinct route to it, the slow suite through every command.
+FILE_LEVEL: list[Case] = [*header_cases(), *truncated_cases(12), *random_cases([0])]
+ROUTES = ("inspect", "factorize", "densify", "merge-adapter", "extract-tuned", "attach-data", "distill-student")
+# Everything else is about what a command does with a readable file: every command it fits.
+OTHER: list[Case] = [
     *pickle_cases(),
     *folder_cases(),
     *adapter_cases(),
@@ -46,13 +48,13 @@ FAST_CASES: list[Case] = [
     *factorized_metadata_cases(),
     *data_cases(),
 ]
-FAST = matrix(FAST_CASES)
+FAST = [(s, c) for s, c in matrix(FILE_LEVEL) if s.id in ROUTES] + matrix(OTHER)
 
-# The slow sweep: a cut at every byte of a small file and more random files, through the
-# commands that reach the reader by different paths (checkpoint, adapter, factorized, data).
-SLOW_SLOTS = ("inspect", "factorize", "merge-adapter", "densify", "extract-tuned", "attach-data")
-SLOW_CASES: list[Case] = [*truncated_cases(None), *random_cases(range(1, 9), lengths=(2, 9, 100, 1000, 20000))]
-SLOW = [(s, c) for s, c in matrix(SLOW_CASES) if s.id in SLOW_SLOTS]
+# The slow sweep: the byte-level cases through the other commands; a cut at every byte of a
+# small file's length field and header (and 40 points in its data); more random files.
+SWEEP: list[Case] = [*truncated_cases(None, data_points=40), *random_cases(range(1, 9), lengths=(2, 9, 100, 1000, 20000))]
+SLOW = [(s, c) for s, c in matrix(FILE_LEVEL) if s.id not in ROUTES] + [
+    (s, c) for s, c in matrix(SWEEP) if s.id in ("inspect", "merge-adapter", "densify", "attach-data")]
 
 
 def run_case(slot: Slot, case: Case, valid: Valid, dirs: tuple[Path, Path]) -> str:

@@ -3,8 +3,11 @@
 Deterministic for a seed on one machine: the shuffle order comes from a seeded generator, the
 global RNG (dropout, new heads) is seeded, and ``--resume`` restores both from the last epoch.
 Multi-process: under ``torchrun`` (WORLD_SIZE > 1) gradients are averaged across processes with
-``torch.distributed`` (gloo on CPU, nccl on CUDA); each process takes every world-th batch and
-rank 0 writes the outputs.
+``torch.distributed`` all-reduce (gloo on CPU, nccl on CUDA), as DistributedDataParallel does;
+``--batch-size`` is per process, process r takes batches r, r+W, ... of the shared seeded order, so
+a run on W processes equals a one-process run with W times the batch size. Rank 0 alone writes.
+BatchNorm: frozen layers keep their statistics (eval mode); trained ones use per-process batch
+statistics (no SyncBatchNorm).
 """
 
 from __future__ import annotations
@@ -147,8 +150,13 @@ def fit(
         raise InvalidOptionError("--resume: no saved training state for this output", resume_file)
     n_batches = math.ceil(len(train) / opts.batch_size)
     total_steps = n_batches * opts.epochs
+    trainable_ids = {id(p) for p in trainable}
+    frozen_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and not any(id(p) in trainable_ids for p in m.parameters(recurse=False))]
     for epoch in range(start_epoch, opts.epochs):
         model.train()
+        for m in frozen_norms:  # frozen BatchNorm keeps its running statistics (what the saved model uses)
+            m.eval()
         t0 = time.perf_counter()
         seen, loss_sum, loss_n = 0, 0.0, 0
         opt.zero_grad(set_to_none=True)

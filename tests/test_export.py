@@ -92,6 +92,13 @@ def tiny_bert_factorized(tiny_bert: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_bert_onnx(tiny_bert: Path) -> tuple[Path, dict]:
+    out = tiny_bert.parent / "exported" / "d.onnx"
+    out.parent.mkdir()
+    return out, run("export", str(tiny_bert), "-o", str(out))
+
+
 def text_feed(folder: Path, texts: list[str]) -> dict[str, np.ndarray]:
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     enc = tok(texts, padding=True, return_tensors="np")
@@ -181,8 +188,9 @@ def test_fp16_and_external_data(tmp_path: Path, mlp_weights: Path) -> None:
 
 
 # --------------------------------------------------------------------------- text encoders
-def test_tiny_bert_dense_and_factorized(tmp_path: Path, tiny_bert: Path, tiny_bert_factorized: Path) -> None:
-    dense = run("export", str(tiny_bert), "-o", str(tmp_path / "d.onnx"))
+def test_tiny_bert_dense_and_factorized(tmp_path: Path, tiny_bert: Path, tiny_bert_factorized: Path,
+                                       tiny_bert_onnx: tuple[Path, dict]) -> None:
+    dense_file, dense = tiny_bert_onnx
     fact = run("export", str(tiny_bert_factorized), "-o", str(tmp_path / "f.onnx"))
     assert [i["name"] for i in dense["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert dense["inputs"][0]["shape"] == ["batch", "sequence"] and dense["outputs"][0]["name"] == "embeddings"
@@ -193,26 +201,23 @@ def test_tiny_bert_dense_and_factorized(tmp_path: Path, tiny_bert: Path, tiny_be
         layers = factorized_layers(ck.metadata)
     in_graph = [n for n in layers if not n.startswith("pooler")]  # the pooler is unused by mean pooling
     assert fact["factorized_layers"] == len(layers) and in_graph
-    d_ops, f_ops = op_counts(tmp_path / "d.onnx"), op_counts(tmp_path / "f.onnx")
+    d_ops, f_ops = op_counts(dense_file), op_counts(tmp_path / "f.onnx")
     assert f_ops["MatMul"] + f_ops["Gemm"] == d_ops["MatMul"] + d_ops["Gemm"] + len(in_graph) == fact["matmul_nodes"]
     inits = {i.name: tuple(i.dims) for i in onnx.load(str(tmp_path / "f.onnx")).graph.initializer}
     rank = layers["encoder.layer.0.intermediate.dense"]["rank"]
     assert (32, rank) in inits.values() and (rank, 64) in inits.values() and (32, 64) not in inits.values()
     # Two batch sizes and lengths through the dynamic axes, against PyTorch on real tokenizer output.
     for texts in (["hello world"], SENTENCES[:5]):
-        for folder, onnx_file in ((tiny_bert, "d.onnx"), (tiny_bert_factorized, "f.onnx")):
+        for folder, onnx_file in ((tiny_bert, dense_file), (tiny_bert_factorized, tmp_path / "f.onnx")):
             feed = text_feed(folder, list(texts))
-            got = ort_run(tmp_path / onnx_file, feed)
+            got = ort_run(onnx_file, feed)
             assert got.shape == (len(texts), 32)
             np.testing.assert_allclose(got, torch_out(folder, feed), atol=1e-5)
 
 
-def test_byte_identical_repeat(tmp_path: Path, tiny_bert: Path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    run("export", str(tiny_bert), "-o", str(tmp_path / "a" / "m.onnx"))
-    run("export", str(tiny_bert), "-o", str(tmp_path / "b" / "other-name.onnx"))
-    assert sha(tmp_path / "a" / "m.onnx") == sha(tmp_path / "b" / "other-name.onnx")
+def test_byte_identical_repeat(tmp_path: Path, tiny_bert: Path, tiny_bert_onnx: tuple[Path, dict]) -> None:
+    res = run("export", str(tiny_bert), "-o", str(tmp_path / "other-name.onnx"))
+    assert sha(tmp_path / "other-name.onnx") == sha(tiny_bert_onnx[0]) == res["sha256"] == tiny_bert_onnx[1]["sha256"]
 
 
 def test_optimize_fuses_attention_and_stays_verified(tmp_path: Path, tiny_bert: Path) -> None:
@@ -321,7 +326,7 @@ def test_benchmark_with_baseline(tmp_path: Path, mlp_weights: Path) -> None:
     (tmp_path / "out").mkdir()
     res = run("export", str(fact), "--arch", MLP, "--baseline", str(mlp_weights), "--batch-size", "4",
               "--warmup", "1", "--runs", "3", "-o", str(tmp_path / "out" / "f.onnx"))
-    assert res["factorized_layers"] == 2 and res["matmul_nodes"] == 5  # fc1, fc2 as pairs; the classifier stays dense
+    assert res["factorized_layers"] == 3 and res["matmul_nodes"] == 6  # fc1, fc2 and the classifier as pairs
     b = res["benchmark"]
     assert (b["batch_size"], b["seq_len"], b["threads"], b["runs"]) == (4, None, 2, 3)
     for t in (b["pytorch"], b["onnxruntime"], b["baseline"]["pytorch"], b["baseline"]["onnxruntime"]):

@@ -142,3 +142,27 @@ def test_distill_improves_agreement(tmp_path: Path) -> None:
     assert json.loads(a.metadata["lorasurgeon"])["layers"] == json.loads(b.metadata["lorasurgeon"])["layers"]
     assert not torch.equal(a.get("fc1.weight_u"), b.get("fc1.weight_u"))
     assert torch.equal(a.get("classifier.weight"), b.get("classifier.weight"))  # only the factors trained
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo), batch 32 each, equals one process with batch 64."""
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this Python")
+    base = _base(tmp_path)
+    common = [str(base), "--arch", ARCH, "--data", "digits", "--limit", "512", "--val-split", "0.25", "--target", "fc*",
+              "--rank", "2", "--head", "classifier", "--epochs", "2", "--lr", "0.01", "--quiet"]
+    ls = [sys.executable, "-m", "lorasurgeon", "attach"]
+    subprocess.run([*ls, *common, "--batch-size", "64", "-o", str(tmp_path / "one")], check=True)
+    subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "lorasurgeon", "attach",
+                    *common, "--batch-size", "32", "-o", str(tmp_path / "two")], check=True, timeout=600)
+    from lorasurgeon.io.adapters import read_adapter
+
+    a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
+    for m in a.targets:
+        assert torch.allclose(a.targets[m].B, b.targets[m].B, atol=1e-5)
+        assert torch.allclose(a.targets[m].A, b.targets[m].A, atol=1e-5)

@@ -28,7 +28,9 @@ def _compute_dtype(w: torch.Tensor, fp64: bool) -> torch.dtype:
 
 def _check_finite(m: torch.Tensor, name: str | None) -> None:
     if not torch.isfinite(m).all():
-        raise FormatError(f"weight {name or ''} holds NaN or Inf values; cannot factorize it".replace("  ", " "))
+        raise FormatError(
+            f"weight {name or ''} holds NaN or Inf values; cannot factorize it".replace("  ", " ")
+        )
 
 
 def singular_values(w: torch.Tensor, *, fp64: bool = False, name: str | None = None) -> torch.Tensor:
@@ -436,9 +438,7 @@ def split_lora(res: SVDResult) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------
 
 
-def lowrank_svd(
-    B: torch.Tensor, A: torch.Tensor, k: int | None = None, *, fp64: bool = False
-) -> SVDResult:
+def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None, *, fp64: bool = False) -> SVDResult:
     """Exact SVD of the product B @ A without forming the (out, in) matrix.
 
     B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR), so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ; the SVD of the

@@ -92,13 +92,13 @@ def test_full_rank_truncation_is_exact() -> None:
 
 def test_randomized_within_one_percent_of_optimal_on_power_law() -> None:
     # The slowly decaying spectrum S_i ∝ i^-0.5 is the hard case for a range finder.
-    W, S = power_law(768, 192)
+    W, S = power_law(512, 128)
     w = W.float()
-    k = 48
+    k = 32
     optimal = svd.truncation_error(S, k)
-    for seed in range(3):
+    for seed in range(2):
         res = svd.truncated_svd(w, k, method="randomized", seed=seed)
-        assert res.U.shape == (768, k) and res.Vh.shape == (k, 192)
+        assert res.U.shape == (512, k) and res.Vh.shape == (k, 128)
         err = svd.relative_error(w, res)
         assert optimal <= err * (1 + 1e-5)  # nothing beats Eckart–Young
         assert err <= 1.01 * optimal, (seed, err / optimal - 1)
@@ -129,7 +129,9 @@ def test_randomized_deterministic_for_a_seed_and_leaves_global_rng_alone() -> No
 
 def test_randomized_rank_deficient_matrix_is_recovered() -> None:
     g = gen()
-    w = torch.randn(100, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 80, generator=g, dtype=torch.float64)
+    w = torch.randn(100, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 80, generator=g, dtype=torch.float64
+    )
     res = svd.truncated_svd(w, 10, method="randomized")
     assert svd.relative_error(w, res) < 1e-12
     assert float(res.S[5:].abs().max()) < 1e-10 * float(res.S[0])
@@ -358,7 +360,11 @@ def test_lowrank_svd_truncation_is_eckart_young(k: int) -> None:
 def test_stack_factors_equals_dense_weighted_sum() -> None:
     g = gen()
     pairs = [
-        (torch.randn(24, r, generator=g, dtype=torch.float64), torch.randn(r, 18, generator=g, dtype=torch.float64), c)
+        (
+            torch.randn(24, r, generator=g, dtype=torch.float64),
+            torch.randn(r, 18, generator=g, dtype=torch.float64),
+            c,
+        )
         for r, c in ((4, 0.7), (2, -1.5), (8, 2.0))
     ]
     dense = sum(c * (b @ a) for b, a, c in pairs)
@@ -387,4 +393,6 @@ def test_stack_factors_conv_and_dtypes() -> None:
     with pytest.raises(FormatError):
         svd.stack_factors([])
     with pytest.raises(FormatError):
-        svd.stack_factors([(torch.randn(8, 2), torch.randn(2, 5), 1.0), (torch.randn(7, 2), torch.randn(2, 5), 1.0)])
+        svd.stack_factors(
+            [(torch.randn(8, 2), torch.randn(2, 5), 1.0), (torch.randn(7, 2), torch.randn(2, 5), 1.0)]
+        )

@@ -158,6 +158,7 @@ class Case:
     problem: str = ""
     only: frozenset[str] | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
+    may_succeed: bool = False  # harmless lies (the memory test only): a correct read is fine too
 
 
 def _file(name: str, content: bytes) -> Builder:

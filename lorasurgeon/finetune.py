@@ -260,6 +260,7 @@ class DistillResult:
     before: dict[str, float]
     after: dict[str, float]
     fit: dict[str, Any]
+    test: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -318,7 +319,7 @@ def distill_student(
     kind = loss if loss != "auto" else ("kl" if lt.has_head else "cosine")
     if kind not in ("kl", "mse", "cosine"):
         raise InvalidOptionError(f"--loss must be auto, kl, mse or cosine, got {loss!r}")
-    train, val, _test, _ds = _prepare_data(lt, data, opts, text_column=text_column, label_column=label_column,
+    train, val, test, _ds = _prepare_data(lt, data, opts, text_column=text_column, label_column=label_column,
                                            image_size=image_size, limit=limit, need_labels=False)
     model = ls.model
     for p in model.parameters():
@@ -363,6 +364,9 @@ def distill_student(
     after = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
     result = DistillResult("lorasurgeon.distill/1", str(out), kind, temperature, sum(p.numel() for _, p in params),
                            before, after, fr.to_json())
+    if test is not None:  # never used for choosing: scored once, teacher against student
+        t_test = predict(t_out, test, opts.batch_size * 2, opts.device)
+        result.test = _fidelity(kind, predict(s_out, test, opts.batch_size * 2, opts.device), t_test, test.labels)
     if is_main_process():
         _write_student(ls, Path(student), out, teacher, data, result, force or resume,
                        {"loss": kind, "temperature": temperature, "train_bias_norm": train_bias_norm,

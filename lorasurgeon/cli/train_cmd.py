@@ -79,13 +79,13 @@ def distill_command(
     temperature: Annotated[float, typer.Option("--temperature", "-T")] = 2.0,
     train_bias_norm: Annotated[bool, typer.Option("--train-bias-norm", help="Also train biases and norm layers.")] = False,
     epochs: EpochsOpt = 3, lr: LrOpt = 1e-4, batch_size: BsOpt = 32, grad_accum: AccOpt = 1, weight_decay: WdOpt = 0.0,
-    seed: SeedOpt = 0, val_split: ValOpt = 0.1, max_length: MaxLenOpt = 128,
+    seed: SeedOpt = 0, val_split: ValOpt = 0.1, test_split: TestOpt = 0.0, max_length: MaxLenOpt = 128,
     text_column: TextColOpt = "text", label_column: LabelColOpt = "label", image_size: ImgOpt = None, limit: LimitOpt = None,
     device: DevOpt = "cpu", resume: ResumeOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Train a factorized student to match its teacher's outputs (labels optional)."""
     with handle_errors(json_out):
-        opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, 0.0, max_length, device)
+        opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, test_split, max_length, device)
         with progress("distill", quiet) as cb:
             r = distill_student(teacher, student, data, output, arch=arch, loss=loss, temperature=temperature,
                                 train_bias_norm=train_bias_norm, opts=opts, text_column=text_column, label_column=label_column,
@@ -119,4 +119,6 @@ def render_distill(r: DistillResult) -> None:
     con.print(f"loss: {r.loss}" + (f" (T={r.temperature:g})" if r.loss == "kl" else "") + f"; trainable parameters {r.trainable_params:,}")
     con.print(_history(r.fit, r.fit["metric_name"]))
     for k in r.after:
-        con.print(f"{k}: {r.before[k]:.4f} -> {r.after[k]:.4f}")
+        con.print(f"{k}: {r.before[k]:.4f} -> {r.after[k]:.4f} (validation)")
+    for k, v in (r.test or {}).items():
+        con.print(f"test {k}: {v:.4f}")

@@ -67,7 +67,7 @@ def main() -> int:
         frac = r.factorized_params_after / r.factorized_params_before
         rows[f"factorized {name}"] = {"params_fraction": round(frac, 4), "test_accuracy": test_accuracy(f, "digits")}
         d = out / f"distilled-{name}.safetensors"
-        dr = distill_student(teacher, f, "digits", d, arch=ARCH, opts=TrainOptions(epochs=args.epochs, lr=3e-3, batch_size=64, **SPLIT))
+        dr = distill_student(teacher, f, "digits", d, arch=ARCH, opts=TrainOptions(epochs=args.epochs, lr=1e-3, batch_size=64, **SPLIT))
         rows[f"factorized {name} + distill"] = {"params_fraction": round(frac, 4), "test_accuracy": test_accuracy(d, "digits"),
                                                 "test_agreement": dr.test["top1_agreement"]}
     # (d) domain adapters

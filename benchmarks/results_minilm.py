@@ -66,7 +66,7 @@ def part_lora(out: Path, epochs: int, limit: int | None) -> dict:
 
 
 def part_compress(out: Path, ratios: list[float], methods: list[str], distill_methods: list[str], epochs: int,
-                  samples: int, heldout_n: int, distill_limit: int) -> dict:
+                  samples: int, heldout_n: int, distill_limit: int, lr: float = 1e-4) -> dict:
     train, test_texts = write_splits(out)
     teacher = load_model(minilm())
     held = load_dataset(train)  # for the class list only
@@ -88,7 +88,7 @@ def part_compress(out: Path, ratios: list[float], methods: list[str], distill_me
             if method in distill_methods:
                 t1 = time.perf_counter()
                 distill_student(minilm(), f, train, out / f"d-{method}-{ratio}", loss="cosine", limit=distill_limit, force=True,
-                                opts=TrainOptions(epochs=epochs, lr=3e-4, batch_size=16, max_length=128, val_split=0.1, seed=0))
+                                opts=TrainOptions(epochs=epochs, lr=lr, batch_size=16, max_length=128, val_split=0.1, seed=0))
                 after = fidelity(teacher, load_model(out / f"d-{method}-{ratio}").model, held)["mean_cosine"]
                 rows[key].update({"cosine_distilled": after, "distill_seconds": round(time.perf_counter() - t1, 1)})
                 shutil.rmtree(out / f"d-{method}-{ratio}", ignore_errors=True)
@@ -111,6 +111,7 @@ def main() -> int:
     ap.add_argument("--distill-limit", type=int, default=1024)
     ap.add_argument("--limit", type=int, default=None, help="lora part: articles used")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -119,7 +120,7 @@ def main() -> int:
         rows = part_lora(out, args.epochs, args.limit)
     else:
         rows = part_compress(out, [float(x) for x in args.ratios.split(",")], args.methods.split(","),
-                             args.distill_methods.split(","), args.epochs, args.samples, args.heldout, args.distill_limit)
+                             args.distill_methods.split(","), args.epochs, args.samples, args.heldout, args.distill_limit, args.lr)
     print(json.dumps(rows, indent=2))
     return 0
 

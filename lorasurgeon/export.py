@@ -478,10 +478,10 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
                 continue
             shape = tuple(params[hit + ".weight"].shape)
             if tuple(t.delta_shape()) != shape:
-                problems.append(f"{m} (adapter {list(t.delta_shape())} vs model {list(shape)})")
+                problems.append(f"{path.name}: {m} (adapter {list(t.delta_shape())} vs model {list(shape)})")
                 continue
             if t.bias is not None and hit + ".bias" not in params:
-                problems.append(f"{m} (LoRA bias but the model's layer has no bias)")
+                problems.append(f"{path.name}: {m} (LoRA bias but the model's layer has no bias)")
                 continue
             tmap[m] = hit
         out.append((path, ad, tmap))

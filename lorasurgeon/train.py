@@ -118,7 +118,8 @@ def fit(
     resume: bool = False,
 ) -> FitResult:
     """AdamW over ``params`` with gradient accumulation; validation after each epoch; the best
-    epoch's parameters (by ``evaluate``, higher is better) are loaded back at the end.
+    epoch's parameters (by ``evaluate``, higher is better; epoch 0 = the starting parameters) are
+    loaded back at the end.
 
     Args:
         params: (name, parameter) pairs to train; everything else stays frozen.
@@ -133,7 +134,9 @@ def fit(
     trainable = [p for _, p in params]
     opt = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
     history: list[EpochRecord] = []
-    best = (-math.inf, 0, {n: p.detach().clone() for n, p in params})
+    # Epoch 0 is the starting point: training never returns parameters that validate worse.
+    model.eval()
+    best = (evaluate(val), 0, {n: p.detach().clone() for n, p in params})
     start_epoch = 0
     if resume and resume_file is not None and resume_file.is_file():
         st = torch.load(resume_file, map_location="cpu", weights_only=True)

@@ -145,26 +145,26 @@ def _check_rank(k: int, m: int, n: int) -> int:
 def default_oversample(k: int) -> int:
     """Default oversampling p of the randomized SVD: the sketch has q = k + p = 2k columns (q >= k + 10).
 
-    Chosen by measurement (2-core CPU shared with other jobs, fp32, 2 QR-orthonormalised power
-    iterations, this module's range finder; "excess" = relative Frobenius error over the exact
-    truncation's, max over seeds/layers; target: every layer within 1%):
+    Chosen by measurement (fp32, 2 QR-orthonormalised power iterations, this module's range
+    finder; "excess" = relative Frobenius error over the exact truncation's, the max over
+    seeds and layers; target: every layer within 1%):
 
-    =============================================  ======  ======  ======  ======
-    p (oversample)                                 10      k/2     3k/4    k
-    =============================================  ======  ======  ======  ======
-    synthetic S_i ∝ i^-0.5, 1536x384, k=96         1.71%   0.60%   0.31%   0.18%
-    synthetic S_i ∝ i^-0.5, 4096x4096, k=64        0.47%   0.21%   --      0.06%
-    synthetic S_i ∝ i^-0.5, 4096x11008, k=1024     2.28%   0.53%   0.29%   0.16%
-    all-MiniLM-L6-v2, 37 linears, k = 25% of min   2.88%   1.06%   0.65%   0.38%
-    all-MiniLM-L6-v2, 37 linears, k = 12.5%        1.94%   1.19%   0.79%   0.58%
-    =============================================  ======  ======  ======  ======
+    ===============================================  ======  ======  ======  ======
+    p (oversample)                                   10      k/2     3k/4    k
+    ===============================================  ======  ======  ======  ======
+    synthetic S_i ∝ i^-0.5, 1536x384, k=96, 5 seeds  1.71%   0.60%   0.31%   0.18%
+    synthetic S_i ∝ i^-0.5, 4096x4096, k=64          0.47%   0.21%   --      0.06%
+    synthetic S_i ∝ i^-0.5, 4096x11008, k=1024       2.28%   0.53%   0.29%   0.16%
+    all-MiniLM-L6-v2, 37 linears, k = 25% of min     2.88%   1.06%   0.65%   0.38%
+    all-MiniLM-L6-v2, 37 linears, k = 12.5% of min   1.94%   1.19%   0.93%   0.60%
+    CPU seconds, 4096x11008, k=1024, 1 thread        14.2    19.3    24.8    31.6
+    ===============================================  ======  ======  ======  ======
 
-    Only 3k/4 and k meet 1% on every real layer; 3k/4 leaves 0.2% of margin for ~12% less
-    sketch work (the cost is linear in q: 6 passes over W plus QRs of (m, q) blocks), so the
-    default is p = k: q = 2k, the setting the issue reported under 0.4% on MiniLM. Flatter
-    spectra are harder (S_i ∝ i^-0.1 at 1536x384, k=96: q=2k is 1.13% over); pass a larger
-    ``oversample`` or ``power_iters``, or use the exact method, where that matters.
-    Timing (4096x11008, k=1024): q=2k ~58 s against 200 s for a full SVD (GUIDE §6).
+    k/2 misses 1% on real layers; 3k/4 meets it but only just (0.93% on MiniLM's pooler at
+    12.5% rank, 5 seeds), so the default is p = k, q = 2k: 28% more work than 3k/4 for a
+    margin that holds (worst real layer 0.60%); the issue also reported q = 2k under 0.4%.
+    Flatter spectra are harder (S_i ∝ i^-0.1, 1536x384, k=96: q = 2k is 1.13% over, k/2
+    1.69%); pass a larger ``oversample`` or ``power_iters``, or use the exact method, there.
     """
     return max(10, k)
 
@@ -209,16 +209,19 @@ def _gram_svd(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return Ua, S, V.T.contiguous()
 
 
-# Smallest sigma_k / sigma_1 the fp64 Gram route accepts. eigh gives eigenvalues of the Gram
-# matrix to about eps64 * sigma_1² absolute, so sigma_k = 1e-6 sigma_1 still has ~1e-4 relative
-# accuracy; below it the route declines and gesdd runs.
-_GRAM_MIN_RATIO = 1e-6
+# Smallest sigma_k / sigma_1 the fp64 Gram route accepts. The Gram matrix squares the condition
+# number: U = W V / S loses orthonormality as eps64 * (sigma_1 / sigma_k)². Measured on a
+# 1200x400 fp32 matrix with S log-spaced 1..1e-9, truncated where sigma_k / sigma_1 reaches
+# 1e-4 / 1e-5 / 1e-6 / 1e-7: U orthonormal to 8e-9 / 1.5e-7 / 1.4e-5 / 4.8e-2 (gesdd32: 2.2e-6
+# throughout), reconstruction within 5e-8 of the fp64 best rank-k (gesdd32: 1e-6..5e-6).
+# Down to 1e-5 the Gram route is at least as good as gesdd32 on every count; below, gesdd runs.
+_GRAM_MIN_RATIO = 1e-5
 
 
 def _use_gram(m: torch.Tensor) -> bool:
     """Whether exact mode takes the fp64 Gram route instead of gesdd.
 
-    Measured (2-core CPU shared with other jobs, min of several runs; power-law S_i ∝ i^-0.5;
+    Measured (2-core CPU shared with other jobs, wall time, min of 1-7 runs; S_i ∝ i^-0.5;
     "recon" = ||U S Vh (Gram) - U S Vh (gesdd)||_F / ||W||_F at the same k):
 
     ======================  =========  ============  ============  ===================
@@ -240,7 +243,7 @@ def _use_gram(m: torch.Tensor) -> bool:
 
     The fp64 Gram route truncates like gesdd to fp32 round-off (recon <= 4e-6, the same
     relative errors to 6 digits, U orthonormal to 1e-8 where gesdd32 reaches 1e-6) and is
-    1.3-3.3x faster once the aspect ratio reaches 1.5; on square matrices it is no faster
+    1.3-2.9x faster once the aspect ratio reaches 1.5; on square matrices it is no faster
     (0.65-1.0x). An fp32 Gram matrix is faster still but squares the condition number in fp32:
     its truncation drifts by up to 1.8e-3 with U orthonormal only to 4e-4, so it is rejected.
     Hence: CPU, fp32 compute, and max(m, n) >= 1.5 min(m, n). fp64 requests keep gesdd: the
@@ -314,7 +317,7 @@ def truncated_svd(
         method: "exact": the best rank-k approximation (Eckart–Young), by gesdd then
             truncation, or, for fp32 on CPU with an aspect ratio >= 1.5, by the fp64 Gram
             matrix's eigendecomposition, which truncates identically to fp32 round-off and
-            measured 1.3-3.3x faster (see ``_use_gram``); "randomized": Halko et al. range
+            measured 1.3-2.9x faster (see ``_use_gram``); "randomized": Halko et al. range
             finder (see ``default_oversample`` for its accuracy); "auto": randomized when
             k <= min(m, n) / 4, else exact.
         fp64: compute in fp64 whatever the input dtype.
@@ -343,6 +346,9 @@ def truncated_svd(
     m = m.to(_compute_dtype(w, fp64))  # a copy when the dtype changes; never written to
     _check_finite(m, name)
     if method == "auto":
+        # Measured at the boundary, 4096x11008, k=1024, 1 thread: the exact fp64 Gram route took
+        # 32.2 CPU-s, the randomized q = 2k sketch 31.5 CPU-s (0.16% over optimal). On such
+        # rectangular fp32 matrices exact is as cheap there; the k <= min/4 rule is kept (GUIDE §4).
         method = "randomized" if k <= min(rows, cols) / 4 else "exact"
     if method == "randomized":
         q = k + (default_oversample(k) if oversample is None else oversample)

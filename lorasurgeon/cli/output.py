@@ -28,9 +28,18 @@ def _is_tty(stream: Any) -> bool:
         return False
 
 
+def _tolerant(stream: Any) -> Any:
+    """File names may hold bytes that are not UTF-8 (Python keeps them as surrogate escapes): print
+    them backslash-escaped, as stderr does, instead of failing on a strict UTF-8 stdout."""
+    if getattr(stream, "errors", None) == "strict":
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
+    return stream
+
+
 def stdout_console() -> Console:
     tty = _is_tty(sys.stdout)
-    return Console(file=sys.stdout, width=None if tty else 160, soft_wrap=False, highlight=False)
+    return Console(file=_tolerant(sys.stdout), width=None if tty else 160, soft_wrap=False, highlight=False)
 
 
 def stderr_console() -> Console:

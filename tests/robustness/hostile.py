@@ -84,6 +84,7 @@ class Valid:
     peft2: Path  # a second PEFT adapter for the same model
     kohya: Path  # kohya file for the same targets
     fact: Path  # factorized base (fc1, fc2 at rank 4)
+    data: Path  # 200 labelled digits (x: 200×1×8×8, y) as .npz: quicker to load than the named set
 
 
 def peft_state(seed: int, rank: int = 2, dims: dict[str, tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
@@ -136,7 +137,12 @@ def make_valid(root: Path) -> Valid:
     save_file(kohya_sd, kohya)
     fact = root / "fact.safetensors"
     factorize_checkpoint(base, fact, rule=RankRule("rank", 4.0, None), include=["fc*"], svd_method="exact")
-    return Valid(root, base, tuned, peft, peft2, kohya, fact)
+    from lorasurgeon.data import load_dataset
+
+    digits = load_dataset("digits", limit=200)
+    data = root / "digits200.npz"
+    np.savez(data, x=digits.inputs["x"].numpy(), y=digits.labels.numpy())
+    return Valid(root, base, tuned, peft, peft2, kohya, fact, data)
 
 
 # ----------------------------------------------------------------------------- hostile cases
@@ -638,13 +644,16 @@ def wrong_model_cases() -> list[Case]:
         return p, ["other_shapes.safetensors"]
 
     return [
-        Case("adapter-other-model-names", adapter_names, frozenset({"adapter"}), "match no", only=frozenset({"merge-adapter"})),
+        Case("adapter-other-model-names", adapter_names, frozenset({"adapter"}), "match no",
+             only=frozenset({"merge-adapter", "export-adapter"})),
         Case("adapter-other-model-shapes", adapter_shapes, frozenset({"adapter"}), "do not fit|different models|differs",
-             only=frozenset({"merge-adapter", "compose"})),
+             only=frozenset({"merge-adapter", "compose", "export-adapter"})),
         Case("ckpt-other-model-names", ckpt_names, frozenset({"ckpt"}), "match no|do not fit|differs|nothing to extract",
-             only=frozenset({"merge-base", "convert-base", "attach-model", "distill-teacher", "extract-tuned"})),
+             only=frozenset({"merge-base", "convert-base", "attach-model", "distill-teacher", "extract-tuned",
+                             "export-model", "factorize-calibrated"})),
         Case("ckpt-other-model-shapes", ckpt_shapes, frozenset({"ckpt"}), "do not fit|in the base but|size",
-             only=frozenset({"merge-base", "attach-model", "distill-teacher", "extract-tuned"})),
+             only=frozenset({"merge-base", "attach-model", "distill-teacher", "extract-tuned", "export-model",
+                             "factorize-calibrated"})),
     ]
 
 
@@ -670,9 +679,9 @@ def nonfinite_cases() -> list[Case]:
         ckpt, adapter = _nonfinite(val)
         out.append(Case(f"ckpt-{label}-weight", ckpt, frozenset({"ckpt"}), "NaN|Inf",
                         only=frozenset({"inspect-spectrum", "factorize", "extract-tuned", "merge-base",
-                                        "attach-model", "distill-teacher"})))
+                                        "attach-model", "distill-teacher", "export-model", "factorize-calibrated"})))
         out.append(Case(f"adapter-{label}-factor", adapter, frozenset({"adapter"}), "NaN|Inf",
-                        only=frozenset({"merge-adapter", "resize", "compose", "convert"})))
+                        only=frozenset({"merge-adapter", "resize", "compose", "convert", "export-adapter"})))
     return out
 
 
@@ -781,12 +790,18 @@ def _s(*a: object) -> list[str]:
     return [os.fsdecode(x) if isinstance(x, Path) else str(x) for x in a]
 
 
-TRAIN = ["--epochs", "1", "--batch-size", "256", "--limit", "300", "--quiet"]
+TRAIN = ["--epochs", "1", "--batch-size", "256", "--quiet"]
 SLOTS: list[Slot] = [
     Slot("inspect", "ckpt", lambda h, v, o: _s("inspect", h)),
     Slot("inspect-adapter", "adapter", lambda h, v, o: _s("inspect", h)),
     Slot("inspect-spectrum", "ckpt", lambda h, v, o: _s("inspect", h, "--spectrum")),
     Slot("factorize", "ckpt", lambda h, v, o: _s("factorize", h, "-o", o / "f.safetensors", "--rank", "2", "--quiet")),
+    Slot("factorize-calibrated", "ckpt", lambda h, v, o: _s("factorize", h, "--arch", ARCH, "--calibration", v.data,
+                                                           "--method", "svd-llm", "-o", o / "f.safetensors", "--rank", "2",
+                                                           "--quiet")),
+    Slot("factorize-calibration", "data", lambda h, v, o: _s("factorize", v.base, "--arch", ARCH, "--calibration", h,
+                                                            "--method", "asvd", "-o", o / "f.safetensors", "--rank", "2",
+                                                            "--quiet")),
     Slot("densify", "fact", lambda h, v, o: _s("factorize", "--densify", h, "-o", o / "d.safetensors", "--quiet")),
     Slot("merge-base", "ckpt", lambda h, v, o: _s("merge", h, v.peft, "-o", o / "m.safetensors", "--quiet")),
     Slot("merge-adapter", "adapter", lambda h, v, o: _s("merge", v.base, h, "-o", o / "m.safetensors", "--quiet")),
@@ -798,14 +813,18 @@ SLOTS: list[Slot] = [
                                                    "--quiet")),
     Slot("extract-tuned", "ckpt", lambda h, v, o: _s("extract", "--base", v.base, "--tuned", h, "-o", o / "e", "--rank", "2",
                                                     "--quiet")),
-    Slot("attach-model", "ckpt", lambda h, v, o: _s("attach", h, "--arch", ARCH, "--data", "digits", "-o", o / "a",
+    Slot("attach-model", "ckpt", lambda h, v, o: _s("attach", h, "--arch", ARCH, "--data", v.data, "-o", o / "a",
                                                    "--target", "fc*", *TRAIN)),
     Slot("attach-data", "data", lambda h, v, o: _s("attach", v.base, "--arch", ARCH, "--data", h, "-o", o / "a",
                                                   "--target", "fc*", *TRAIN)),
     Slot("distill-teacher", "ckpt", lambda h, v, o: _s("distill", "--teacher", h, "--student", v.fact, "--arch", ARCH,
-                                                      "--data", "digits", "-o", o / "s.safetensors", *TRAIN)),
+                                                      "--data", v.data, "-o", o / "s.safetensors", *TRAIN)),
     Slot("distill-student", "fact", lambda h, v, o: _s("distill", "--teacher", v.base, "--student", h, "--arch", ARCH,
-                                                      "--data", "digits", "-o", o / "s.safetensors", *TRAIN)),
+                                                      "--data", v.data, "-o", o / "s.safetensors", *TRAIN)),
+    Slot("export-model", "ckpt", lambda h, v, o: _s("export", h, "--arch", ARCH, "-o", o / "e.onnx", "--quiet")),
+    Slot("export-fact", "fact", lambda h, v, o: _s("export", h, "--arch", ARCH, "-o", o / "e.onnx", "--quiet")),
+    Slot("export-adapter", "adapter", lambda h, v, o: _s("export", v.base, "--arch", ARCH, "-a", h, "-o", o / "e.onnx",
+                                                        "--quiet")),
     Slot("distill-data", "data", lambda h, v, o: _s("distill", "--teacher", v.base, "--student", v.fact, "--arch", ARCH,
                                                    "--data", h, "-o", o / "s.safetensors", *TRAIN)),
 ]

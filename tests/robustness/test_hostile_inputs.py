@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.robustness.hostile import (
+    SLOTS,
     Case,
     Slot,
     Valid,
@@ -34,26 +35,29 @@ from tests.robustness.hostile import (
     wrong_model_cases,
 )
 
-# Byte-level corruptions of one file all meet the same reader (Checkpoint.open); the fast suite
-# sends them through one command per distinct route to it, the slow suite through every command.
-FILE_LEVEL: list[Case] = [*header_cases(), *truncated_cases(12), *random_cases([0])]
-ROUTES = ("inspect", "factorize", "densify", "merge-adapter", "extract-tuned", "attach-data", "distill-student")
+# Byte-level corruptions, pickles and broken folders all meet the same reader (Checkpoint.open):
+# the fast suite sends them through one command per distinct route to it, the slow suite
+# through every command.
+FILE_LEVEL: list[Case] = [*header_cases(), *truncated_cases(10), *random_cases([0]), *pickle_cases(), *folder_cases()]
+ROUTES = ("inspect", "factorize", "densify", "merge-adapter", "attach-data", "distill-student")
 # Everything else is about what a command does with a readable file: every command it fits.
 OTHER: list[Case] = [
-    *pickle_cases(),
-    *folder_cases(),
     *adapter_cases(),
     *wrong_model_cases(),
     *nonfinite_cases(),
     *factorized_metadata_cases(),
     *data_cases(),
 ]
-FAST = [(s, c) for s, c in matrix(FILE_LEVEL) if s.id in ROUTES] + matrix(OTHER)
+# ...and a sample of them through every command, so each argument meets a lie, a pickle and an
+# escaping index in the fast suite too.
+SAMPLE = {"empty", "hlen-1e12", "offsets-past-end", "key-lone-surrogate", "pickle-os-system-zip",
+          "pickle-peft-adapter_model.bin", "pickle-evil-data.pkl-in-zip", "index-outside-folder", "index-symlink-escapes"}
+FAST = [(s, c) for s, c in matrix(FILE_LEVEL) if s.id in ROUTES or c.id in SAMPLE] + matrix(OTHER)
 
-# The slow sweep: the byte-level cases through the other commands; a cut at every byte of a
+# The slow sweep: the reader-level cases through the other commands; a cut at every byte of a
 # small file's length field and header (and 40 points in its data); more random files.
 SWEEP: list[Case] = [*truncated_cases(None, data_points=40), *random_cases(range(1, 9), lengths=(2, 9, 100, 1000, 20000))]
-SLOW = [(s, c) for s, c in matrix(FILE_LEVEL) if s.id not in ROUTES] + [
+SLOW = [(s, c) for s, c in matrix(FILE_LEVEL) if s.id not in ROUTES and c.id not in SAMPLE] + [
     (s, c) for s, c in matrix(SWEEP) if s.id in ("inspect", "merge-adapter", "densify", "attach-data")]
 
 
@@ -80,11 +84,13 @@ def test_hostile_input_sweep(slot: Slot, case: Case, valid: Valid, dirs: tuple[P
 
 
 def test_every_slot_gets_cases() -> None:
-    """Guard against a refactor that silently drops a command from the matrix."""
-    from tests.robustness.hostile import SLOTS
-
-    counts = {s.id: 0 for s in SLOTS}
+    """Guard against a refactor that silently drops a command from the matrix (fast and slow)."""
+    fast = {s.id: 0 for s in SLOTS}
+    every = {s.id: 0 for s in SLOTS}
     for s, _ in FAST:
-        counts[s.id] += 1
-    assert all(n >= 5 for k, n in counts.items() if k != "inspect-spectrum"), counts
-    assert counts["inspect-spectrum"] >= 3
+        fast[s.id] += 1
+        every[s.id] += 1
+    for s, _ in SLOW:
+        every[s.id] += 1
+    assert all(n >= 3 for n in fast.values()), fast
+    assert all(n >= 20 for k, n in every.items() if k != "inspect-spectrum"), every

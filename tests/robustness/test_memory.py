@@ -142,6 +142,7 @@ def test_the_measure_sees_an_allocation() -> None:
     assert code == 0 and peak > 700
 
 
+@pytest.mark.slow
 def test_real_process_1e12_header(valid: Valid, tmp_path: Path) -> None:
     """The console entry point itself (python -m lorasurgeon), not the in-process runner."""
     _real_cli_case("hlen-1e12", "factorize", valid, tmp_path)

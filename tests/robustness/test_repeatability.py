@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.robustness.hostile import Valid, invoke, temp_leftovers
-from tests.robustness.writers import WRITER_BY_ID, WRITERS, Writer, copy_valid, snapshot
+from tests.robustness.writers import WRITER_BY_ID, WRITERS, Writer, copy_valid, params, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,12 +23,13 @@ def _run(w: Writer, v: Valid, out_dir: Path) -> dict[str, bytes]:
     res = invoke(w.argv(v, out_dir / w.out_name))
     assert res.code == 0, res.stderr
     assert temp_leftovers(out_dir) == []
-    snap = snapshot(out_dir / w.out_name)
-    assert snap, "no output written"
+    snap = snapshot(out_dir)  # every file in the output folder (export writes adapter files beside its output)
+    assert w.out_name in {n.split("/")[0] for n in snap}, "no output written"
     return snap
 
 
-@pytest.mark.parametrize("writer", WRITERS, ids=[w.id for w in WRITERS])
+# Every command in the fast suite; its other option sets (DARE's seeded masks among them) slow.
+@pytest.mark.parametrize("writer", params(WRITERS, lambda w: w.variant))
 def test_twice_byte_identical_wherever_the_files_lie(writer: Writer, valid: Valid, tmp_path: Path) -> None:
     first = _run(writer, valid, tmp_path / "one")
     elsewhere = copy_valid(valid, tmp_path / "moved" / "inputs")
@@ -40,15 +42,6 @@ def test_twice_byte_identical_wherever_the_files_lie(writer: Writer, valid: Vali
         assert os.fsencode(tmp_path) not in data, f"{name} records a path"
 
 
-def test_export_is_not_there_yet() -> None:
-    """export is being written by a colleague; when it lands, add it to WRITERS (docs/reliability.md
-    has the TODO). This test fails as a reminder the day `lorasurgeon export` exists."""
-    from tests.robustness.hostile import invoke as run
-
-    res = run(["export", "--help"])
-    assert res.code != 0, "lorasurgeon export exists now: add it to tests/robustness/writers.py WRITERS"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("writer_id", ["factorize", "merge", "compose-dare-ties", "extract"])
 def test_subprocess_matches_in_process(writer_id: str, valid: Valid, tmp_path: Path) -> None:
@@ -58,8 +51,9 @@ def test_subprocess_matches_in_process(writer_id: str, valid: Valid, tmp_path: P
     ref = _run(w, valid, tmp_path / "in-process")
     out = tmp_path / "subprocess"
     out.mkdir()
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    # Same thread count (LAPACK's bits depend on it), another hash seed (set order must not leak).
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     p = subprocess.run([sys.executable, "-m", "lorasurgeon", *w.argv(valid, out / w.out_name)], capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert snapshot(out / w.out_name) == ref
+    assert snapshot(out) == ref

@@ -14,6 +14,7 @@ BLOCK = re.compile(r"<!-- runnable -->\s*```sh\n(.*?)```", re.S)
 PAGES = sorted(p for p in (ROOT / "docs").glob("*.md") if BLOCK.search(p.read_text(encoding="utf-8")))
 
 
+@pytest.mark.slow  # about a minute of training examples; `make test-all` runs it
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_runnable_examples(page: Path, tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "docs"))

@@ -146,6 +146,8 @@ def load_model(
     except ImportError:
         raise InvalidOptionError("Hugging Face folders need transformers: pip install 'lorasurgeon[hf]'") from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()  # our own progress goes to stderr; --quiet means quiet
+    transformers.utils.logging.set_verbosity_error()
     config_dict = json.loads((p / "config.json").read_text(encoding="utf-8"))
     config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
     if num_labels is not None:

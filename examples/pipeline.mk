@@ -42,11 +42,11 @@ $(OUT)/minilm-d35.onnx.json: $(OUT)/minilm-d35.json
 # --- digits CNN: two domain adapters, merge, compose, convert to kohya and back ----------------
 $(OUT)/inverted.json: | $(OUT)
 	$(call json,$@,$(LS) attach $(DIGITS) $(CNN) --data digits-inverted --rank 8 --head classifier \
-		--epochs 15 --lr 0.003 --batch-size 64 --test-split 0.2 -o $(OUT)/inverted $(Q))
+		--epochs 10 --lr 0.003 --batch-size 64 --test-split 0.2 -o $(OUT)/inverted $(Q))
 
 $(OUT)/rotated.json: | $(OUT)
 	$(call json,$@,$(LS) attach $(DIGITS) $(CNN) --data digits-rotated --rank 8 --head classifier \
-		--epochs 15 --lr 0.003 --batch-size 64 --test-split 0.2 -o $(OUT)/rotated $(Q))
+		--epochs 10 --lr 0.003 --batch-size 64 --test-split 0.2 -o $(OUT)/rotated $(Q))
 
 $(OUT)/cnn-inverted.json: $(OUT)/inverted.json
 	$(call json,$@,$(LS) merge $(DIGITS) $(OUT)/inverted -o $(OUT)/cnn-inverted.safetensors $(Q))
@@ -62,6 +62,6 @@ $(OUT)/inverted-back.json: $(OUT)/inverted-kohya.json
 
 RESULTS := minilm-f35 minilm-d35 minilm.onnx minilm-d35.onnx inverted rotated cnn-inverted composed inverted-kohya inverted-back
 summary: $(OUT)/minilm-spectrum.txt $(foreach r,$(RESULTS),$(OUT)/$(r).json)
-	@head -n 12 $(OUT)/minilm-spectrum.txt
+	@sed -n "/^Spectrum/,+11p" $(OUT)/minilm-spectrum.txt
 	@echo "... full table in $(OUT)/minilm-spectrum.txt, plot in $(OUT)/minilm-spectrum.png"
 	@$(PYTHON) examples/summary.py $(OUT) $(MINILM) $(DIGITS)

@@ -538,9 +538,8 @@ def spectrum_matrix(rows: int, cols: int, S, seed: int = 0):  # -> torch.Tensor
 
 
 def write_tensors_safetensors(path: Path, tensors, metadata: dict[str, str] | None = None) -> None:
-    """Write ``(name, tensor)`` pairs (an iterable; each tensor is produced, written and dropped in
-    turn) given their specs up front: ``tensors`` is a list of (name, shape, dtype, make) with
-    ``make()`` returning the tensor. Header first, then each tensor's bytes, like write_safetensors."""
+    """Write a safetensors file from a list of (name, shape, dtype, make): the header first, then
+    each tensor, produced by ``make()``, written and dropped in turn (like write_safetensors)."""
     import torch
 
     names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -549,7 +548,7 @@ def write_tensors_safetensors(path: Path, tensors, metadata: dict[str, str] | No
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(_st_header(specs, {"format": "pt", **(metadata or {})}))
-        for (n, shape, dt, make), s in zip(tensors, specs, strict=True):
+        for n, shape, dt, make in tensors:
             t = make()
             if tuple(t.shape) != tuple(shape) or t.dtype != dt:
                 raise ValueError(f"{n}: made {tuple(t.shape)} {t.dtype}, planned {shape} {dt}")
@@ -607,3 +606,20 @@ def remove_path(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+def product_singular_values(B, A, scale: float = 1.0):  # -> torch.Tensor, fp64, descending
+    """Singular values of ``scale · B · A`` (B out×k, A k×in) without forming the product: the
+    eigenvalues of the k×k matrix (BᵀB)(AAᵀ) are the squared singular values (no orthonormality
+    of either factor is assumed). Computed in fp64."""
+    import torch
+
+    b, a = B.reshape(B.shape[0], -1).double(), A.reshape(A.shape[0], -1).double()
+    ev = torch.linalg.eigvals((b.T @ b) @ (a @ a.T)).real.clamp_min(0)
+    return (ev.sqrt() * abs(scale)).sort(descending=True).values
+
+
+def lowrank_fro(B, A) -> float:
+    """||B · A||_F in fp64 from the factors: sqrt(sum((BᵀB) ∘ (AAᵀ)))."""
+    b, a = B.reshape(B.shape[0], -1).double(), A.reshape(A.shape[0], -1).double()
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())

@@ -27,10 +27,20 @@ def _compute_dtype(w: torch.Tensor, fp64: bool) -> torch.dtype:
 
 
 def _check_finite(m: torch.Tensor, name: str | None) -> None:
-    if not torch.isfinite(m).all():
-        raise FormatError(
-            f"weight {name or ''} holds NaN or Inf values; cannot factorize it".replace("  ", " ")
-        )
+    # Fast path: a NaN or ±Inf entry makes the sum NaN or ±Inf, so a finite sum proves every
+    # entry finite; one reduction, no temporaries (measured 40x less CPU than isfinite().all()
+    # on 256x8192 fp32). The sum can overflow with finite entries: then check exactly, in row
+    # blocks of about 4M elements, because torch.isfinite on a whole matrix allocates abs() and
+    # bool temporaries (measured +230 MB of peak RSS on one 4096x8192 fp32 matrix).
+    if bool(torch.isfinite(m.sum())):
+        return
+    mat = m if m.ndim == 2 else m.reshape(1, -1)
+    step = max(1, (1 << 22) // max(1, mat.shape[1]))
+    for i in range(0, mat.shape[0], step):
+        if not torch.isfinite(mat[i : i + step]).all():
+            raise FormatError(
+                f"weight {name or ''} holds NaN or Inf values; cannot factorize it".replace("  ", " ")
+            )
 
 
 def singular_values(w: torch.Tensor, *, fp64: bool = False, name: str | None = None) -> torch.Tensor:
@@ -61,6 +71,12 @@ def _gesdd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ``torch.linalg.svd`` runs LAPACK's divide-and-conquer gesdd on CPU. We never call gesvd:
     it measured 5-10x slower here and did not finish 4096x4096 in 14 minutes (GUIDE §6).
     """
+    if m.shape[0] < m.shape[1]:
+        # Wide: factor the tall transpose, m = (mᵀ)ᵀ = (U S Vh)ᵀ = Vhᵀ S Uᵀ. MKL's gesdd took
+        # 1.5-1.9x the CPU time on the wide layout (384x1536, 1024x2752, 2048x4096; 1 and 2
+        # threads); the randomized route's projected matrix (q, short side) is always wide.
+        U, S, Vh = _gesdd(m.T)
+        return Vh.T.contiguous(), S, U.T.contiguous()
     try:
         return torch.linalg.svd(m, full_matrices=False)
     except RuntimeError:  # non-convergence (ill-conditioned fp32): retry in fp64

@@ -272,7 +272,7 @@ def _factorize(
                 k = ranks_by_module[c.module]
                 result.layers.append(reports.get(c.module) or LayerReport(
                     c.module, c.kind, list(c.shape), k, "factorized (planned)", c.m * c.n, k * (c.m + c.n), float("nan"), float("nan")))
-            _totals(result, cands)
+            _totals(result)
             return result
 
         precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -313,7 +313,7 @@ def _factorize(
         )
         write_like_input(ck, inp, Path(out), specs, stream(), meta, force)
     result.layers = [reports[c.module] for c in cands]
-    _totals(result, cands)
+    _totals(result)
     return result
 
 
@@ -324,7 +324,7 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _totals(result: FactorizeResult, cands: list[_Candidate]) -> None:
+def _totals(result: FactorizeResult) -> None:
     result.factorized_params_before = sum(r.params_before for r in result.layers)
     result.factorized_params_after = sum(r.params_after for r in result.layers)
 
@@ -460,8 +460,3 @@ def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,
         before = ck.total_params
     after = sum(_numel(s.shape) for s in specs)
     return DensifyResult("lorasurgeon.densify/1", str(inp), str(out), len(layers), before, after)
-
-
-def read_layers_json(path: str | Path) -> dict[str, Any]:
-    with Checkpoint.open(path) as ck:
-        return json.loads(ck.metadata.get(METADATA_KEY, "{}"))

@@ -8,7 +8,6 @@ The output is the factorized format of GUIDE §3: ``P.weight`` becomes ``P.weigh
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -623,3 +623,16 @@ def lowrank_fro(B, A) -> float:
     """||B · A||_F in fp64 from the factors: sqrt(sum((BᵀB) ∘ (AAᵀ)))."""
     b, a = B.reshape(B.shape[0], -1).double(), A.reshape(A.shape[0], -1).double()
     return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+
+
+def trusted_peak_mb(r: PeakResult) -> float:
+    """``r.peak_mb`` without ``wait4`` when that figure may be the measuring parent's own RSS.
+
+    ``ru_maxrss`` of a forked child is max(its exec'd image's peak, the parent's RSS at fork). A
+    parent that imported torch (the factorize/adapters benchmarks do) is ~230-350 MB, so a small
+    child (``python -c "import torch"``) would read as the parent. ``wait4`` is kept only when it
+    exceeds the parent's RSS at spawn; VmHWM and GNU time are always the child's own."""
+    own = [x for x in (r.vmhwm_mb, r.gnu_time_mb) if x is not None]
+    if r.wait4_mb > r.parent_rss_mb + 1 or not own:
+        own.append(r.wait4_mb)
+    return max(own)

@@ -68,6 +68,7 @@ from _common import (  # noqa: E402
     remove_path,
     spectrum_matrix,
     timed,
+    trusted_peak_mb,
     venv_python,
     venv_script,
     warm_file,
@@ -463,19 +464,19 @@ def part_memory(a: argparse.Namespace, root: Path, rep: Report) -> None:
     r, _ = measure_best([cli, "factorize", str(src), "-o", str(out), "--rank", "32", "--quiet", "--force"], 1, env=env, timeout_s=3600)
     if r.returncode != 0:
         print(r.stderr[-2000:], file=sys.stderr)
-    app = base["import torch; import lorasurgeon.cli.app"].peak_mb
+    app = trusted_peak_mb(base["import torch; import lorasurgeon.cli.app"])
     rows = []
     for label, b in base.items():
-        rows.append([label, "-", f"{b.peak_mb:.0f}", f"{b.wait4_mb:.0f}", _f(b.vmhwm_mb), _f(b.gnu_time_mb), f"{b.peak_mb - app:+.0f}", f"{b.wall_s:.1f}"])
+        rows.append([label, "-", f"{trusted_peak_mb(b):.0f}", f"{b.wait4_mb:.0f}", _f(b.vmhwm_mb), _f(b.gnu_time_mb), f"{trusted_peak_mb(b) - app:+.0f}", f"{b.wall_s:.1f}"])
     rows.append(
         [
             "lorasurgeon factorize --rank 32",
             f"{path_size(src) / MB:,.0f}",
-            f"{r.peak_mb:.0f}",
+            f"{trusted_peak_mb(r):.0f}",
             f"{r.wait4_mb:.0f}",
             _f(r.vmhwm_mb),
             _f(r.gnu_time_mb),
-            f"{r.peak_mb - app:+.0f}",
+            f"{trusted_peak_mb(r) - app:+.0f}",
             f"{r.wall_s:.1f}",
         ]
     )
@@ -484,10 +485,15 @@ def part_memory(a: argparse.Namespace, root: Path, rep: Report) -> None:
         ["run", "input MB", "peak MB", "wait4", "VmHWM", "GNU time", "vs CLI import", "wall s"],
         rows,
     )
+    print(
+        f"peak = max(VmHWM, GNU time, wait4), wait4 only where it exceeds the measuring parent's RSS at spawn "
+        f"({max(x.parent_rss_mb for x in [r, *base.values()]):.0f} MB: this script imported torch), since a forked "
+        "child's ru_maxrss includes it"
+    )
     rep.target(
         "factorize memory: peak under 500 MB",
-        r.returncode == 0 and r.peak_mb < 500,
-        f"{r.peak_mb:.0f} MB (exit {r.returncode}), {r.peak_mb - app:+.0f} MB over the import baseline, {r.wall_s:.1f} s",
+        r.returncode == 0 and trusted_peak_mb(r) < 500,
+        f"{trusted_peak_mb(r):.0f} MB (exit {r.returncode}), {trusted_peak_mb(r) - app:+.0f} MB over the import baseline, {r.wall_s:.1f} s",
     )
     if not a.keep:
         remove_path(mem_root)

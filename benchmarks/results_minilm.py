@@ -66,7 +66,8 @@ def part_lora(out: Path, epochs: int, limit: int | None) -> dict:
 
 
 def part_compress(out: Path, ratios: list[float], methods: list[str], distill_methods: list[str], epochs: int,
-                  samples: int, heldout_n: int, distill_limit: int, lr: float = 1e-4) -> dict:
+                  samples: int, heldout_n: int, distill_limit: int, lr: float = 1e-4, feature_loss: float = 0.0,
+                  max_length: int = 128, keep: bool = False) -> dict:
     train, test_texts = write_splits(out)
     teacher = load_model(minilm())
     held = load_dataset(train)  # for the class list only
@@ -87,12 +88,17 @@ def part_compress(out: Path, ratios: list[float], methods: list[str], distill_me
             rows[key] = {"cosine": before, "factorize_seconds": round(secs, 1)}
             if method in distill_methods:
                 t1 = time.perf_counter()
-                distill_student(minilm(), f, train, out / f"d-{method}-{ratio}", loss="cosine", limit=distill_limit, force=True,
-                                opts=TrainOptions(epochs=epochs, lr=lr, batch_size=16, max_length=128, val_split=0.1, seed=0))
+                r = distill_student(minilm(), f, train, out / f"d-{method}-{ratio}", loss="cosine", limit=distill_limit,
+                                    force=True, feature_loss=feature_loss,
+                                    opts=TrainOptions(epochs=epochs, lr=lr, batch_size=16, max_length=max_length, val_split=0.1,
+                                                      seed=0))
                 after = fidelity(teacher, load_model(out / f"d-{method}-{ratio}").model, held)["mean_cosine"]
-                rows[key].update({"cosine_distilled": after, "distill_seconds": round(time.perf_counter() - t1, 1)})
-                shutil.rmtree(out / f"d-{method}-{ratio}", ignore_errors=True)
-            shutil.rmtree(f, ignore_errors=True)
+                rows[key].update({"cosine_distilled": after, "distill_seconds": round(time.perf_counter() - t1, 1),
+                                  "val_cosine_per_epoch": [e["val_metric"] for e in r.fit["history"]]})
+                if not keep:
+                    shutil.rmtree(out / f"d-{method}-{ratio}", ignore_errors=True)
+            if not keep:
+                shutil.rmtree(f, ignore_errors=True)
             print(json.dumps({key: rows[key]}), flush=True)
     rows["_peak_rss_mb"] = {"value": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     return rows
@@ -112,6 +118,9 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="lora part: articles used")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+    ap.add_argument("--feature-loss", type=float, default=0.0, help="distill --feature-loss weight")
+    ap.add_argument("--max-length", type=int, default=128, help="distillation tokens per article")
+    ap.add_argument("--keep", action="store_true", help="keep the factorized and distilled models")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -120,7 +129,8 @@ def main() -> int:
         rows = part_lora(out, args.epochs, args.limit)
     else:
         rows = part_compress(out, [float(x) for x in args.ratios.split(",")], args.methods.split(","),
-                             args.distill_methods.split(","), args.epochs, args.samples, args.heldout, args.distill_limit, args.lr)
+                             args.distill_methods.split(","), args.epochs, args.samples, args.heldout, args.distill_limit, args.lr,
+                             args.feature_loss, args.max_length, args.keep)
     print(json.dumps(rows, indent=2))
     return 0
 

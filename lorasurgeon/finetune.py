@@ -286,6 +286,7 @@ def distill_student(
     loss: str = "auto",
     temperature: float = 2.0,
     train_bias_norm: bool = False,
+    feature_loss: float = 0.0,
     opts: TrainOptions | None = None,
     text_column: str = "text",
     label_column: str | None = "label",
@@ -301,6 +302,11 @@ def distill_student(
     encoders without a head (``auto`` picks by the model). The data may be unlabelled. Writes a
     factorized checkpoint of the student's layout (file or folder, same metadata).
 
+    ``feature_loss`` = λ > 0 adds λ times the mean over factorized layers of the relative squared
+    error of each layer's output against the teacher's same-named layer, ‖y_s − y_t‖² / ‖y_t‖²
+    (padding positions excluded for text): a dense signal at every layer instead of one at the
+    output (intermediate-layer distillation, as in TinyBERT).
+
     Raises:
         FormatError: the student is not a factorized checkpoint.
     """
@@ -312,6 +318,8 @@ def distill_student(
         check_output(out, force)
     if temperature <= 0:
         raise InvalidOptionError(f"--temperature must be positive, got {temperature:g}")
+    if not feature_loss >= 0:
+        raise InvalidOptionError(f"--feature-loss must be >= 0, got {feature_loss:g}")
     lt = load_model(teacher, arch=arch, device=opts.device)
     ls = load_model(student, arch=arch, device=opts.device)
     if not ls.factorized:
@@ -335,6 +343,8 @@ def distill_student(
     for _, p in params:
         p.requires_grad_(True)
 
+    features = _FeatureTaps(lt.model, model) if feature_loss > 0 else None
+
     def t_out(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             return model_outputs(lt, inputs)
@@ -343,12 +353,22 @@ def distill_student(
         return model_outputs(ls, inputs)
 
     def loss_fn(inputs: dict[str, torch.Tensor], _labels: torch.Tensor | None) -> torch.Tensor:
-        s, t = s_out(inputs), t_out(inputs)
+        if features is not None:
+            features.on = True
+        try:
+            s, t = s_out(inputs), t_out(inputs)
+        finally:
+            if features is not None:
+                features.on = False
         if kind == "kl":
-            return kd_loss(s, t, temperature)
-        if kind == "mse":
-            return F.mse_loss(s, t)
-        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+            out = kd_loss(s, t, temperature)
+        elif kind == "mse":
+            out = F.mse_loss(s, t)
+        else:
+            out = (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        if features is not None:
+            out = out + feature_loss * features.loss(inputs.get("attention_mask"))
+        return out
 
     t_val = predict(t_out, val, opts.batch_size * 2, opts.device)
 
@@ -370,9 +390,58 @@ def distill_student(
     if is_main_process():
         _write_student(ls, Path(student), out, teacher, data, result, force or resume,
                        {"loss": kind, "temperature": temperature, "train_bias_norm": train_bias_norm,
+                        "feature_loss": feature_loss,
                         "train": {k: v for k, v in asdict(opts).items() if k != "device"}, "limit": limit})
     resume_file.unlink(missing_ok=True)
+    if features is not None:
+        features.remove()
     return result
+
+
+class _FeatureTaps:
+    """Forward hooks that keep each factorized student layer's output and its teacher twin's.
+
+    Student and teacher are the same architecture (the student was factorized from the teacher),
+    so a layer is paired by module name. Outputs are kept only while ``on`` (training steps).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+        t_mods = dict(teacher.named_modules())
+        self.on = False
+        self.t: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name, m in student.named_modules():
+            if isinstance(m, (LowRankLinear, LowRankConv2d)) and name in t_mods:
+                self.handles.append(m.register_forward_hook(self._keep(self.s, name)))
+                self.handles.append(t_mods[name].register_forward_hook(self._keep(self.t, name)))
+        if not self.handles:
+            raise InvalidOptionError("--feature-loss: no factorized student layer has a same-named teacher layer")
+
+    def _keep(self, store: dict[str, torch.Tensor], name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
+            if self.on:
+                store[name] = out
+        return hook
+
+    def loss(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over paired layers of ‖y_s − y_t‖² / ‖y_t‖², over unmasked positions."""
+        terms = []
+        for name, ys in self.s.items():
+            yt = self.t[name].detach()
+            diff = (ys - yt).float().pow(2)
+            ref = yt.float().pow(2)
+            if mask is not None and ys.ndim == 3 and tuple(mask.shape) == tuple(ys.shape[:2]):
+                w = mask.to(diff.dtype).unsqueeze(-1)
+                diff, ref = diff * w, ref * w
+            terms.append(diff.sum() / ref.sum().clamp_min(1e-12))
+        self.s.clear()
+        self.t.clear()
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _write_student(ls: LoadedModel, student: Path, out: Path, teacher: str | Path, data: str | Path,

@@ -12,7 +12,7 @@ import torch
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_kohya_names
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
-from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
+from lorasurgeon.io.writer import METADATA_KEY, DeferredProvenance, TensorSpec, check_output, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
 from lorasurgeon.ops import lora
 
@@ -174,14 +174,15 @@ def merge_adapters(
                     continue
                 t = ck.get(n)
                 if n in per_weight:
-                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                        raise FormatError(f"base weight {n!r} holds NaN or Inf values; merging into it is meaningless", base)
                     parts = per_weight[n]
-                    new = lora.merge_weight(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge)
-                    upd = float((new.float() - t.float()).norm())
-                    base_norm = float(t.float().norm())
-                    layers.append(MergeLayer(n[: -len(".weight")], list(t.shape), [i for _, _, i in parts], upd,
-                                             upd / base_norm if base_norm > 0 else float("inf")))
+                    try:
+                        new, st = lora.merge_weight_stats(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge, name=n)
+                    except FormatError as e:
+                        raise FormatError(str(e), base) from None
+                    layers.append(MergeLayer(n[: -len(".weight")], list(t.shape), [i for _, _, i in parts],
+                                             st.update_norm,
+                                             st.update_norm / st.base_norm if st.base_norm > 0 else float("inf")))
+                    del t
                     yield n, new
                 elif n in bias_parts:
                     yield n, lora.merge_bias(t, [(p, wi) for p, wi, _ in bias_parts[n]], unmerge=unmerge)
@@ -194,7 +195,9 @@ def merge_adapters(
 
         meta: dict[str, Any] = {k: v for k, v in ck.metadata.items() if k != METADATA_KEY}
         opts = {"weights": w, "unmerge": unmerge, "allow_unmatched": allow_unmatched}
-        meta[METADATA_KEY] = provenance("merge", opts, [base, *adapters], extra={"format": "dense"})
-        write_like_input(ck, base, Path(out), specs, stream(), meta, force)
+        prov = DeferredProvenance("merge", opts, [base, *adapters], extra={"format": "dense"})
+        meta[METADATA_KEY] = prov.placeholder
+        write_like_input(ck, base, Path(out), specs, stream(), meta, force,
+                         final_metadata=lambda: {**meta, METADATA_KEY: prov.result()})
     layers.sort(key=lambda x: x.module)
     return result

@@ -218,3 +218,55 @@ def test_merge_errors_write_nothing(tmp_path: Path) -> None:
     assert not Path(out).exists()
     res = run("merge", str(other), str(tmp_path / "dora"), "--allow-unmatched", "-o", str(tmp_path / "ok.safetensors"))
     assert res["unmatched"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_blockwise_merge_equals_whole_matrix_merge(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                   fan_in_fan_out: bool) -> None:
+    """merge_weight_stats in row blocks (forced to 7-row blocks) against the whole-matrix formula."""
+    from lorasurgeon.io.adapters import LoraTarget
+    from lorasurgeon.ops import lora
+
+    monkeypatch.setattr(lora, "_BLOCK_ELEMS", 7 * 33)
+    g = torch.Generator().manual_seed(0)
+    out_, in_ = 45, 33
+    W = torch.randn((in_, out_) if fan_in_fan_out else (out_, in_), generator=g).to(dtype)
+    W0 = W.clone()
+    ts = [LoraTarget(module="m", A=torch.randn(r, in_, generator=g), B=torch.randn(out_, r, generator=g),
+                     alpha=a, scale=a / r, fan_in_fan_out=fan_in_fan_out) for r, a in ((4, 8.0), (3, 1.0))]
+    parts = [(ts[0], 0.5), (ts[1], -2.0)]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    delta = sum(w * t.scale * (t.B.to(acc) @ t.A.to(acc)) for t, w in parts)
+    ref = (W.to(acc) + (delta.T if fan_in_fan_out else delta)).to(dtype)
+    got, st = lora.merge_weight_stats(W, parts, name="m.weight")
+    assert torch.equal(W, W0)  # the caller's tensor is untouched
+    assert got.dtype == dtype and torch.allclose(got.to(acc), ref.to(acc), atol=1e-5 if acc == torch.float32 else 1e-12,
+                                                 rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6)
+    assert st.base_norm == pytest.approx(float(W.double().norm()), rel=1e-6)
+    assert st.update_norm == pytest.approx(float((got.double() - W.double()).norm()), rel=1e-6)
+    unmerged = lora.merge_weight(got, parts, unmerge=True)
+    if dtype in (torch.float32, torch.float64):
+        assert torch.allclose(unmerged, W, atol=1e-5)
+    W[3, 4] = float("nan")
+    with pytest.raises(Exception, match="base weight 'm.weight' holds NaN or Inf values"):
+        lora.merge_weight_stats(W, parts, name="m.weight")
+
+
+def test_merge_provenance_hash_is_the_base_files_sha256(tmp_path: Path) -> None:
+    """The header is planned with placeholder hashes and rewritten with the real ones at the end."""
+    import hashlib
+
+    from lorasurgeon.io.checkpoint import Checkpoint
+
+    make_base(tmp_path)
+    ad = make_adapter(tmp_path, "ad", 1, r=2, lora_alpha=4, target_modules=["query"])
+    run("merge", str(tmp_path / "base"), str(ad), "-o", str(tmp_path / "out"))
+    with Checkpoint.open(tmp_path / "out") as ck:
+        prov = json.loads(ck.metadata["lorasurgeon"])
+    base_rec, ad_rec = prov["inputs"]
+    files = {str(f.relative_to(tmp_path / "base")): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted((tmp_path / "base").rglob("*")) if f.is_file()}
+    assert base_rec["sha256"] == hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    assert base_rec["files"] == len(files) and ad_rec["name"] == "ad" and ad_rec["sha256"] != "0" * 64
+    assert_state_close(tmp_path / "out", peft_merged(tmp_path, ad))

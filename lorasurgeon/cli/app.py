@@ -57,6 +57,9 @@ _register()
 def main() -> None:
     """Console entry point. Commands map their own errors to exit codes; this is the net for
     anything that escapes, so users never see a traceback unless LORASURGEON_DEBUG=1."""
+    from lorasurgeon._malloc import limit_heap_retention
+
+    limit_heap_retention()  # bounded memory when streaming large checkpoints (see _malloc)
     try:
         app(prog_name="lorasurgeon")
     except KeyboardInterrupt:

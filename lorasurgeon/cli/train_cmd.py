@@ -78,6 +78,9 @@ def distill_command(
     loss: Annotated[str, typer.Option("--loss", help="auto | kl | mse | cosine (auto: kl for classifiers, cosine for encoders).")] = "auto",
     temperature: Annotated[float, typer.Option("--temperature", "-T")] = 2.0,
     train_bias_norm: Annotated[bool, typer.Option("--train-bias-norm", help="Also train biases and norm layers.")] = False,
+    feature_loss: Annotated[float, typer.Option(
+        "--feature-loss", help="Add this weight times each factorized layer's relative output error against the "
+        "teacher's same layer (intermediate-layer distillation); 0 turns it off.")] = 0.0,
     epochs: EpochsOpt = 3, lr: LrOpt = 1e-4, batch_size: BsOpt = 32, grad_accum: AccOpt = 1, weight_decay: WdOpt = 0.0,
     seed: SeedOpt = 0, val_split: ValOpt = 0.1, test_split: TestOpt = 0.0, max_length: MaxLenOpt = 128,
     text_column: TextColOpt = "text", label_column: LabelColOpt = "label", image_size: ImgOpt = None, limit: LimitOpt = None,
@@ -88,7 +91,7 @@ def distill_command(
         opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, test_split, max_length, device)
         with progress("distill", quiet) as cb:
             r = distill_student(teacher, student, data, output, arch=arch, loss=loss, temperature=temperature,
-                                train_bias_norm=train_bias_norm, opts=opts, text_column=text_column, label_column=label_column,
+                                train_bias_norm=train_bias_norm, feature_loss=feature_loss, opts=opts, text_column=text_column, label_column=label_column,
                                 image_size=image_size, limit=limit, resume=resume, force=force, progress=cb)
         log(f"wrote {output}", quiet)
         print_json(r.to_json()) if json_out else render_distill(r)

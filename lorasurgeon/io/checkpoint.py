@@ -217,9 +217,17 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _read_exact(path: Path, offset: int, nbytes: int) -> bytearray:
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+def _read_exact(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` bytes at ``offset`` as a uint8 tensor, read with ``preadv``.
+
+    The buffer is uninitialised (``torch.empty``): a zero-filled ``bytearray`` costs a pass over
+    fresh pages before the read fills them again (measured as most of the read time of a 2 GB
+    merge).
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes == 0:
+        return buf
+    view = memoryview(buf.numpy())
     fd = os.open(path, os.O_RDONLY)
     try:
         done = 0
@@ -438,7 +446,7 @@ class Checkpoint:
             buf = _read_exact(e.path, e.begin, e.nbytes)
             if e.nbytes == 0:
                 return torch.empty(info.shape, dtype=ST_DTYPES[info.dtype])
-            return torch.frombuffer(buf, dtype=ST_DTYPES[info.dtype]).reshape(info.shape)
+            return buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
         f = self._pt_files[name]
         sd, touched = self._pt_cache.get(f, (None, 0))
         if sd is None or touched > _PT_REOPEN_BYTES:

@@ -216,6 +216,46 @@ def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+_PLACEHOLDER_SHA = "0" * 64
+
+
+class DeferredProvenance:
+    """Provenance whose input hashes are computed in a background thread while the output streams.
+
+    Hashing a multi-GB input costs about as much as reading it (measured 1.56 s for a 2 GB base
+    on this CPU), and the header, which holds the hashes, comes first in the file. ``placeholder``
+    is the record with every sha256 replaced by 64 zeros; ``result()`` waits for the thread and
+    gives the real one. A hex digest always has 64 characters, so both encode to headers of the
+    same length: the writer plans offsets with the placeholder and rewrites the header in place
+    at the end (``write_safetensors(..., final_metadata=...)``). hashlib releases the GIL on
+    large updates, so the hash runs alongside the tensor work.
+    """
+
+    def __init__(
+        self, command: str, options: dict[str, Any], inputs: Iterable[str | Path], extra: dict[str, Any] | None = None
+    ) -> None:
+        import concurrent.futures
+
+        paths = list(inputs)
+        self.placeholder = provenance(command, options, [], extra)
+        self.placeholder["inputs"] = [_placeholder_record(p) for p in paths]
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-hash")
+        self._future = self._pool.submit(lambda: [input_record(p) for p in paths])
+        self._pool.shutdown(wait=False)
+
+    def result(self) -> dict[str, Any]:
+        rec = dict(self.placeholder)
+        rec["inputs"] = self._future.result()
+        return rec
+
+
+def _placeholder_record(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        return {"name": p.name, "sha256": _PLACEHOLDER_SHA, "files": sum(1 for f in p.rglob("*") if f.is_file())}
+    return {"name": p.name, "sha256": _PLACEHOLDER_SHA}
+
+
 # --------------------------------------------------------------------------- safetensors
 @dataclass(frozen=True)
 class TensorSpec:
@@ -261,6 +301,7 @@ class _StFile:
         self.path = path
         self.specs = {s.name: s for s in specs}
         head, self.offsets = _header_bytes(specs, metadata)
+        self.spec_list = specs
         self.data_start = len(head)
         self.remaining = set(self.specs)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -276,6 +317,13 @@ class _StFile:
             )
         _pwrite_all(self.fd, _tensor_bytes(t), self.data_start + self.offsets[name])
         self.remaining.discard(name)
+
+    def rewrite_header(self, metadata: dict[str, str]) -> None:
+        """Replace the header with one built from final metadata of the same encoded length."""
+        head, offsets = _header_bytes(self.spec_list, metadata)
+        if len(head) != self.data_start or offsets != self.offsets:
+            raise WriteError("the final metadata does not fit the planned header", self.path)
+        _pwrite_all(self.fd, memoryview(head), 0)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -312,6 +360,7 @@ def write_safetensors(
     max_shard_bytes: int | None = None,
     weights_name: str = "model.safetensors",
     on_tensor: Callable[[str], None] | None = None,
+    final_metadata: Callable[[], dict[str, Any]] | None = None,
 ) -> Path:
     """Write tensors to a safetensors file atomically, streaming one tensor at a time.
 
@@ -326,6 +375,8 @@ def write_safetensors(
         max_shard_bytes: shard when given.
         weights_name: file name stem for shards (``model.safetensors`` -> ``model-...``).
         on_tensor: called with each name once it is written (progress).
+        final_metadata: called once every tensor is written; its result replaces ``metadata``
+            in the header, which must keep the same encoded length (``DeferredProvenance``).
 
     Returns:
         The output path.
@@ -340,7 +391,7 @@ def write_safetensors(
     shards = _shard_plan(specs, max_shard_bytes)
     if max_shard_bytes is None:
         with atomic_path(path, force) as tmp:
-            _write_stream(tmp, [(tmp, specs, meta)], tensors, on_tensor)
+            _write_stream(tmp, [(tmp, specs, meta)], tensors, on_tensor, final_metadata)
         return Path(path)
     n = len(shards)
     stem = weights_name[: -len(".safetensors")] if weights_name.endswith(".safetensors") else weights_name
@@ -352,7 +403,7 @@ def write_safetensors(
             files.append((tmpdir / fname, sh, meta))
             for s in sh:
                 weight_map[s.name] = fname
-        _write_stream(tmpdir, files, tensors, on_tensor)
+        _write_stream(tmpdir, files, tensors, on_tensor, final_metadata)
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs)},
             "weight_map": dict(sorted(weight_map.items())),
@@ -368,6 +419,7 @@ def _write_stream(
     files: list[tuple[Path, list[TensorSpec], dict[str, str]]],
     tensors: Iterable[tuple[str, torch.Tensor]],
     on_tensor: Callable[[str], None] | None,
+    final_metadata: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     open_files: list[_StFile] = []
     owner: dict[str, _StFile] = {}
@@ -388,6 +440,10 @@ def _write_stream(
         missing = sorted(n for f in open_files for n in f.remaining)
         if missing:
             raise WriteError(f"{len(missing)} planned tensor(s) never arrived, e.g. {missing[0]!r}", where)
+        if final_metadata is not None:
+            final = encode_metadata(final_metadata())
+            for f in open_files:
+                f.rewrite_header(final)
     finally:
         for f in open_files:
             f.close()
@@ -411,10 +467,11 @@ def save_state_dict(
 def write_like_input(
     ck: Checkpoint, inp: Path, out: Path, specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str, Any], force: bool,
+    final_metadata: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
     """A file in gives a file out; a model folder in gives a model folder out (other files copied)."""
     if not inp.is_dir():
-        write_safetensors(out, specs, tensors, meta, force=force)
+        write_safetensors(out, specs, tensors, meta, force=force, final_metadata=final_metadata)
         return
     weights = {f.resolve() for f in ck.files}
     if ck.weights_file is not None:
@@ -429,4 +486,4 @@ def write_like_input(
             elif f.is_file():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, tmp / rel)
-        write_safetensors(tmp / "model.safetensors", specs, tensors, meta)
+        write_safetensors(tmp / "model.safetensors", specs, tensors, meta, final_metadata=final_metadata)

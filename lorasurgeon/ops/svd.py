@@ -276,13 +276,47 @@ def _use_gram(m: torch.Tensor) -> bool:
     )
 
 
+def _lu_normalize(y: torch.Tensor) -> torch.Tensor:
+    """A basis of range(y) as P·L from y's pivoted LU factorisation y = P L U.
+
+    The cheap normaliser of the intermediate power iterations (as sklearn's
+    ``randomized_range_finder`` does): |L| <= 1 keeps the basis from collapsing onto the top
+    singular direction, at about half the cost of a Householder QR that forms Q (measured 0.74 s
+    against 1.38 s on 11008x2048 fp32 at 2 threads). Only the last iteration needs orthonormality.
+    """
+    LU, piv = torch.linalg.lu_factor(y)
+    L = LU.tril_(-1)
+    L.diagonal().fill_(1)
+    # lu_factor's pivots are sequential 1-based row swaps: replay them to get the permutation
+    # with y[perm[i]] = (L U)[i], then put L's rows back where y's rows were.
+    perm = list(range(y.shape[0]))
+    for i, p in enumerate((piv - 1).tolist()):
+        perm[i], perm[p] = perm[p], perm[i]
+    out = torch.empty_like(L)
+    out[torch.tensor(perm, device=y.device)] = L
+    return out
+
+
+def _small_svd(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k SVD of the projected (q, short) matrix: the fp64 Gram route where it applies, else gesdd."""
+    if _use_gram(b):
+        got = _gram_svd(b, k)
+        if got is not None:
+            return got
+    U, S, Vh = _gesdd(b)
+    return U[:, :k], S[:k], Vh[:k]
+
+
 def _randomized_svd(
     m: torch.Tensor, k: int, q: int, power_iters: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Randomized range finder with QR-orthonormalised power (subspace) iterations.
+    """Randomized range finder with normalised power (subspace) iterations.
 
     Halko, Martinsson & Tropp (2011), Algorithms 4.4 (randomized subspace iteration) and 5.1
-    (direct SVD of the projected matrix). The Gaussian test matrix comes from a private
+    (direct SVD of the projected matrix). Intermediate iterations are normalised by pivoted LU
+    (``_lu_normalize``), the last by QR; the subspace, and hence the result, is the one QR at
+    every step would give (measured: the same relative error to 6 digits on 4096x11008, k=1024,
+    and on every MiniLM layer) at 15-20% less time. The Gaussian test matrix comes from a private
     ``torch.Generator`` seeded with ``seed``, so the result depends on the seed only, not on
     the global RNG (which ``torch.svd_lowrank`` would consume).
 
@@ -298,19 +332,19 @@ def _randomized_svd(
     a = m.T if transposed else m  # (long, short)
     gen = torch.Generator(device=a.device).manual_seed(int(seed))
     omega = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype, device=a.device)
-    Q = torch.linalg.qr(a @ omega).Q  # (long, q)
+    Y = a @ omega  # (long, q)
     for _ in range(power_iters):
-        # Re-orthonormalise between products (Halko Alg. 4.4): plain powers (AAᵀ)^p A Ω
-        # lose every singular value below eps^(1/(2p+1)) * sigma_1 to round-off.
-        Z = torch.linalg.qr(a.T @ Q).Q  # (short, q)
-        Q = torch.linalg.qr(a @ Z).Q  # (long, q)
+        # Normalise between products (Halko Alg. 4.4): plain powers (AAᵀ)^p A Ω lose every
+        # singular value below eps^(1/(2p+1)) * sigma_1 to round-off.
+        Z = _lu_normalize(a.T @ _lu_normalize(Y))  # (short, q)
+        Y = a @ Z
+    Q = torch.linalg.qr(Y).Q  # (long, q), orthonormal
     B = Q.T @ a  # (q, short)
-    Ub, S, Vh = _gesdd(B)
-    U = Q @ Ub[:, :k]
-    S, Vh = S[:k], Vh[:k]
+    Ub, S, Vh = _small_svd(B, k)
+    U = Q @ Ub
     if transposed:  # a = mᵀ = U S Vh  =>  m = Vhᵀ S Uᵀ
-        return Vh.T.contiguous(), S, U.T.contiguous()
-    return U.contiguous(), S, Vh.contiguous()
+        return Vh.T.contiguous(), S.contiguous(), U.T.contiguous()
+    return U.contiguous(), S.contiguous(), Vh.contiguous()
 
 
 def truncated_svd(

@@ -411,3 +411,32 @@ def test_stack_factors_conv_and_dtypes() -> None:
         svd.stack_factors(
             [(torch.randn(8, 2), torch.randn(2, 5), 1.0), (torch.randn(7, 2), torch.randn(2, 5), 1.0)]
         )
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (41, 40), (500, 7)])
+def test_lu_normalize_spans_the_same_range(shape: tuple[int, int]) -> None:
+    y = torch.randn(*shape, generator=gen(3), dtype=torch.float64)
+    pl = svd._lu_normalize(y)
+    assert pl.shape == y.shape and pl.abs().max() <= 1.0 + 1e-12  # partial pivoting bounds |L|
+    # P·L·U = y with U invertible: y's columns are combinations of P·L's, and both have full rank
+    coef = torch.linalg.lstsq(pl, y).solution
+    assert torch.allclose(pl @ coef, y, atol=1e-10)
+    assert torch.linalg.matrix_rank(pl) == shape[1]
+
+
+def test_randomized_lu_power_iterations_match_qr_iterations() -> None:
+    """The LU-normalised iterations give the subspace QR-normalised ones give: the same result."""
+    w, _ = power_law(400, 900, seed=5)
+    w = w.float()
+    k, q = 40, 80
+    got = svd._randomized_svd(w, k, q, 2, seed=1)
+    # the same algorithm with QR at every step, written out independently
+    a = w.T
+    omega = torch.randn(a.shape[1], q, generator=torch.Generator().manual_seed(1), dtype=a.dtype)
+    Q = torch.linalg.qr(a @ omega).Q
+    for _ in range(2):
+        Q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ Q).Q).Q
+    ub, s, vh = torch.linalg.svd(Q.T @ a, full_matrices=False)
+    ref_u, ref_s, ref_vh = vh[:k].T, s[:k], (Q @ ub[:, :k]).T
+    assert torch.allclose(got[1], ref_s, rtol=1e-4)
+    assert torch.allclose((got[0] * got[1]) @ got[2], (ref_u * ref_s) @ ref_vh, atol=1e-5)

@@ -166,3 +166,58 @@ def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     for m in a.targets:
         assert torch.allclose(a.targets[m].B, b.targets[m].B, atol=1e-5)
         assert torch.allclose(a.targets[m].A, b.targets[m].A, atol=1e-5)
+
+
+def test_feature_taps_loss_equals_direct_computation() -> None:
+    """_FeatureTaps pairs factorized student layers with same-named teacher layers, masks padding."""
+    from lorasurgeon.finetune import _FeatureTaps
+    from lorasurgeon.nn.layers import LowRankLinear
+
+    torch.manual_seed(0)
+    teacher = mlp()
+    student = mlp()
+    student.load_state_dict(teacher.state_dict())
+    w = teacher.fc2.weight.detach()
+    u, s, vh = torch.linalg.svd(w)
+    student.fc2 = LowRankLinear.from_linear(teacher.fc2, 8)
+    with torch.no_grad():
+        student.fc2.weight_u.copy_(u[:, :8] * s[:8])
+        student.fc2.weight_v.copy_(vh[:8])
+        student.fc2.bias.copy_(teacher.fc2.bias)
+    taps = _FeatureTaps(teacher, student)
+    x = torch.randn(5, 1, 8, 8)
+    taps.on = True
+    student(x)
+    with torch.no_grad():
+        teacher(x)
+    taps.on = False
+    got = taps.loss(None)
+    h = torch.relu(teacher.fc1(x.flatten(1)))
+    ys, yt = student.fc2(h), teacher.fc2(h)
+    want = (ys - yt).pow(2).sum() / yt.pow(2).sum()
+    assert torch.allclose(got, want, rtol=1e-5) and got.requires_grad
+    # a (batch, tokens) mask drops padded positions from both sums
+    ys3, yt3 = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4)
+    taps.s, taps.t = {"fc2": ys3}, {"fc2": yt3}
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    keep = mask.bool()
+    want = (ys3[keep] - yt3[keep]).pow(2).sum() / yt3[keep].pow(2).sum()
+    assert torch.allclose(taps.loss(mask), want, rtol=1e-6)
+    taps.remove()
+    student(x)
+    assert taps.s == {}  # hooks removed
+
+
+def test_distill_feature_loss_trains_layers_toward_the_teacher(tmp_path: Path) -> None:
+    base = tmp_path / "teacher.safetensors"
+    run("attach", "--arch", ARCH, "--data", "digits", "--full", "-o", str(base), "--epochs", "2", "--lr", "0.003", "--batch-size", "64")
+    run("factorize", str(base), "-o", str(tmp_path / "s.safetensors"), "--rank", "4", "--include", "fc*")
+    common = ["--teacher", str(base), "--student", str(tmp_path / "s.safetensors"), "--arch", ARCH, "--data", "digits",
+              "--epochs", "2", "--lr", "0.003", "--batch-size", "64"]
+    out = run("distill", *common, "-o", str(tmp_path / "d.safetensors"), "--feature-loss", "1")
+    assert out["after"]["top1_agreement"] > out["before"]["top1_agreement"]
+    with Checkpoint.open(tmp_path / "d.safetensors") as ck:
+        assert json.loads(ck.metadata["lorasurgeon"])["options"]["feature_loss"] == 1.0
+    res = runner.invoke(app, ["distill", *common, "-o", str(tmp_path / "e.safetensors"), "--feature-loss", "-1"])
+    assert res.exit_code == 1 and res.stderr.strip() == "error: --feature-loss must be >= 0, got -1"
+    assert not (tmp_path / "e.safetensors").exists()

@@ -172,12 +172,14 @@ def write_json_atomic(path: str | Path, obj: Any, force: bool = False) -> Path:
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     """sha256 of a file, read in chunks (no mmap: pages do not stay resident)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    buf = bytearray(chunk)  # one reused buffer: a fresh bytes object per chunk costs page faults
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
         while True:
-            b = f.read(chunk)
-            if not b:
+            n = f.readinto(view)
+            if not n:
                 break
-            h.update(b)
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -421,8 +423,25 @@ def _write_stream(
     on_tensor: Callable[[str], None] | None,
     final_metadata: Callable[[], dict[str, Any]] | None = None,
 ) -> None:
+    """Write each tensor at its planned offset. One write is in flight on a background thread
+    while the next tensor is produced (``pwrite`` releases the GIL), so producing and writing
+    overlap; at most one finished tensor waits, which bounds the extra memory to one tensor."""
+    import concurrent.futures
+
     open_files: list[_StFile] = []
     owner: dict[str, _StFile] = {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-write")
+    pending: tuple[str, concurrent.futures.Future[None]] | None = None
+
+    def settle() -> None:
+        nonlocal pending
+        if pending is not None:
+            name, fut = pending
+            pending = None
+            fut.result()
+            if on_tensor:
+                on_tensor(name)
+
     try:
         for fpath, sh, meta in files:
             f = _StFile(fpath, sh, meta)
@@ -434,9 +453,10 @@ def _write_stream(
                 raise WriteError(f"tensor {name!r} is not in the output plan", where)
             if name not in owner[name].remaining:
                 raise WriteError(f"tensor {name!r} written twice", where)
-            owner[name].write(name, t)
-            if on_tensor:
-                on_tensor(name)
+            owner[name].remaining.discard(name)
+            settle()
+            pending = (name, pool.submit(owner[name].write, name, t))
+        settle()
         missing = sorted(n for f in open_files for n in f.remaining)
         if missing:
             raise WriteError(f"{len(missing)} planned tensor(s) never arrived, e.g. {missing[0]!r}", where)
@@ -445,6 +465,9 @@ def _write_stream(
             for f in open_files:
                 f.rewrite_header(final)
     finally:
+        if pending is not None:  # an error elsewhere: let the write finish before closing its file
+            concurrent.futures.wait([pending[1]])
+        pool.shutdown(wait=True)
         for f in open_files:
             f.close()
 

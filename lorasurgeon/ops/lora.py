@@ -49,7 +49,7 @@ def check_dora(parts: Sequence[tuple[LoraTarget, float]], *, unmerge: bool) -> l
 
 @dataclass(frozen=True)
 class MergeStats:
-    """Norms gathered while merging one weight, in fp64 sums of the fp32 blocks."""
+    """Norms gathered while merging one weight: per-block norms in the accumulation dtype, summed in fp64."""
 
     update_norm: float  # ||W' - W||_F of the values written (after the cast back)
     base_norm: float  # ||W||_F
@@ -83,12 +83,17 @@ def merge_weight_stats(
     unmerge: bool = False,
     name: str | None = None,
 ) -> tuple[torch.Tensor, MergeStats]:
-    """``merge_weight`` in row blocks, with ||W' − W|| and ||W|| and a finiteness check of W.
+    """``merge_weight`` in row blocks, with ||ΔW|| and ||W|| and a finiteness check of W.
 
-    Each block of rows is copied into one reused fp32 (fp64) buffer, checked, updated by
-    ``addmm_`` with the matching rows of B (or of Aᵀ for fan_in_fan_out weights), cast into the
-    output, and compared with the input block; nothing of W's full size is allocated but the
-    output. Every output element is the same dot product as in the whole-matrix computation.
+    Each block of rows is converted once into a reused fp32 (fp64) buffer, checked (a finite
+    norm proves every entry finite; the exact check runs only when it is not), updated by
+    ``addmm_`` with the matching rows of B (or of Aᵀ for fan_in_fan_out weights) and converted
+    once into the output. Nothing of W's full size is allocated but the output, and every output
+    element is the same dot product as in the whole-matrix computation.
+
+    ``update_norm`` is the norm of the update in the accumulation dtype, before the cast back:
+    for plain LoRA ||Σ ±w_i s_i B_i A_i||_F, computed exactly from the factors (fp64 Gram
+    matrices, no dense pass); for DoRA, blockwise from the merged rows.
 
     Raises:
         FormatError: W holds NaN or Inf (named by ``name``).
@@ -115,26 +120,35 @@ def merge_weight_stats(
         mag = t.magnitude.to(acc_dtype).reshape(-1, 1)
     step = max(1, _BLOCK_ELEMS // max(1, cols))
     buf = torch.empty(min(step, rows), cols, dtype=acc_dtype)
+    orig = torch.empty_like(buf) if mag is not None else None
     upd2 = 0.0
     base2 = 0.0
     for i in range(0, rows, step):
         j = min(rows, i + step)
         blk = buf[: j - i]
         blk.copy_(src[i:j])
-        total = blk.sum(dtype=torch.float64)
-        if not bool(torch.isfinite(total)):
-            if not bool(torch.isfinite(blk).all()):
-                raise FormatError(f"base weight {name!r} holds NaN or Inf values; merging into it is meaningless")
-        base2 += float(torch.linalg.vector_norm(blk, dtype=torch.float64)) ** 2
+        nrm = float(torch.linalg.vector_norm(blk))  # a finite norm proves every entry finite
+        if not math.isfinite(nrm) and not bool(torch.isfinite(blk).all()):
+            raise FormatError(f"base weight {name!r} holds NaN or Inf values; merging into it is meaningless")
+        base2 += nrm**2
+        if orig is not None:
+            orig[: j - i].copy_(blk)
         for lhs, rhs, coef in factors:
             blk.addmm_(lhs[i:j], rhs, alpha=coef)
         if mag is not None:
             blk.mul_(mag[i:j] / blk.norm(dim=1, keepdim=True))
+            upd2 += float(torch.linalg.vector_norm(orig[: j - i].sub_(blk))) ** 2
         dst[i:j].copy_(blk)
-        # the update as written: (cast-back W') − W, in the accumulation dtype
-        blk.copy_(dst[i:j]).sub_(src[i:j].to(acc_dtype))
-        upd2 += float(torch.linalg.vector_norm(blk, dtype=torch.float64)) ** 2
+    if mag is None:
+        upd2 = _stacked_norm2(factors)
     return out, MergeStats(upd2**0.5, base2**0.5)
+
+
+def _stacked_norm2(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> float:
+    """||Σ c_i L_i R_i||_F² from the factors: sum((LᵀL) ∘ (R Rᵀ)) of the stacked [L_i], [c_i R_i], in fp64."""
+    lhs = torch.cat([f[0].double() for f in factors], dim=1)
+    rhs = torch.cat([f[1].double() * f[2] for f in factors], dim=0)
+    return float(((lhs.T @ lhs) * (rhs @ rhs.T)).sum().clamp_min(0))
 
 
 def _merge_whole(

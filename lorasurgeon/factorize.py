@@ -377,10 +377,9 @@ def factorize_weight(
     nm = name or (c.tensor if c else None)
     res = svd.truncated_svd(w, k, method=method, fp64=fp64, seed=seed, name=nm)
     uf, vf = svd.split_balanced(res)
-    rel = svd.relative_error(w, res)
-    mat = svd.as_matrix(w)
-    step = max(1, (1 << 22) // max(1, mat.shape[1]))  # ||W||² in row blocks: no fp64 copy of W
-    total = sum(float(mat[i : i + step].double().pow(2).sum()) for i in range(0, mat.shape[0], step))
+    err, ref = svd.residual_norms(w, res)  # one blockwise pass, one reused buffer
+    rel = (0.0 if err == 0 else float("inf")) if ref == 0 else err / ref
+    total = ref * ref
     kept = float((res.S.double() ** 2).sum().item()) / total if total > 0 else 1.0
     if len(shape) == 4:
         u = uf.reshape(shape[0], k, 1, 1).to(w.dtype).contiguous()

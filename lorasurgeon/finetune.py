@@ -193,9 +193,9 @@ def attach_lora(
     def evaluate(d: Dataset) -> float:
         return accuracy(predict(logits, d, opts.batch_size * 2, opts.device), d.labels)
 
-    before = evaluate(val)
     fr: FitResult = fit(model, params, train, val, loss_fn, evaluate, opts, progress=progress,
                         resume_file=resume_file, resume=resume)
+    before = fr.initial_metric  # fit scores the starting parameters (epoch 0): not evaluated twice
     val_acc = evaluate(val)
     test_acc = evaluate(test) if test is not None else None
     result = AttachResult(

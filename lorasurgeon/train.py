@@ -68,6 +68,7 @@ class FitResult:
     metric_name: str
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    initial_metric: float | None = None  # the starting parameters' validation metric (epoch 0)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,7 +137,8 @@ def fit(
     history: list[EpochRecord] = []
     # Epoch 0 is the starting point: training never returns parameters that validate worse.
     model.eval()
-    best = (evaluate(val), 0, {n: p.detach().clone() for n, p in params})
+    initial = evaluate(val)
+    best = (initial, 0, {n: p.detach().clone() for n, p in params})
     start_epoch = 0
     if resume and resume_file is not None and resume_file.is_file():
         st = torch.load(resume_file, map_location="cpu", weights_only=True)
@@ -210,7 +212,7 @@ def fit(
     for n, v in best[2].items():
         by_name[n].data.copy_(v)
     model.eval()
-    return FitResult(history, best[1], round(best[0], 6), metric_name, start_epoch)
+    return FitResult(history, best[1], round(best[0], 6), metric_name, start_epoch, initial_metric=initial)
 
 
 @torch.no_grad()

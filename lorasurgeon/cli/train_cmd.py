@@ -10,6 +10,7 @@ from rich.table import Table
 
 from lorasurgeon.cli.options import ForceOpt, JsonOpt, QuietOpt
 from lorasurgeon.cli.output import handle_errors, log, print_json, progress, stdout_console
+from lorasurgeon.errors import InvalidOptionError
 from lorasurgeon.finetune import AttachResult, DistillResult, attach_lora, distill_student
 from lorasurgeon.train import TrainOptions
 
@@ -49,7 +50,8 @@ def attach_command(
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA alpha (default: the rank).")] = None,
     dropout: Annotated[float, typer.Option("--dropout")] = 0.0,
     rslora: Annotated[bool, typer.Option("--rslora", help="Scale alpha/sqrt(r) instead of alpha/r.")] = False,
-    head: Annotated[list[str] | None, typer.Option("--head", help="Module trained fully and saved as modules_to_save (default: a new classifier head).")] = None,
+    head: Annotated[list[str] | None, typer.Option("--head", help="Module trained fully and saved as modules_to_save (repeatable; default: the new classifier/score head of a Hugging Face model, none for --arch models).")] = None,
+    no_head: Annotated[bool, typer.Option("--no-head", help="Train and save no head: keep the model's own (LoRA goes only where --target says).")] = False,
     full: Annotated[bool, typer.Option("--full", help="Fine-tune every weight instead (for comparison).")] = False,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched")] = False,
     epochs: EpochsOpt = 3, lr: LrOpt = 1e-3, batch_size: BsOpt = 32, grad_accum: AccOpt = 1, weight_decay: WdOpt = 0.0,
@@ -59,10 +61,12 @@ def attach_command(
 ) -> None:
     """Attach LoRA adapters to a model and train them on a labelled dataset."""
     with handle_errors(json_out):
+        if no_head and head:
+            raise InvalidOptionError("--head and --no-head contradict each other")
         opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, test_split, max_length, device)
         with progress("attach", quiet) as cb:
             r = attach_lora(model, data, output, arch=arch, targets=target, rank=rank, alpha=alpha, dropout=dropout,
-                            rslora=rslora, heads=head, full=full, opts=opts, text_column=text_column,
+                            rslora=rslora, heads=[] if no_head else head, full=full, opts=opts, text_column=text_column,
                             label_column=label_column, image_size=image_size, limit=limit, resume=resume, force=force,
                             allow_unmatched=allow_unmatched, progress=cb)
         log(f"wrote {output}", quiet)

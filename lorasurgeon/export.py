@@ -881,6 +881,7 @@ class _Built:
     quantized: str | None
     adapter_files: list[Path]
     adapter_checks: list[Verification]
+    adapter_names: list[str] = field(default_factory=list)  # final file names of adapter_files, in order
 
 
 def _sha256(paths: Sequence[Path]) -> str:
@@ -896,7 +897,7 @@ def _build(
     lm: LoadedModel, stage: Path, name: str, *, input_shape: Sequence[int] | None, opset: int, dtype: str,
     atol: float, optimize: bool, quantize: str | None, min_agreement: float | None, threads: int,
     meta: dict[str, Any], external_threshold: int, log: LogFn,
-    separate: Sequence[tuple[Path, Adapter, dict[str, str]]] = (),
+    separate: Sequence[tuple[Path, Adapter, dict[str, str]]] = (), final_name: str | None = None,
 ) -> _Built:
     spec = input_spec(lm, input_shape)
     out_name = output_name(lm)
@@ -966,18 +967,23 @@ def _build(
         raise VerificationError(f"onnxruntime differs from PyTorch: max |diff| {ver.max_abs_error:.3g} > atol {atol:g} "
                                 f"(at {where}); nothing written", lm.source)
     adapter_files: list[Path] = []
+    adapter_names: list[str] = []
     checks: list[Verification] = []
     if modules:
         import onnxruntime as ort
 
         stem = name[: -len(".onnx")] if name.endswith(".onnx") else name
+        fname = final_name or name
+        final_stem = fname[: -len(".onnx")] if fname.endswith(".onnx") else fname
         used: set[str] = set()
-        for apath, ad, tmap in separate:
+        for j, (apath, ad, tmap) in enumerate(separate):
             aname = apath.name.split(".")[0] or "adapter"
             while aname in used:
                 aname += "_"
             used.add(aname)
-            afile = stage / f"{stem}.{aname}.onnx_adapter"
+            # staged under an ASCII name (onnxruntime's C++ loader takes UTF-8 paths only), renamed at commit
+            afile = stage / f"{stem}.{aname if _utf8(aname) else f'adapter{j}'}.onnx_adapter"
+            adapter_names.append(f"{final_stem}.{aname}.onnx_adapter")
             _write_adapter(afile, ad, tmap, names)
             adapter_files.append(afile)
             merged = _merged_copy(lm, [(apath, ad, tmap)])
@@ -1009,7 +1015,45 @@ def _build(
             raise VerificationError(f"int8 model agrees with PyTorch below the gate: {agree.metric} {agree.value:.4f} < "
                                     f"{minimum:g} (--min-agreement); nothing written", lm.source)
     return _Built(lm, spec, out_name, path, external, matmuls, nodes, optimizer, fused, ver, agree,
-                  quantize, adapter_files, checks)
+                  quantize, adapter_files, checks, adapter_names)
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name (surrogate-escaped where its bytes were not UTF-8) encodes as UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _commit_all(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Move staged files to their final paths as one unit: all of them, or none.
+
+    Each move is atomic on its own (``atomic_path``: fsync, rename). Files the moves would replace
+    (with --force) are first renamed aside; if any move fails, the moves already made are undone,
+    the replaced files are put back, and the error propagates. On success the old files are deleted.
+    """
+    backups: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    try:
+        for _, dst in moves:
+            if dst.exists():
+                bak = dst.with_name(f".{dst.name}.bak-{os.getpid()}")
+                os.replace(dst, bak)
+                backups.append((bak, dst))
+        for src, dst in moves:
+            with atomic_path(dst, True) as tmp:
+                os.replace(src, tmp)
+            done.append(dst)
+    except BaseException:
+        for dst in done:
+            dst.unlink(missing_ok=True)
+        for bak, dst in backups:
+            os.replace(bak, dst)
+        raise
+    for bak, _ in backups:
+        bak.unlink(missing_ok=True)
 
 
 def _merged_copy(lm: LoadedModel, read: Sequence[tuple[Path, Adapter, dict[str, str]]]) -> LoadedModel:
@@ -1118,14 +1162,26 @@ def export_model(
     meta = provenance("export", opts, inputs, extra={"format": "onnx"})
 
     writer._install_signal_handlers()  # SIGTERM still runs the finally below
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    # Staged under ASCII names: torch.onnx's and onnxruntime's C++ bindings take UTF-8 paths
+    # only, and a POSIX file name need not be UTF-8. Each file gets its real name at commit.
+    staged = out.name if _utf8(out.name) else "model.onnx"
+    stage_dir = Path(tempfile.mkdtemp(prefix=".lorasurgeon-export-stage-", dir=out.parent))
+    stage, alias_dir = stage_dir, None
+    if not _utf8(str(stage_dir)):  # a folder on the way is not UTF-8: work through a UTF-8 symlink to the stage
+        alias_dir = Path(tempfile.mkdtemp(prefix="lorasurgeon-export-"))
+        stage = alias_dir / "stage"
+        os.symlink(stage_dir, stage)
     try:
         with torch_threads(threads):
-            built = _build(lm, stage, out.name, input_shape=input_shape, opset=opset, dtype=dtype, atol=atol,
+            built = _build(lm, stage, staged, input_shape=input_shape, opset=opset, dtype=dtype, atol=atol,
                            optimize=optimize, quantize=quantize, min_agreement=min_agreement, threads=threads,
                            meta=meta, external_threshold=external_data_threshold, log=log,
-                           separate=read if separate_adapters else ())
+                           separate=read if separate_adapters else (), final_name=out.name)
             if built.external:
+                if staged != out.name:
+                    raise UnsupportedError(
+                        "the weights pass 2 GB, so they go to an external data file that the .onnx names, and ONNX "
+                        "stores that name as UTF-8: choose an output name that is valid UTF-8", out)
                 log(f"the weights pass 2 GB: they go to {out.name}.data beside {out.name} (ONNX external data); keep the two files together")
             bench = None
             if benchmark:
@@ -1133,17 +1189,19 @@ def export_model(
                                    atol=atol, optimize=optimize, quantize=quantize, min_agreement=min_agreement,
                                    batch_size=batch_size, seq_len=seq_len, threads=threads, warmup=warmup,
                                    runs=runs, external_threshold=external_data_threshold, log=log)
-        files = _files(built) if not built.adapter_files else [*built.adapter_files, *_files(built)]
-        for f in files:
-            check_output(out.parent / f.name, force)
+        main_files = [(f, out.name + f.name[len(staged):]) for f in _files(built)]
+        files = [*zip(built.adapter_files, built.adapter_names), *main_files]
+        for _, final in files:
+            check_output(out.parent / final, force)
         size = sum(f.stat().st_size for f in _files(built))
         digest = _sha256(_files(built))
         final_ops = _ops(_load(built.path))
-        for f in files:  # data first, the .onnx last: when OUT appears, everything it needs is there
-            with atomic_path(out.parent / f.name, force) as tmp:
-                os.replace(f, tmp)
+        # data first, the .onnx last: when OUT appears, everything it needs is there
+        _commit_all([(f, out.parent / final) for f, final in files])
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        if alias_dir is not None:
+            shutil.rmtree(alias_dir, ignore_errors=True)
     log(f"wrote {out} ({size / 1e6:.1f} MB)")
     ver = built.verification
     return ExportResult(
@@ -1154,7 +1212,7 @@ def export_model(
                                                 "dtype": "float32"}],
         factorized_layers=len(lm.factorized), matmul_nodes=built.matmul_nodes, nodes=sum(final_ops.values()),
         adapters=[str(a) for a in adapters], adapter_mode=("separate" if separate_adapters else "merged") if adapters else None,
-        adapter_files=[str(out.parent / f.name) for f in built.adapter_files], optimized=built.optimizer,
+        adapter_files=[str(out.parent / n) for n in built.adapter_names], optimized=built.optimizer,
         fused_ops=built.fused, quantized=built.quantized, verification=ver, agreement=built.agreement,
         benchmark=bench, adapter_verification=built.adapter_checks,
     )

@@ -354,9 +354,6 @@ def test_race_rounds(round_: int, tmp_path: Path) -> None:
     assert listing(out_dir) == ["f.safetensors"]
 
 
-@pytest.mark.xfail(strict=True, reason="export commits its files one rename at a time (adapters, then the .onnx); a "
-                                       "failure at the last rename leaves the adapter files behind. See "
-                                       "docs/reliability.md, 'Known gaps'.")
 def test_export_failure_at_the_last_rename_leaves_nothing(valid: Valid, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     real = writer_mod._fsync_file

@@ -53,8 +53,7 @@ COMMANDS = {
     "export-output": lambda b, a, o, v: _s("export", b, "--arch", ARCH, "-o", o / f"e{BAD}.onnx"),
 }
 SLOW = {"attach", "export-input"}  # seconds a run: `make test-all`
-XFAIL = {"export-output": "export stages its files under the output's name and torch.onnx's C++ binding refuses a "
-                          "str with surrogate escapes (internal error, exit 1, nothing written); see docs/reliability.md"}
+XFAIL: dict[str, str] = {}
 
 
 def _marks(k: str) -> list:

@@ -72,13 +72,13 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: str, cwd: Path, e: dict[str, str]) -> str:
+def run(cmd: str, cwd: Path, e: dict[str, str], max_lines: int | None = 40) -> str:
     p = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=e, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"example failed ({p.returncode}): {cmd}\n{p.stderr}")
     out = p.stdout.rstrip()
     lines = out.splitlines()
-    if len(lines) > 40:
+    if max_lines is not None and len(lines) > max_lines:
         out = "\n".join(lines[:36] + [f"... ({len(lines) - 36} more lines)"])
     return out
 
@@ -108,7 +108,7 @@ def main() -> int:
             if name not in commands():
                 continue
             parts.append(f"\n## {name}\n\n{what}\n")
-            help_text = run(f"lorasurgeon {name} --help", cwd, e)
+            help_text = run(f"lorasurgeon {name} --help", cwd, e, max_lines=None)  # every option, never cut
             help_text = re.sub(r"\s+$", "", help_text, flags=re.M)
             parts.append(f"\n```text\n{help_text}\n```\n")
             for cmd in examples:

@@ -43,6 +43,8 @@ class TrainOptions:
     test_split: float = 0.0
     max_length: int = 128
     device: str = "cpu"
+    schedule: str = "constant"  # learning-rate schedule after warm-up: constant | linear | cosine (to 0)
+    warmup: float = 0.0  # fraction of all optimizer steps spent warming up linearly from 0
 
     def validate(self) -> None:
         for name, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum)):
@@ -50,6 +52,28 @@ class TrainOptions:
                 raise InvalidOptionError(f"{name} must be at least 1, got {v}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidOptionError(f"--lr must be a positive number, got {self.lr:g}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidOptionError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 <= self.warmup < 1:
+            raise InvalidOptionError(f"--warmup must be in [0, 1), got {self.warmup:g}")
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
+    """The multiplier of the base learning rate for optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warm-up over the first ``round(warmup * total)`` steps (from 1/w up to 1), then
+    constant, linear decay to 0, or half a cosine to 0 over the remaining steps.
+    """
+    w = round(warmup * total)
+    if step < w:
+        return (step + 1) / w
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - w) / max(1, total - w))
+    return 1.0 - p if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 @dataclass
@@ -134,6 +158,11 @@ def fit(
     gen = torch.Generator().manual_seed(opts.seed)
     trainable = [p for _, p in params]
     opt = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=opts.weight_decay)
+    n_batches = math.ceil(len(train) / opts.batch_size)
+    total_steps = n_batches * opts.epochs
+    per_rank_batches = n_batches // world if world > 1 else n_batches
+    opt_steps = math.ceil(per_rank_batches / opts.grad_accum) * opts.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, opt_steps, opts.schedule, opts.warmup))
     history: list[EpochRecord] = []
     # Epoch 0 is the starting point: training never returns parameters that validate worse.
     model.eval()
@@ -146,6 +175,8 @@ def fit(
         for n, v in st["params"].items():
             by_name[n].data.copy_(v)
         opt.load_state_dict(st["optimizer"])
+        if "scheduler" in st:
+            sched.load_state_dict(st["scheduler"])
         torch.set_rng_state(st["rng"])
         gen.set_state(st["gen"])
         history = [EpochRecord(**h) for h in st["history"]]
@@ -153,8 +184,6 @@ def fit(
         start_epoch = st["epoch"]
     elif resume:
         raise InvalidOptionError("--resume: no saved training state for this output", resume_file)
-    n_batches = math.ceil(len(train) / opts.batch_size)
-    total_steps = n_batches * opts.epochs
     trainable_ids = {id(p) for p in trainable}
     frozen_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                     and not any(id(p) in trainable_ids for p in m.parameters(recurse=False))]
@@ -184,6 +213,7 @@ def fit(
                             dist.all_reduce(p.grad)
                             p.grad /= world
                 opt.step()
+                sched.step()
                 opt.zero_grad(set_to_none=True)
             seen += next(iter(inputs.values())).shape[0]
             loss_sum += float(loss.detach()) * next(iter(inputs.values())).shape[0]
@@ -200,7 +230,8 @@ def fit(
             best = (metric, epoch + 1, {n: p.detach().clone() for n, p in params})
         if resume_file is not None and rank == 0:
             state = {"epoch": epoch + 1, "params": {n: p.detach().clone() for n, p in params},
-                     "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "gen": gen.get_state(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "rng": torch.get_rng_state(), "gen": gen.get_state(),
                      "history": [asdict(h) for h in history], "best_metric": best[0], "best_epoch": best[1],
                      "best_params": best[2]}
             try:

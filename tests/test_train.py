@@ -221,3 +221,34 @@ def test_distill_feature_loss_trains_layers_toward_the_teacher(tmp_path: Path) -
     res = runner.invoke(app, ["distill", *common, "-o", str(tmp_path / "e.safetensors"), "--feature-loss", "-1"])
     assert res.exit_code == 1 and res.stderr.strip() == "error: --feature-loss must be >= 0, got -1"
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_lr_schedule_factors(tmp_path: Path) -> None:
+    from lorasurgeon.train import lr_factor
+
+    assert [lr_factor(k, 10, "constant", 0.0) for k in range(10)] == [1.0] * 10
+    assert [lr_factor(k, 10, "constant", 0.2) for k in range(3)] == [0.5, 1.0, 1.0]  # 2 warm-up steps
+    assert [round(lr_factor(k, 10, "linear", 0.0), 6) for k in (0, 5, 9)] == [1.0, 0.5, 0.1]
+    assert [round(lr_factor(k, 12, "cosine", 1 / 6), 6) for k in (0, 1, 2, 7)] == [0.5, 1.0, 1.0, 0.5]
+    res = runner.invoke(app, ["attach", "--arch", ARCH, "--schedule", "step", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 1 and res.stderr.strip() == "error: --schedule must be one of constant, linear, cosine, got 'step'"
+
+
+def test_schedule_applies_and_resume_restores_it(tmp_path: Path) -> None:
+    """A cosine schedule with warm-up: an interrupted run resumed equals the uninterrupted one."""
+    base = _base(tmp_path)
+    kw = dict(arch=ARCH, targets=["fc*"], rank=2, heads=["classifier"])
+    o = dict(epochs=2, lr=0.01, batch_size=128, schedule="cosine", warmup=0.3)
+    attach_lora(base, "digits", tmp_path / "a", opts=TrainOptions(**o), **kw)
+    attach_lora(base, "digits", tmp_path / "const", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), **kw)
+    a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert a != (tmp_path / "const" / "adapter_model.safetensors").read_bytes()
+
+    def interrupt(done: int, total: int, item: str) -> None:
+        if item.startswith("epoch 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(**o), progress=interrupt, **kw)
+    attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(**o), resume=True, **kw)
+    assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == a

@@ -32,6 +32,8 @@ AccOpt = Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation
 WdOpt = Annotated[float, typer.Option("--weight-decay", rich_help_panel=T)]
 SeedOpt = Annotated[int, typer.Option("--seed", rich_help_panel=T)]
 DevOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | auto.", rich_help_panel=T)]
+SchedOpt = Annotated[str, typer.Option("--schedule", help="Learning rate after warm-up: constant | linear | cosine (both decay to 0).", rich_help_panel=T)]
+WarmOpt = Annotated[float, typer.Option("--warmup", help="Fraction of the optimizer steps spent warming up linearly from 0.", rich_help_panel=T)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the state saved after the last finished epoch.", rich_help_panel=T)]
 
 
@@ -57,13 +59,14 @@ def attach_command(
     epochs: EpochsOpt = 3, lr: LrOpt = 1e-3, batch_size: BsOpt = 32, grad_accum: AccOpt = 1, weight_decay: WdOpt = 0.0,
     seed: SeedOpt = 0, val_split: ValOpt = 0.1, test_split: TestOpt = 0.0, max_length: MaxLenOpt = 128,
     text_column: TextColOpt = "text", label_column: LabelColOpt = "label", image_size: ImgOpt = None, limit: LimitOpt = None,
-    device: DevOpt = "cpu", resume: ResumeOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    device: DevOpt = "cpu", schedule: SchedOpt = "constant", warmup: WarmOpt = 0.0, resume: ResumeOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Attach LoRA adapters to a model and train them on a labelled dataset."""
     with handle_errors(json_out):
         if no_head and head:
             raise InvalidOptionError("--head and --no-head contradict each other")
-        opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, test_split, max_length, device)
+        opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, test_split, max_length, device,
+                            schedule, warmup)
         with progress("attach", quiet) as cb:
             r = attach_lora(model, data, output, arch=arch, targets=target, rank=rank, alpha=alpha, dropout=dropout,
                             rslora=rslora, heads=[] if no_head else head, full=full, opts=opts, text_column=text_column,
@@ -88,11 +91,12 @@ def distill_command(
     epochs: EpochsOpt = 3, lr: LrOpt = 1e-4, batch_size: BsOpt = 32, grad_accum: AccOpt = 1, weight_decay: WdOpt = 0.0,
     seed: SeedOpt = 0, val_split: ValOpt = 0.1, test_split: TestOpt = 0.0, max_length: MaxLenOpt = 128,
     text_column: TextColOpt = "text", label_column: LabelColOpt = "label", image_size: ImgOpt = None, limit: LimitOpt = None,
-    device: DevOpt = "cpu", resume: ResumeOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    device: DevOpt = "cpu", schedule: SchedOpt = "constant", warmup: WarmOpt = 0.0, resume: ResumeOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Train a factorized student to match its teacher's outputs (labels optional)."""
     with handle_errors(json_out):
-        opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, test_split, max_length, device)
+        opts = TrainOptions(epochs, lr, batch_size, grad_accum, weight_decay, seed, val_split, test_split, max_length, device,
+                            schedule, warmup)
         with progress("distill", quiet) as cb:
             r = distill_student(teacher, student, data, output, arch=arch, loss=loss, temperature=temperature,
                                 train_bias_norm=train_bias_norm, feature_loss=feature_loss, opts=opts, text_column=text_column, label_column=label_column,

@@ -5,8 +5,7 @@ All math runs in fp32 (or fp64 on request) whatever the input dtype; inputs are 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -537,34 +536,32 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None, *, fp64:
     b, a = b.to(dt), a.to(dt)
     _check_finite(b, "B")
     _check_finite(a, "A")
-    with _serial(b.shape[1] <= _SERIAL_MAX_RANK):
-        Qb, Rb = torch.linalg.qr(b)  # (out, min(out, r)), (min(out, r), r)
-        Qa, Ra = torch.linalg.qr(a.T)  # (in, min(in, r)), (min(in, r), r)
-        Uc, S, Vch = _gesdd(Rb @ Ra.T)  # core (min(out, r), min(in, r))
-        kk = S.numel() if k is None else min(k, S.numel())
-        U = Qb @ Uc[:, :kk]
-        Vh = Vch[:kk] @ Qa.T
-    return SVDResult(U.contiguous(), S[:kk].contiguous(), Vh.contiguous())
+    # Householder QR without forming Q (geqrf), and Q applied to the kept singular vectors only
+    # (ormqr): 4096x128 fp32, 2 threads, geqrf 3.3 ms against 8.1 ms for linalg.qr with Q formed.
+    hb, tb = torch.geqrf(b)  # B = Q_B R_B
+    ha, ta = torch.geqrf(a.T)  # Aᵀ = Q_A R_A
+    pb, pa = min(b.shape), min(a.shape)
+    Rb = hb[:pb].triu()  # (min(out, r), r)
+    Ra = ha[:pa].triu()  # (min(in, r), r)
+    Uc, S, Vch = _gesdd(Rb @ Ra.T)  # core (min(out, r), min(in, r))
+    kk = S.numel() if k is None else min(k, S.numel())
+    U = _apply_q(hb, tb, Uc[:, :kk])  # Q_B [Uc; 0]: (out, kk)
+    V = _apply_q(ha, ta, Vch[:kk].T)  # Q_A [Vc; 0]: (in, kk)
+    return SVDResult(U.contiguous(), S[:kk].contiguous(), V.T.contiguous())
 
 
-# Factor algebra on ranks up to this runs on one thread. Householder QR of a tall-skinny matrix
-# synchronises its threads once per column for little arithmetic: QR of 4096x128 fp32 took
-# 7.8 ms on 1 thread against 13 ms on 2 (load 1.1) and 180-320 ms on 2 under load 8.
-_SERIAL_MAX_RANK = 512
+def _apply_q(h: torch.Tensor, tau: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Q @ [c; 0] for the Q of a geqrf factorisation (h, tau), without forming Q.
 
+    Args:
+        h, tau: geqrf of an (m, r) matrix. c: (min(m, r), k).
 
-@contextlib.contextmanager
-def _serial(on: bool = True) -> Iterator[None]:
-    """Run the block on one intra-op thread (restored afterwards); a no-op when ``on`` is False."""
-    n = torch.get_num_threads()
-    if not on or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    Returns:
+        (m, k).
+    """
+    full = torch.zeros(h.shape[0], c.shape[1], dtype=c.dtype, device=c.device)
+    full[: c.shape[0]] = c
+    return torch.ormqr(h, tau, full)
 
 
 def stack_factors(

@@ -164,19 +164,32 @@ def merge_adapters(
                                          float("nan"), float("nan")))
             return result
 
+        # Reused buffers for the merged weights: one to read each base weight into, and two that
+        # take turns receiving W'. The writer keeps at most the last tensor it was given when it
+        # asks for the next one (io/writer.py::_write_stream), so when W'_{k+2} is computed into
+        # the slot of W'_k, W'_k is on disk. Fresh 64 MB tensors per layer cost a page fault per
+        # 4 KB page: measured 8-9 s of system time on a 2 GB merge, against 4.7 s with reuse.
+        big = max((ck.info(n).nbytes for n in per_weight), default=0)
+        in_buf = torch.empty(big, dtype=torch.uint8)
+        ring = [torch.empty(big, dtype=torch.uint8) for _ in range(2)] if per_weight else []
+
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             todo = ck.names()
+            k = 0
             for j, n in enumerate(todo):
                 if progress:
                     progress(j, len(todo), n)
                 if n in saved:
                     yield n, saved[n].to(ST_DTYPES[ck.info(n).dtype])
                     continue
-                t = ck.get(n)
                 if n in per_weight:
+                    t = ck.get(n, into=in_buf)
+                    slot = ring[k % 2][: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                    k += 1
                     parts = per_weight[n]
                     try:
-                        new, st = lora.merge_weight_stats(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge, name=n)
+                        new, st = lora.merge_weight_stats(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge, name=n,
+                                                          out=slot)
                     except FormatError as e:
                         raise FormatError(str(e), base) from None
                     layers.append(MergeLayer(n[: -len(".weight")], list(t.shape), [i for _, _, i in parts],
@@ -184,7 +197,9 @@ def merge_adapters(
                                              st.update_norm / st.base_norm if st.base_norm > 0 else float("inf")))
                     del t
                     yield n, new
-                elif n in bias_parts:
+                    continue
+                t = ck.get(n)  # fresh memory: the writer may still hold it when the next tensor is read
+                if n in bias_parts:
                     yield n, lora.merge_bias(t, [(p, wi) for p, wi, _ in bias_parts[n]], unmerge=unmerge)
                 else:
                     yield n, t

@@ -169,7 +169,7 @@ def write_json_atomic(path: str | Path, obj: Any, force: bool = False) -> Path:
 
 
 # --------------------------------------------------------------------------- provenance
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of a file, read in chunks (no mmap: pages do not stay resident)."""
     h = hashlib.sha256()
     buf = bytearray(chunk)  # one reused buffer: a fresh bytes object per chunk costs page faults
@@ -425,7 +425,12 @@ def _write_stream(
 ) -> None:
     """Write each tensor at its planned offset. One write is in flight on a background thread
     while the next tensor is produced (``pwrite`` releases the GIL), so producing and writing
-    overlap; at most one finished tensor waits, which bounds the extra memory to one tensor."""
+    overlap; at most one finished tensor waits, which bounds the extra memory to one tensor.
+
+    Guarantee to producers (``merge`` relies on it to reuse two output buffers): when the
+    writer asks for the next tensor, every tensor but the last one it was given is completely
+    written, and it no longer holds a reference to them.
+    """
     import concurrent.futures
 
     open_files: list[_StFile] = []

@@ -82,6 +82,7 @@ def merge_weight_stats(
     *,
     unmerge: bool = False,
     name: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MergeStats]:
     """``merge_weight`` in row blocks, with ||ΔW|| and ||W|| and a finiteness check of W.
 
@@ -95,6 +96,9 @@ def merge_weight_stats(
     for plain LoRA ||Σ ±w_i s_i B_i A_i||_F, computed exactly from the factors (fp64 Gram
     matrices, no dense pass); for DoRA, blockwise from the merged rows.
 
+    ``out``: optional contiguous tensor of W's shape and dtype that receives W' (a caller's reused
+    buffer); it must not overlap W.
+
     Raises:
         FormatError: W holds NaN or Inf (named by ``name``).
         UnsupportedError: the DoRA cases of ``check_dora``.
@@ -102,7 +106,10 @@ def merge_weight_stats(
     acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     dora = check_dora(parts, unmerge=unmerge)
     sign = -1.0 if unmerge else 1.0
-    out = torch.empty_like(W, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(W, memory_format=torch.contiguous_format)
+    elif out.shape != W.shape or out.dtype != W.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {W.dtype} tensor of shape {tuple(W.shape)}")
     src = W.reshape(W.shape[0], -1)
     dst = out.view(W.shape[0], -1)
     rows, cols = src.shape

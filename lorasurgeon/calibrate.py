@@ -203,14 +203,22 @@ def _fisher_rows(lm: LoadedModel, ds: Dataset, mods: dict[str, nn.Module], batch
             out = model_outputs(lm, inputs)
             loss_fn(out, None if labels is None else labels.to(device)).backward()
             for n, m in mods.items():
+                if m.weight.grad is None:  # the loss does not reach this layer (e.g. an unused pooler)
+                    continue
                 g = m.weight.grad.detach().to("cpu", torch.float64)
                 fisher[n] += g.pow(2).reshape(g.shape[0], -1).sum(1)
                 m.weight.grad = None
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
-    return {n: LayerStats(row_diag=f.sqrt().clamp_min(1e-12 * max(float(f.sqrt().max()), 1e-30)), rows=len(ds))
-            for n, f in fisher.items()}
+    out: dict[str, LayerStats] = {}
+    for n, f in fisher.items():
+        if not float(f.max()) > 0:  # no gradient at all: every row weighs the same, i.e. plain SVD
+            out[n] = LayerStats(row_diag=torch.ones_like(f), rows=len(ds),
+                                note="the task loss does not depend on this layer: plain SVD")
+        else:
+            out[n] = LayerStats(row_diag=f.sqrt().clamp_min(1e-12 * float(f.sqrt().max())), rows=len(ds))
+    return out
 
 
 def _task_loss(lm: LoadedModel, ds: Dataset, batch_size: int, device: str

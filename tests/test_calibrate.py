@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lorasurgeon.calibrate import LayerStats, _cholesky, collect_stats, factorize_calibrated
 from lorasurgeon.cli.app import app
-from lorasurgeon.data import load_dataset
+from lorasurgeon.data import load_dataset, tokenize
 from lorasurgeon.nn.models import load_model
 from lorasurgeon.zoo import mlp
 
@@ -162,3 +162,16 @@ def test_calibrated_factorization_of_a_text_model(tmp_path: Path) -> None:
     assert res["svd-llm"]["mean_cosine"] > res["svd"]["mean_cosine"]
     lm = load_model(tmp_path / "svd-llm")  # the folder rebuilds with no flags
     assert lm.factorized
+    # fwsvd on an encoder without a head: a ridge probe on labelled text; the pooler does not feed
+    # the mean-pooled embedding, so no gradient reaches it and it gets plain (uniform) row weights
+    labelled = [json.dumps({"text": json.loads(x)["text"], "label": i % 3}) for i, x in enumerate(lines)]
+    (tmp_path / "l.jsonl").write_text("\n".join(labelled))
+    st = collect_stats(load_model(tmp_path / "bert"), tokenize(load_dataset(tmp_path / "l.jsonl"), tok, 16),
+                       ["pooler.dense", "encoder.layer.0.attention.self.query"], "fwsvd")
+    assert torch.equal(st["pooler.dense"].row_diag, torch.ones(32, dtype=torch.float64))
+    assert "does not depend" in st["pooler.dense"].note
+    assert not torch.allclose(st["encoder.layer.0.attention.self.query"].row_diag,
+                              st["encoder.layer.0.attention.self.query"].row_diag[0].expand(32))
+    r = runner.invoke(app, ["factorize", str(tmp_path / "bert"), "-o", str(tmp_path / "fw"), "--ratio", "0.25", "--json",
+                            "--quiet", "--calibration", str(tmp_path / "l.jsonl"), "--method", "fwsvd"])
+    assert r.exit_code == 0, r.stderr

@@ -67,7 +67,8 @@ def part_lora(out: Path, epochs: int, limit: int | None) -> dict:
 
 def part_compress(out: Path, ratios: list[float], methods: list[str], distill_methods: list[str], epochs: int,
                   samples: int, heldout_n: int, distill_limit: int, lr: float = 1e-4, feature_loss: float = 0.0,
-                  max_length: int = 128, keep: bool = False) -> dict:
+                  max_length: int = 128, keep: bool = False, schedule: str = "constant", warmup: float = 0.0,
+                  train_bias_norm: bool = False) -> dict:
     train, test_texts = write_splits(out)
     teacher = load_model(minilm())
     held = load_dataset(train)  # for the class list only
@@ -88,10 +89,11 @@ def part_compress(out: Path, ratios: list[float], methods: list[str], distill_me
             rows[key] = {"cosine": before, "factorize_seconds": round(secs, 1)}
             if method in distill_methods:
                 t1 = time.perf_counter()
-                r = distill_student(minilm(), f, train, out / f"d-{method}-{ratio}", loss="cosine", limit=distill_limit,
-                                    force=True, feature_loss=feature_loss,
+                r = distill_student(minilm(), f, train, out / f"d-{method}-{ratio}", loss="cosine",
+                                    limit=distill_limit or None, force=True, feature_loss=feature_loss,
+                                    train_bias_norm=train_bias_norm,
                                     opts=TrainOptions(epochs=epochs, lr=lr, batch_size=16, max_length=max_length, val_split=0.1,
-                                                      seed=0))
+                                                      seed=0, schedule=schedule, warmup=warmup))
                 after = fidelity(teacher, load_model(out / f"d-{method}-{ratio}").model, held)["mean_cosine"]
                 rows[key].update({"cosine_distilled": after, "distill_seconds": round(time.perf_counter() - t1, 1),
                                   "val_cosine_per_epoch": [e["val_metric"] for e in r.fit["history"]]})
@@ -114,7 +116,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--samples", type=int, default=128, help="calibration articles")
     ap.add_argument("--heldout", type=int, default=256, help="held-out articles for the cosine")
-    ap.add_argument("--distill-limit", type=int, default=1024)
+    ap.add_argument("--distill-limit", type=int, default=1024, help="training articles for distill (0: all)")
+    ap.add_argument("--schedule", default="constant", help="distill --schedule")
+    ap.add_argument("--warmup", type=float, default=0.0, help="distill --warmup")
+    ap.add_argument("--train-bias-norm", action="store_true", help="distill --train-bias-norm")
     ap.add_argument("--limit", type=int, default=None, help="lora part: articles used")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
@@ -130,7 +135,7 @@ def main() -> int:
     else:
         rows = part_compress(out, [float(x) for x in args.ratios.split(",")], args.methods.split(","),
                              args.distill_methods.split(","), args.epochs, args.samples, args.heldout, args.distill_limit, args.lr,
-                             args.feature_loss, args.max_length, args.keep)
+                             args.feature_loss, args.max_length, args.keep, args.schedule, args.warmup, args.train_bias_norm)
     print(json.dumps(rows, indent=2))
     return 0
 

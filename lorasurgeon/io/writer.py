@@ -221,6 +221,26 @@ def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
 _PLACEHOLDER_SHA = "0" * 64
 
 
+def _block_signals_in_worker() -> None:
+    """ThreadPoolExecutor initializer: this worker thread never receives SIGINT or SIGTERM.
+
+    The kernel hands a process signal to any thread that does not block it. Python runs its
+    handlers in the main thread only, and a signal taken by a worker does not interrupt the main
+    thread's blocking call: measured, a SIGINT taken by an idle writer thread left the main thread
+    sleeping on. Blocked here, the signals always reach the main thread.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def worker_pool(name: str) -> Any:
+    """A one-thread executor whose thread leaves SIGINT and SIGTERM to the main thread."""
+    import concurrent.futures
+
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lorasurgeon-{name}",
+                                                 initializer=_block_signals_in_worker)
+
+
 class DeferredProvenance:
     """Provenance whose input hashes are computed in a background thread while the output streams.
 
@@ -236,12 +256,11 @@ class DeferredProvenance:
     def __init__(
         self, command: str, options: dict[str, Any], inputs: Iterable[str | Path], extra: dict[str, Any] | None = None
     ) -> None:
-        import concurrent.futures
 
         paths = list(inputs)
         self.placeholder = provenance(command, options, [], extra)
         self.placeholder["inputs"] = [_placeholder_record(p) for p in paths]
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-hash")
+        self._pool = worker_pool("hash")
         self._future = self._pool.submit(lambda: [input_record(p) for p in paths])
         self._pool.shutdown(wait=False)
 
@@ -435,7 +454,7 @@ def _write_stream(
 
     open_files: list[_StFile] = []
     owner: dict[str, _StFile] = {}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-write")
+    pool = worker_pool("write")
     pending: tuple[str, concurrent.futures.Future[None]] | None = None
 
     def settle() -> None:

@@ -170,3 +170,35 @@ def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
         os.umask(umask)
     assert f.stat().st_mode & 0o777 == 0o644
     assert d.stat().st_mode & 0o777 == 0o755
+
+
+def test_worker_threads_leave_signals_to_the_main_thread(tmp_path: Path) -> None:
+    """The writer's and the hasher's threads block SIGINT and SIGTERM, so the kernel always hands
+    those signals to the main thread, where Python runs its handlers (a signal taken by a worker
+    did not interrupt the main thread's sleep: the signal tests above hung under load)."""
+    import threading
+
+    from lorasurgeon.io.writer import DeferredProvenance
+
+    def blocked(prefix: str) -> set[int]:
+        t = next(t for t in threading.enumerate() if t.name.startswith(prefix))
+        status = Path(f"/proc/self/task/{t.native_id}/status").read_text()
+        mask = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        return {s for s in (signal.SIGINT, signal.SIGTERM) if mask >> (s - 1) & 1}
+
+    seen = {}
+
+    def gen():
+        yield "a", torch.zeros(4)
+        seen["write"] = blocked("lorasurgeon-write")  # the writer thread is alive once a tensor was handed over
+        yield "b", torch.zeros(4)
+
+    specs = [TensorSpec("a", torch.float32, (4,)), TensorSpec("b", torch.float32, (4,))]
+    write_safetensors(tmp_path / "o.safetensors", specs, gen())
+    assert seen["write"] == {signal.SIGINT, signal.SIGTERM}
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * (64 << 20))
+    p = DeferredProvenance("x", {}, [big])
+    got = blocked("lorasurgeon-hash") if any(t.name.startswith("lorasurgeon-hash") for t in threading.enumerate()) else None
+    p.result()
+    assert got in (None, {signal.SIGINT, signal.SIGTERM})  # None: the hash finished before we looked

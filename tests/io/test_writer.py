@@ -152,7 +152,9 @@ def gen():
         yield f"t{{i}}", torch.zeros(256, 256)
 write_safetensors({str(tmp_path / 'o.safetensors')!r}, specs, gen())
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # preexec_fn: a shell starts background jobs with SIGINT ignored and children inherit it
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "ready"
     assert any(".tmp-" in p.name for p in tmp_path.iterdir())
     os.kill(proc.pid, sig)

@@ -219,11 +219,17 @@ def _big_checkpoint(path: Path, layers: int = 48, dim: int = 512) -> Path:
     return path
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, children inherit that, and Python then
+    # keeps ignoring it: restore the default so the SIGINT tests test the program, not the shell.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LORASURGEON_DEBUG", None)
     return subprocess.Popen([sys.executable, "-m", "lorasurgeon", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
+                            text=True, env=env, cwd=ROOT, preexec_fn=_default_sigint)
 
 
 def _wait_for_temp(p: subprocess.Popen, folder: Path, timeout: float = 240) -> None:

@@ -225,9 +225,9 @@ def _block_signals_in_worker() -> None:
     """ThreadPoolExecutor initializer: this worker thread never receives SIGINT or SIGTERM.
 
     The kernel hands a process signal to any thread that does not block it. Python runs its
-    handlers in the main thread only, and a signal taken by a worker does not interrupt the main
-    thread's blocking call: measured, a SIGINT taken by an idle writer thread left the main thread
-    sleeping on. Blocked here, the signals always reach the main thread.
+    handlers in the main thread only, and a signal taken by a worker does not interrupt a
+    blocking call the main thread is in (a sleep, a wait): the handler would run only when that
+    call returns. Blocked here, the signals always reach the main thread.
     """
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -36,10 +36,10 @@ $(OUT)/minilm-d35.json: $(SELF) $(OUT)/minilm-f35.json
 		--limit 384 --max-length 64 --epochs 2 --lr 1e-4 --feature-loss 1 --batch-size 16 -o $(OUT)/minilm-d35 $(Q))
 
 $(OUT)/minilm.onnx.json: $(SELF) | $(OUT)
-	$(call json,$@,$(LS) export $(MINILM) -o $(OUT)/minilm.onnx --benchmark --batch-size 8 --seq-len 128 --runs 10 $(Q))
+	$(call json,$@,$(LS) export $(MINILM) -o $(OUT)/minilm.onnx --benchmark --batch-size 8 --seq-len 128 --runs 30 $(Q))
 
 $(OUT)/minilm-d35.onnx.json: $(SELF) $(OUT)/minilm-d35.json
-	$(call json,$@,$(LS) export $(OUT)/minilm-d35 -o $(OUT)/minilm-d35.onnx --benchmark --batch-size 8 --seq-len 128 --runs 10 $(Q))
+	$(call json,$@,$(LS) export $(OUT)/minilm-d35 -o $(OUT)/minilm-d35.onnx --benchmark --batch-size 8 --seq-len 128 --runs 30 $(Q))
 
 # --- digits CNN: two domain adapters, merge, compose, convert to kohya and back ----------------
 $(OUT)/inverted.json: $(SELF) | $(OUT)

@@ -13,7 +13,7 @@ import torch
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
-from lorasurgeon.io.writer import check_output, provenance
+from lorasurgeon.io.writer import HashedInputs, check_output, provenance
 from lorasurgeon.nn.targeting import module_of, select
 from lorasurgeon.ops import ranks, svd
 
@@ -104,14 +104,24 @@ def resize_adapter(
     ad = read_adapter(inp)
     if any(t.magnitude is not None for t in ad.targets.values()):
         raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
+    # The input is hashed (provenance) on a second thread while the factor algebra runs on one:
+    # the algebra is many small QRs and SVDs, which gain little from two threads, and sharing two
+    # cores between three busy threads stalls OpenMP's barriers.
+    hashes = None if dry_run else HashedInputs([inp])
     new: dict[str, LoraTarget] = {}
     layers: list[ResizeLayer] = []
-    for i, (m, t) in enumerate(sorted(ad.targets.items())):
-        if progress:
-            progress(i, len(ad.targets), m)
-        nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
-        new[m] = nt
-        layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale, round(kept, 6)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if hashes is not None else threads)
+    try:
+        for i, (m, t) in enumerate(sorted(ad.targets.items())):
+            if progress:
+                progress(i, len(ad.targets), m)
+            nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
+            new[m] = nt
+            layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
+                                      round(kept, 6)))
+    finally:
+        torch.set_num_threads(threads)
     result = ResizeResult(
         "lorasurgeon.resize/1", str(inp), None if dry_run else str(out), fmt or ad.format, _rule_json(rule), dry_run, layers,
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),
@@ -119,7 +129,7 @@ def resize_adapter(
     )
     if not dry_run:
         resized = Adapter(ad.format, new, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
-        prov = provenance("resize", {"rule": _rule_json(rule), "fp64": fp64, "format": fmt or ad.format}, [inp])
+        prov = provenance("resize", {"rule": _rule_json(rule), "fp64": fp64, "format": fmt or ad.format}, hashes)
         write_adapter(resized, out, fmt or ad.format, provenance_meta=prov, force=force)
     return result
 

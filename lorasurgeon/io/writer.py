@@ -193,8 +193,26 @@ def input_record(path: str | Path) -> dict[str, Any]:
     return {"name": p.name, "sha256": sha256_file(p)}
 
 
+class HashedInputs:
+    """Input records (name, sha256) computed on a background thread from construction on.
+
+    A command starts one as soon as its inputs are known and passes it to ``provenance`` when it
+    writes: the hashing overlaps the command's own work instead of adding to it.
+    """
+
+    def __init__(self, inputs: Iterable[str | Path]) -> None:
+        self.paths = list(inputs)
+        self._pool = worker_pool("hash")
+        self._future = self._pool.submit(lambda: [input_record(p) for p in self.paths])
+        self._pool.shutdown(wait=False)
+
+    def records(self) -> list[dict[str, Any]]:
+        return self._future.result()
+
+
 def provenance(
-    command: str, options: dict[str, Any], inputs: Iterable[str | Path], extra: dict[str, Any] | None = None
+    command: str, options: dict[str, Any], inputs: Iterable[str | Path] | HashedInputs,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON stored under the ``lorasurgeon`` metadata key: deterministic, no paths or times."""
     rec: dict[str, Any] = {
@@ -203,7 +221,7 @@ def provenance(
         "tool_version": __version__,
         "command": command,
         "options": options,
-        "inputs": [input_record(p) for p in inputs],
+        "inputs": inputs.records() if isinstance(inputs, HashedInputs) else [input_record(p) for p in inputs],
     }
     if extra:
         rec.update(extra)
@@ -260,13 +278,11 @@ class DeferredProvenance:
         paths = list(inputs)
         self.placeholder = provenance(command, options, [], extra)
         self.placeholder["inputs"] = [_placeholder_record(p) for p in paths]
-        self._pool = worker_pool("hash")
-        self._future = self._pool.submit(lambda: [input_record(p) for p in paths])
-        self._pool.shutdown(wait=False)
+        self._hashes = HashedInputs(paths)
 
     def result(self) -> dict[str, Any]:
         rec = dict(self.placeholder)
-        rec["inputs"] = self._future.result()
+        rec["inputs"] = self._hashes.records()
         return rec
 
 

@@ -51,7 +51,7 @@ def check_dora(parts: Sequence[tuple[LoraTarget, float]], *, unmerge: bool) -> l
 class MergeStats:
     """Norms gathered while merging one weight: per-block norms in the accumulation dtype, summed in fp64."""
 
-    update_norm: float  # ||W' - W||_F of the values written (after the cast back)
+    update_norm: float  # ||ΔW||_F of the update in the accumulation dtype, before the cast back
     base_norm: float  # ||W||_F
 
 

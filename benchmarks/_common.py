@@ -421,6 +421,36 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+class Report:
+    """Tables and target verdicts of a benchmark run, printed as text (and markdown)."""
+
+    def __init__(self, markdown: bool = False) -> None:
+        self.markdown = markdown
+        self.verdicts: list[tuple[str, bool, str]] = []
+
+    def table(self, title: str, head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        print(f"\n## {title}\n", flush=True)
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+        print("  ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True)))
+        for r in rows:
+            print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        if self.markdown:
+            print()
+            print(markdown_table(head, rows))
+        sys.stdout.flush()
+
+    def target(self, name: str, ok: bool, detail: str) -> None:
+        self.verdicts.append((name, ok, detail))
+        print(f"TARGET {'met   ' if ok else 'MISSED'} {name}: {detail}", flush=True)
+
+    def summary(self) -> int:
+        """Print every verdict; the exit status: 0 when every target was met, else 1."""
+        print("\nSUMMARY")
+        for n, ok, d in self.verdicts:
+            print(f"  {'met   ' if ok else 'MISSED'}  {n}: {d}")
+        return 0 if all(ok for _, ok, _ in self.verdicts) else 1
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Synthetic checkpoint maker (used by the benchmarks).")
     sub = ap.add_subparsers(dest="cmd", required=True)

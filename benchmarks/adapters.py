@@ -47,13 +47,13 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     MB,
     REPO,
+    Report,
     Timing,
     layer_specs,
     load_note,
     lora_factors,
     lowrank_fro,
     make_form_subprocess,
-    markdown_table,
     measure_peak_rss,
     median,
     path_size,
@@ -74,24 +74,7 @@ from lorasurgeon.io.adapters import read_adapter  # noqa: E402
 PARTS = ("merge", "compose")
 
 
-def _table(title: str, head: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool) -> None:
-    print(f"\n## {title}\n", flush=True)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    print("  ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True)))
-    for r in rows:
-        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-    if markdown:
-        print()
-        print(markdown_table(head, rows))
-    sys.stdout.flush()
-
-
-VERDICTS: list[tuple[str, bool, str]] = []
-
-
-def _target(name: str, ok: bool, detail: str) -> None:
-    VERDICTS.append((name, ok, detail))
-    print(f"TARGET {'met   ' if ok else 'MISSED'} {name}: {detail}", flush=True)
+REPORT = Report()
 
 
 def _f(x: float | None) -> str:
@@ -180,20 +163,19 @@ def part_merge(a: argparse.Namespace, root: Path) -> None:
         ["merge minus start-up", f"{mw - iw:.2f}", "-", f"{(mw - iw) / cw:.2f}x", "-", "-", "-", "-"],
         ["sha256 of the base (provenance; in-process)", f"{sha_t.wall_s:.2f}", f"{sha_t.cpu_s:.2f}", f"{sha_t.wall_s / cw:.2f}x", "-", "-", "-", "-"],
     ]
-    _table(
+    REPORT.table(
         f"merge: rank-{rank} PEFT adapter on {len(pairs)} layers into a {path_size(base) / MB:,.0f} MB fp16 checkpoint "
         f"(page cache warm, {a.repeat} interleaved repeats, medians; {load_note()})",
         ["run", "wall s", "cpu s", "vs copy", "peak MB", "wait4", "VmHWM", "GNU time"],
         rows,
-        a.markdown,
     )
     print(
         f"peak = max(VmHWM, GNU time, wait4), wait4 only where it exceeds the measuring parent's RSS at spawn "
         f"({max(x.parent_rss_mb for x in [imp, *merges]):.0f} MB), since a forked child's ru_maxrss includes it"
     )
     print(f"merged weights equal W + s·B·A computed independently (fp32, cast once): max |diff| {worst:.3g} over 2 layers")
-    _target("merge speed: within 1.5x of cp + sync", mw <= 1.5 * cw, f"{mw / cw:.2f}x ({mw:.2f} s vs {cw:.2f} s; start-up alone {iw:.2f} s)")
-    _target("merge memory: peak under 500 MB", peak < 500, f"{peak:.0f} MB; import baseline {trusted_peak_mb(imp):.0f} MB")
+    REPORT.target("merge speed: within 1.5x of cp + sync", mw <= 1.5 * cw, f"{mw / cw:.2f}x ({mw:.2f} s vs {cw:.2f} s; start-up alone {iw:.2f} s)")
+    REPORT.target("merge memory: peak under 500 MB", peak < 500, f"{peak:.0f} MB; import baseline {trusted_peak_mb(imp):.0f} MB")
     if not a.keep:
         remove_path(work)
 
@@ -315,7 +297,7 @@ def part_compose(a: argparse.Namespace, root: Path) -> None:
         rows.append([mod, f"{dim}x{dim}", f"{rel_o:.2e}", f"{rel_d:.2e}", f"{opt:.6f}", f"{e_o:.6f}", f"{e_d:.6f}", f"{(e_o / opt - 1) * 100:+.4f}%", f"{(e_d / opt - 1) * 100:+.3f}%"])
     ow, oc = median([x.wall_s for x in ot]), median([x.cpu_s for x in ot])
     dw, dc = median([x.wall_s for x in dt]), median([x.cpu_s for x in dt])
-    _table(
+    REPORT.table(
         f"compose svd: 4 PEFT adapters rank {r} -> rank {k}, {nl} layers {dim}x{dim} fp32, weights {weights}, alphas {alphas} "
         f"({a.repeat} interleaved repeats, medians; {load_note()})",
         ["route", "wall s", "cpu s", "dense/ours wall", "dense/ours cpu"],
@@ -324,16 +306,14 @@ def part_compose(a: argparse.Namespace, root: Path) -> None:
             ["dense: load_file, Σ w s B@A dense fp32, svd_lowrank(q=2k, niter=2), save_file", f"{dw:.3f}", f"{dc:.3f}", "1.0x", "1.0x"],
             ["  of which inside svd_lowrank", f"{median(ds):.3f}", "-", "-", "-"],
         ],
-        a.markdown,
     )
-    _table(
+    REPORT.table(
         "compose svd: accuracy against the exact SVD of the dense weighted sum (fp64); σ rel = max_i |σ_i − σ*_i|/σ*_i over the top k; err = ||Δ − Δ̂||_F/||Δ||_F",
         ["module", "shape", "σ rel, ours", "σ rel, dense", "optimal err", "ours err", "dense err", "ours vs optimal", "dense vs optimal"],
         rows,
-        a.markdown,
     )
-    _target("compose exact: top-k singular values within 1e-4 relative and the optimal error", worst_o <= 1e-4 and worst_eo <= 1e-4, f"ours σ {worst_o:.2e}, error vs optimal {worst_eo:.1e}; dense route σ {worst_d:.2e}")
-    _target("compose speed: >= 10x faster than the dense randomized route", min(dw / ow, dc / oc) >= 10, f"{dw / ow:.1f}x wall, {dc / oc:.1f}x cpu")
+    REPORT.target("compose exact: top-k singular values within 1e-4 relative and the optimal error", worst_o <= 1e-4 and worst_eo <= 1e-4, f"ours σ {worst_o:.2e}, error vs optimal {worst_eo:.1e}; dense route σ {worst_d:.2e}")
+    REPORT.target("compose speed: >= 10x faster than the dense randomized route", min(dw / ow, dc / oc) >= 10, f"{dw / ow:.1f}x wall, {dc / oc:.1f}x cpu")
     if not a.keep:
         remove_path(work)
 
@@ -356,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {list(PARTS)}")
     torch.set_num_threads(a.threads)
+    REPORT.markdown = a.markdown
     root = a.dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
     print(
@@ -367,15 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     for p in parts:
         fns[p](a, root)
     print(f"\nend: {load_note()}")
-    print("\nSUMMARY")
-    for n, ok, d in VERDICTS:
-        print(f"  {'met   ' if ok else 'MISSED'}  {n}: {d}")
+    code = REPORT.summary()
     if not a.keep:
         try:
             root.rmdir()
         except OSError:
             pass
-    return 0 if all(ok for _, ok, _ in VERDICTS) else 1
+    return code
 
 
 if __name__ == "__main__":

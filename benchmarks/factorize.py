@@ -41,7 +41,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,12 +55,12 @@ import torch  # noqa: E402
 from _common import (  # noqa: E402
     MB,
     REPO,
+    Report,
     Timing,
     load_note,
     lora_factors,
     lowrank_fro,
     make_form_subprocess,
-    markdown_table,
     measure_best,
     median,
     path_size,
@@ -85,29 +84,6 @@ from lorasurgeon.ops.ranks import RankRule  # noqa: E402
 from lorasurgeon.resize import resize_adapter  # noqa: E402
 
 PARTS = ("minilm", "synthetic", "resize", "memory")
-
-
-class Report:
-    """Collects tables and target verdicts; prints them as text (and markdown)."""
-
-    def __init__(self, markdown: bool) -> None:
-        self.markdown = markdown
-        self.verdicts: list[tuple[str, bool, str]] = []
-
-    def table(self, title: str, head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-        print(f"\n## {title}\n", flush=True)
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-        print("  ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True)))
-        for r in rows:
-            print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-        if self.markdown:
-            print()
-            print(markdown_table(head, rows))
-        sys.stdout.flush()
-
-    def target(self, name: str, ok: bool, detail: str) -> None:
-        self.verdicts.append((name, ok, detail))
-        print(f"TARGET {'met   ' if ok else 'MISSED'} {name}: {detail}", flush=True)
 
 
 def _fmt_t(t: Timing) -> str:
@@ -542,16 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     for p in parts:
         fns[p](a, root, rep)
     print(f"\nend: {load_note()}")
-    missed = [n for n, ok, _ in rep.verdicts if not ok]
-    print("\nSUMMARY")
-    for n, ok, d in rep.verdicts:
-        print(f"  {'met   ' if ok else 'MISSED'}  {n}: {d}")
+    code = rep.summary()
     if not a.keep:
         try:
             root.rmdir()
         except OSError:
             pass
-    return 1 if missed else 0
+    return code
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ from lorasurgeon.errors import (
 )
 from lorasurgeon.io import writer
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_kohya_names
-from lorasurgeon.io.writer import atomic_path, check_output, provenance
+from lorasurgeon.io.checkpoint import is_utf8
+from lorasurgeon.io.writer import check_output, commit_files, provenance
 from lorasurgeon.nn.layers import LowRankConv2d, LowRankLinear
 from lorasurgeon.nn.models import LoadedModel, load_model, model_outputs
 from lorasurgeon.ops import lora
@@ -982,7 +983,7 @@ def _build(
                 aname += "_"
             used.add(aname)
             # staged under an ASCII name (onnxruntime's C++ loader takes UTF-8 paths only), renamed at commit
-            afile = stage / f"{stem}.{aname if _utf8(aname) else f'adapter{j}'}.onnx_adapter"
+            afile = stage / f"{stem}.{aname if is_utf8(aname) else f'adapter{j}'}.onnx_adapter"
             adapter_names.append(f"{final_stem}.{aname}.onnx_adapter")
             _write_adapter(afile, ad, tmap, names)
             adapter_files.append(afile)
@@ -1016,44 +1017,6 @@ def _build(
                                     f"{minimum:g} (--min-agreement); nothing written", lm.source)
     return _Built(lm, spec, out_name, path, external, matmuls, nodes, optimizer, fused, ver, agree,
                   quantize, adapter_files, checks, adapter_names)
-
-
-def _utf8(name: str) -> bool:
-    """Whether a file name (surrogate-escaped where its bytes were not UTF-8) encodes as UTF-8."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _commit_all(moves: Sequence[tuple[Path, Path]]) -> None:
-    """Move staged files to their final paths as one unit: all of them, or none.
-
-    Each move is atomic on its own (``atomic_path``: fsync, rename). Files the moves would replace
-    (with --force) are first renamed aside; if any move fails, the moves already made are undone,
-    the replaced files are put back, and the error propagates. On success the old files are deleted.
-    """
-    backups: list[tuple[Path, Path]] = []
-    done: list[Path] = []
-    try:
-        for _, dst in moves:
-            if dst.exists():
-                bak = dst.with_name(f".{dst.name}.bak-{os.getpid()}")
-                os.replace(dst, bak)
-                backups.append((bak, dst))
-        for src, dst in moves:
-            with atomic_path(dst, True) as tmp:
-                os.replace(src, tmp)
-            done.append(dst)
-    except BaseException:
-        for dst in done:
-            dst.unlink(missing_ok=True)
-        for bak, dst in backups:
-            os.replace(bak, dst)
-        raise
-    for bak, _ in backups:
-        bak.unlink(missing_ok=True)
 
 
 def _merged_copy(lm: LoadedModel, read: Sequence[tuple[Path, Adapter, dict[str, str]]]) -> LoadedModel:
@@ -1164,10 +1127,10 @@ def export_model(
     writer._install_signal_handlers()  # SIGTERM still runs the finally below
     # Staged under ASCII names: torch.onnx's and onnxruntime's C++ bindings take UTF-8 paths
     # only, and a POSIX file name need not be UTF-8. Each file gets its real name at commit.
-    staged = out.name if _utf8(out.name) else "model.onnx"
+    staged = out.name if is_utf8(out.name) else "model.onnx"
     stage_dir = Path(tempfile.mkdtemp(prefix=".lorasurgeon-export-stage-", dir=out.parent))
     stage, alias_dir = stage_dir, None
-    if not _utf8(str(stage_dir)):  # a folder on the way is not UTF-8: work through a UTF-8 symlink to the stage
+    if not is_utf8(str(stage_dir)):  # a folder on the way is not UTF-8: work through a UTF-8 symlink to the stage
         alias_dir = Path(tempfile.mkdtemp(prefix="lorasurgeon-export-"))
         stage = alias_dir / "stage"
         os.symlink(stage_dir, stage)
@@ -1197,7 +1160,7 @@ def export_model(
         digest = _sha256(_files(built))
         final_ops = _ops(_load(built.path))
         # data first, the .onnx last: when OUT appears, everything it needs is there
-        _commit_all([(f, out.parent / final) for f, final in files])
+        commit_files([(f, out.parent / final) for f, final in files])
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
         if alias_dir is not None:

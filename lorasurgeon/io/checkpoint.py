@@ -155,7 +155,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     # JSON escapes can smuggle lone surrogates (\udcff) that no UTF-8 writer or terminal accepts;
     # the safetensors library refuses them too.
     for text in (*header, *meta_raw, *meta_raw.values()):
-        if not _is_unicode(text):
+        if not is_utf8(text):
             raise FormatError(f"corrupt safetensors header: {text!r:.80} is not valid UTF-8 (a lone surrogate escape)", path)
     data_start = 8 + hlen
     data_len = size - data_start
@@ -209,7 +209,8 @@ def _q(name: str, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
-def _is_unicode(text: str) -> bool:
+def is_utf8(text: str) -> bool:
+    """Whether a string (a file name surrogate-escaped where its bytes were not UTF-8) encodes as UTF-8."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

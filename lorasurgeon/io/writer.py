@@ -20,7 +20,7 @@ import signal
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,35 @@ def _fsync_dir(p: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def commit_files(moves: Sequence[tuple[Path, Path]]) -> None:
+    """Move staged files to their final paths as one unit: all of them, or none.
+
+    Each move is atomic on its own (``atomic_path``: fsync, rename). Files the moves would replace
+    (``force``, checked by the caller) are first renamed aside; if any move fails, the moves already made are undone,
+    the replaced files are put back, and the error propagates. On success the old files are deleted.
+    """
+    backups: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    try:
+        for _, dst in moves:
+            if dst.exists():
+                bak = dst.with_name(f".{dst.name}.bak-{os.getpid()}")
+                os.replace(dst, bak)
+                backups.append((bak, dst))
+        for src, dst in moves:
+            with atomic_path(dst, True) as tmp:
+                os.replace(src, tmp)
+            done.append(dst)
+    except BaseException:
+        for dst in done:
+            dst.unlink(missing_ok=True)
+        for bak, dst in backups:
+            os.replace(bak, dst)
+        raise
+    for bak, _ in backups:
+        bak.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    from lorasurgeon.export import export_model, input_spec, resolve, session, time_interleaved, torch_threads
+    from lorasurgeon._threads import torch_threads
+    from lorasurgeon.export import export_model, input_spec, resolve, session, time_interleaved
     from lorasurgeon.nn.models import model_outputs
 
     a.dir.mkdir(parents=True, exist_ok=True)

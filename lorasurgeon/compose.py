@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import KOHYA_PREFIXES, Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
@@ -248,10 +249,8 @@ def compose_adapters(
     modules = sorted({name for ad in adapters for name in ad.targets})
     targets: dict[str, LoraTarget] = {}
     layers: list[ComposeLayer] = []
-    threads = torch.get_num_threads()
     # the delta-based methods (those with --density) do dense out x in work that two threads speed up
-    torch.set_num_threads(1 if hashes is not None and not m.uses_density else threads)
-    try:
+    with torch_threads(1 if hashes is not None and not m.uses_density else torch.get_num_threads()):
         for li, mod in enumerate(modules):
             if progress:
                 progress(li, len(modules), mod)
@@ -266,8 +265,6 @@ def compose_adapters(
             bias = _compose_bias(present, w, dt)
             targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
             layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
-    finally:
-        torch.set_num_threads(threads)
     if progress:
         progress(len(modules), len(modules), "")
     saved, averaged = _compose_saved(adapters, w, inputs)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import (
     InvalidOptionError,
     LorasurgeonError,
@@ -832,16 +833,6 @@ def agreement(sess: Any, lm: LoadedModel, spec: InputSpec, out_name: str, minimu
         value = float((got.reshape(len(got), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).mean())
         metric = "top1_agreement"
     return Agreement(metric, value, minimum, len(got), value >= minimum, d)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _timing(ts: list[float]) -> Timing:

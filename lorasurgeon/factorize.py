@@ -378,7 +378,7 @@ def factorize_weight(
     res = svd.truncated_svd(w, k, method=method, fp64=fp64, seed=seed, name=nm)
     uf, vf = svd.split_balanced(res)
     err, ref = svd.residual_norms(w, res)  # one blockwise pass, one reused buffer
-    rel = (0.0 if err == 0 else float("inf")) if ref == 0 else err / ref
+    rel = svd.ratio_of_norms(err, ref)
     total = ref * ref
     kept = float((res.S.double() ** 2).sum().item()) / total if total > 0 else 1.0
     if len(shape) == 4:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
@@ -110,9 +111,7 @@ def resize_adapter(
     hashes = None if dry_run else HashedInputs([inp])
     new: dict[str, LoraTarget] = {}
     layers: list[ResizeLayer] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if hashes is not None else threads)
-    try:
+    with torch_threads(1 if hashes is not None else torch.get_num_threads()):
         for i, (m, t) in enumerate(sorted(ad.targets.items())):
             if progress:
                 progress(i, len(ad.targets), m)
@@ -120,8 +119,6 @@ def resize_adapter(
             new[m] = nt
             layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
                                       round(kept, 6)))
-    finally:
-        torch.set_num_threads(threads)
     result = ResizeResult(
         "lorasurgeon.resize/1", str(inp), None if dry_run else str(out), fmt or ad.format, _rule_json(rule), dry_run, layers,
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),

@@ -442,7 +442,11 @@ def relative_error(w: torch.Tensor, res: SVDResult) -> float:
     Returns:
         The relative error (0.0 when W and the residual are both zero).
     """
-    err, ref = residual_norms(w, res)
+    return ratio_of_norms(*residual_norms(w, res))
+
+
+def ratio_of_norms(err: float, ref: float) -> float:
+    """err / ref, with 0/0 = 0 (a zero weight factorized exactly) and x/0 = inf."""
     if ref == 0:
         return 0.0 if err == 0 else float("inf")
     return err / ref

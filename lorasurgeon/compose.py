@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import KOHYA_PREFIXES, Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
@@ -233,6 +232,9 @@ def compose_adapters(
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
         check_output(out, force)
+    # Inputs hashed (provenance) on a second thread while they are read and parsed; the sha256 of
+    # adapter-sized inputs is done before the factor algebra, which then has both cores.
+    hashes = None if dry_run else HashedInputs(inputs)
     adapters = [read_adapter(p) for p in inputs]
     for ad, p in zip(adapters, inputs, strict=True):
         dora = sorted(n for n, t in ad.targets.items() if t.magnitude is not None)
@@ -242,29 +244,23 @@ def compose_adapters(
                 f"(module {dora[0]!r}); merge each into the base model instead", p,
             )
     _check_naming(adapters, inputs)
-    # Inputs hashed (provenance) on a second thread while the layers are composed on one: the
-    # factor algebra is many small QRs and SVDs that gain little from two threads, and three busy
-    # threads on two cores stall OpenMP's barriers (measured the same way for resize: 9.9x -> 12x).
-    hashes = None if dry_run else HashedInputs(inputs)
     modules = sorted({name for ad in adapters for name in ad.targets})
     targets: dict[str, LoraTarget] = {}
     layers: list[ComposeLayer] = []
-    # the delta-based methods (those with --density) do dense out x in work that two threads speed up
-    with torch_threads(1 if hashes is not None and not m.uses_density else torch.get_num_threads()):
-        for li, mod in enumerate(modules):
-            if progress:
-                progress(li, len(modules), mod)
-            present = [(i, ad.targets[mod]) for i, ad in enumerate(adapters) if mod in ad.targets]
-            tasks = _layer_tasks(mod, present, w, inputs)
-            c = m.fn(tasks, ops.LayerOptions(rank=rank, density=density, seed=seed, module=mod, fp64=fp64))
-            t0 = present[0][1]
-            dt = _out_dtype([x for _, t in present for x in (t.A, t.B)])
-            k = c.rank
-            A = c.A.to(dt).reshape(k, *t0.A.shape[1:]).contiguous()
-            B = c.B.to(dt).reshape(t0.B.shape[0], k, *t0.B.shape[2:]).contiguous()
-            bias = _compose_bias(present, w, dt)
-            targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
-            layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
+    for li, mod in enumerate(modules):
+        if progress:
+            progress(li, len(modules), mod)
+        present = [(i, ad.targets[mod]) for i, ad in enumerate(adapters) if mod in ad.targets]
+        tasks = _layer_tasks(mod, present, w, inputs)
+        c = m.fn(tasks, ops.LayerOptions(rank=rank, density=density, seed=seed, module=mod, fp64=fp64))
+        t0 = present[0][1]
+        dt = _out_dtype([x for _, t in present for x in (t.A, t.B)])
+        k = c.rank
+        A = c.A.to(dt).reshape(k, *t0.A.shape[1:]).contiguous()
+        B = c.B.to(dt).reshape(t0.B.shape[0], k, *t0.B.shape[2:]).contiguous()
+        bias = _compose_bias(present, w, dt)
+        targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
+        layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
     if progress:
         progress(len(modules), len(modules), "")
     saved, averaged = _compose_saved(adapters, w, inputs)

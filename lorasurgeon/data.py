@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
 
 NAMED_SETS = ("digits", "digits-inverted", "digits-rotated", "mnist5k", "bbcnews")
@@ -251,7 +252,7 @@ def _tensor_file(p: Path) -> Dataset:
         raise FormatError(f"tensor file needs an 'x' array (found {', '.join(sorted(arrs))})", p)
     x = arrs["x"]
     x = x.float() if x.is_floating_point() else x
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise FormatError("'x' holds NaN or Inf values", p)
     y = arrs.get("y")
     if y is not None and y.shape[0] != x.shape[0]:

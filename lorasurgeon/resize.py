@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorasurgeon._threads import torch_threads
+from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
@@ -102,23 +102,21 @@ def resize_adapter(
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
         check_output(out, force)
+    # The input is hashed (provenance) on a second thread while it is read and parsed; for adapter-sized
+    # inputs the hash is done before the factor algebra, which then has every core.
+    hashes = None if dry_run else HashedInputs([inp])
     ad = read_adapter(inp)
     if any(t.magnitude is not None for t in ad.targets.values()):
         raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
-    # The input is hashed (provenance) on a second thread while the factor algebra runs on one:
-    # the algebra is many small QRs and SVDs, which gain little from two threads, and sharing two
-    # cores between three busy threads stalls OpenMP's barriers.
-    hashes = None if dry_run else HashedInputs([inp])
     new: dict[str, LoraTarget] = {}
     layers: list[ResizeLayer] = []
-    with torch_threads(1 if hashes is not None else torch.get_num_threads()):
-        for i, (m, t) in enumerate(sorted(ad.targets.items())):
-            if progress:
-                progress(i, len(ad.targets), m)
-            nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
-            new[m] = nt
-            layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
-                                      round(kept, 6)))
+    for i, (m, t) in enumerate(sorted(ad.targets.items())):
+        if progress:
+            progress(i, len(ad.targets), m)
+        nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
+        new[m] = nt
+        layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
+                                  round(kept, 6)))
     result = ResizeResult(
         "lorasurgeon.resize/1", str(inp), None if dry_run else str(out), fmt or ad.format, _rule_json(rule), dry_run, layers,
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),
@@ -201,7 +199,7 @@ def extract_adapter(
             t_new = ct.get(n)
             t_old = cb.get(n)
             for t, src in ((t_new, tuned), (t_old, base)):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise FormatError(f"tensor {n!r} holds NaN or Inf values", src)
             if torch.equal(t_new, t_old):
                 unchanged.append(n)

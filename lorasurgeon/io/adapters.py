@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, UnsupportedError
 from lorasurgeon.io.checkpoint import Checkpoint
 
@@ -237,7 +238,7 @@ def _pair_up(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} do not chain (ranks differ)", path
             )
         for part, t in sorted(parts.items()):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise FormatError(f"module {mod!r}: its {part} tensor holds NaN or Inf values", path)
         out[mod] = (A, B, parts)
     return out

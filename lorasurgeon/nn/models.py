@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import apply_factorization, factorized_layers
@@ -87,7 +88,7 @@ def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> N
              if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         raise FormatError(f"weights do not fit the model: {len(wrong)} shape mismatch(es), e.g. {wrong[0]}", ck.path)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in state.items() if not all_finite(v)]
     if bad:
         raise FormatError(f"tensor {bad[0]!r} holds NaN or Inf values" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
                           ck.path)

@@ -372,6 +372,68 @@ def test_lowrank_svd_truncation_is_eckart_young(k: int) -> None:
     assert svd.lowrank_svd(B, A, 20).S.shape == (8,)
 
 
+def _qr_route(B: torch.Tensor, A: torch.Tensor, k: int | None, monkeypatch: pytest.MonkeyPatch) -> svd.SVDResult:
+    with monkeypatch.context() as mp:
+        mp.setattr(svd, "_lowrank_svd_gram", lambda *a: None)
+        return svd.lowrank_svd(B, A, k)
+
+
+def test_lowrank_svd_fp32_gram_route_matches_fp64_truth(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fp32 factors on CPU take the fp64 Cholesky-Gram route; it must agree with the fp64 truth to
+    # well within fp32 round-off, and at least as well as the Householder route does.
+    g = gen()
+    B = torch.randn(300, 24, generator=g) * torch.logspace(0, -2, 24)  # cond(B) ~ 1e2
+    A = torch.randn(24, 200, generator=g)
+    assert svd._lowrank_svd_gram(B, A, 8) is not None  # the route is taken
+    res = svd.lowrank_svd(B, A, 8)
+    truth = svd.lowrank_svd(B.double(), A.double(), 8)
+    assert res.U.dtype == res.S.dtype == res.Vh.dtype == torch.float32
+    s_err = float(((res.S.double() - truth.S) / truth.S).abs().max())
+    assert s_err < 1e-6
+    assert_orthonormal_columns(res.U.double(), 1e-6)
+    assert_orthonormal_columns(res.Vh.T.double(), 1e-6)
+    dense = B.double() @ A.double()
+    best = best_rank_k(dense, 8)
+    assert rel(recon(res).double(), best) < 1e-6
+    qr = _qr_route(B, A, 8, monkeypatch)
+    assert s_err <= float(((qr.S.double() - truth.S) / truth.S).abs().max()) + 1e-9
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["duplicate columns", "ill-conditioned", "r above out", "zero B"],
+)
+def test_lowrank_svd_gram_route_falls_back_when_unfit(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = gen()
+    B = torch.randn(60, 6, generator=g)
+    A = torch.randn(6, 50, generator=g)
+    if case == "duplicate columns":  # the same adapter stacked twice: B_cat is rank-deficient
+        B, A = torch.cat([B, B], 1), torch.cat([A, A], 0)
+    elif case == "ill-conditioned":
+        B = B * torch.tensor([1, 1, 1, 1, 1, 1e-6])
+    elif case == "r above out":
+        B, A = torch.randn(4, 6, generator=g), A
+    else:  # PEFT's initial B = 0
+        B = torch.zeros_like(B)
+    assert svd._lowrank_svd_gram(B, A, None) is None
+    res = svd.lowrank_svd(B, A)
+    ref = _qr_route(B, A, None, monkeypatch)
+    torch.testing.assert_close(res.S, ref.S, rtol=0, atol=0)
+    dense = B.double() @ A.double()
+    assert float((recon(res).double() - dense).norm()) <= 1e-5 * max(1.0, float(dense.norm()))
+
+
+def test_lowrank_svd_gram_route_rejects_non_finite() -> None:
+    B = torch.randn(40, 4)
+    A = torch.randn(4, 30)
+    B[3, 1] = float("nan")
+    with pytest.raises(FormatError, match="NaN or Inf"):
+        svd.lowrank_svd(B, A)
+    A[0, 0] = float("inf")
+    with pytest.raises(FormatError, match="NaN or Inf"):
+        svd.lowrank_svd(torch.randn(40, 4), A)
+
+
 def test_stack_factors_equals_dense_weighted_sum() -> None:
     g = gen()
     pairs = [
@@ -440,3 +502,17 @@ def test_randomized_lu_power_iterations_match_qr_iterations() -> None:
     ref_u, ref_s, ref_vh = vh[:k].T, s[:k], (Q @ ub[:, :k]).T
     assert torch.allclose(got[1], ref_s, rtol=1e-4)
     assert torch.allclose((got[0] * got[1]) @ got[2], (ref_u * ref_s) @ ref_vh, atol=1e-5)
+
+
+def test_all_finite_exact_when_the_sum_overflows() -> None:
+    from lorasurgeon._finite import all_finite
+
+    big = torch.full((5000,), 60000.0, dtype=torch.float16)  # finite entries, the sum overflows fp16
+    assert not bool(torch.isfinite(big.sum()))
+    assert all_finite(big)
+    big[4321] = float("inf")
+    assert not all_finite(big)
+    pos_neg = torch.tensor([float("inf"), float("-inf")])  # the sum is NaN, the fast path still says no
+    assert not all_finite(pos_neg)
+    assert all_finite(torch.tensor([1, 2, 3]))  # integers are always finite
+    assert all_finite(torch.empty(0))

@@ -65,26 +65,27 @@ def resize_target(
     Returns:
         (new target, Frobenius fraction kept).
     """
-    res = svd.lowrank_svd(t.B, t.A, fp64=fp64)
+    psvd = svd.product_svd(t.B, t.A, fp64=fp64)
     out_dim = t.B.shape[0]
     in_dim = svd.as_matrix(t.A).shape[1]
     n = min(out_dim, in_dim)
     padded = torch.zeros(n, dtype=torch.float64)
-    padded[: res.S.numel()] = res.S.double()
+    padded[: psvd.S.numel()] = psvd.S.double()
     if rule.kind == "ratio":
         k = max(1, math.floor(rule.value * t.rank + 0.5 + 1e-9))
         if rule.max_rank is not None:
             k = min(k, rule.max_rank)
     else:
         k = ranks.select_rank(padded, rule)
-    k = max(1, min(k, t.rank, res.S.numel()))
-    B = (res.U[:, :k] * res.S[:k]).to(t.B.dtype)
-    A = res.Vh[:k].to(t.A.dtype)
+    k = max(1, min(k, t.rank, psvd.S.numel()))
+    res = psvd.truncate(k)  # only the kept k vectors are projected back
+    B = (res.U * res.S).to(t.B.dtype)
+    A = res.Vh.to(t.A.dtype)
     if t.is_conv:
         B = B.reshape(out_dim, k, 1, 1)
         A = A.reshape(k, *t.A.shape[1:])
-    total = float((res.S.double() ** 2).sum())
-    kept = math.sqrt(float((res.S[:k].double() ** 2).sum()) / total) if total > 0 else 1.0
+    total = float((psvd.S.double() ** 2).sum())
+    kept = math.sqrt(float((psvd.S[:k].double() ** 2).sum()) / total) if total > 0 else 1.0
     alpha = t.scale * (math.sqrt(k) if rslora else k)
     return LoraTarget(t.module, A.contiguous(), B.contiguous(), alpha, t.scale, None, t.bias, t.fan_in_fan_out), kept
 

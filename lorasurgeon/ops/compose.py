@@ -334,16 +334,15 @@ def compose_cat(tasks: Sequence[Task], opts: LayerOptions) -> Composed:
                  summary="exact weighted sum recompressed to --rank by factor algebra (default: largest input rank)")
 def compose_svd(tasks: Sequence[Task], opts: LayerOptions) -> Composed:
     """Truncated SVD of Σ w_i s_i B_i A_i from the stacked factors (``svd.stack_factors`` then
-    ``svd.lowrank_svd``): O((out+in)·(Σr)²), never the out×in matrix. Keeps k = min(rank, the
+    ``svd.product_svd``): O((out+in)·(Σr)²), never the out×in matrix. Keeps k = min(rank, the
     number of components, at most min(out, in, Σr_i)); exact when k reaches that number.
     ``rel_error`` = sqrt(dropped energy)/sqrt(total energy) of the weighted sum."""
     out, inn = _check_tasks(tasks)
     Bc, Ac = svd.stack_factors([(t.B, t.A, t.coeff) for t in tasks], fp64=opts.fp64)
-    res = svd.lowrank_svd(Bc, Ac, fp64=opts.fp64)
-    k = target_rank(tasks, opts.rank, min(out, inn))
-    k = min(k, res.S.numel())
-    B, A = svd.split_lora(svd.SVDResult(res.U[:, :k], res.S[:k], res.Vh[:k]))
-    return Composed(B.contiguous(), A.contiguous(), svd.truncation_error(res.S, k))
+    psvd = svd.product_svd(Bc, Ac, fp64=opts.fp64)
+    k = min(target_rank(tasks, opts.rank, min(out, inn)), psvd.S.numel())
+    B, A = svd.split_lora(psvd.truncate(k))  # only the kept k vectors are projected back
+    return Composed(B.contiguous(), A.contiguous(), svd.truncation_error(psvd.S, k))
 
 
 def _dense_merge(tasks: Sequence[Task], opts: LayerOptions, *, sparsify: str, merge: str) -> Composed:

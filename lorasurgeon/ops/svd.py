@@ -5,7 +5,7 @@ All math runs in fp32 (or fp64 on request) whatever the input dtype; inputs are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -502,16 +502,9 @@ def split_lora(res: SVDResult) -> tuple[torch.Tensor, torch.Tensor]:
 def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None, *, fp64: bool = False) -> SVDResult:
     """Exact SVD of the product B @ A without forming the (out, in) matrix.
 
-    B = Q_B R_B and Aᵀ = Q_A R_A (reduced QR), so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ; the SVD of the
-    small core R_B R_Aᵀ = U_c S V_cᵀ gives U = Q_B U_c, Vh = V_cᵀ Q_Aᵀ. Cost O((out + in) r²)
-    instead of O(out · in · min(out, in)). When r exceeds out or in the core is
-    min(out, r) x min(in, r), so the result never has more than min(out, in, r) components.
-
-    Args:
-        B: (out, r) or conv up (out, r, 1, 1). A: (r, in) or conv down (r, in, kh, kw); the
-            product is then seen as (out, in*kh*kw). Neither is modified.
-        k: keep the top k components (at most the core size). None keeps them all.
-        fp64: compute in fp64 (also when either factor is fp64); otherwise fp32.
+    ``product_svd(B, A, fp64=fp64).truncate(k)``: see there. Use ``product_svd`` directly when k
+    depends on the spectrum (resize's rules, compose's error report), so that only the kept
+    singular vectors are projected back.
 
     Returns:
         SVDResult U (out, k'), S (k',), Vh (k', in), k' = min(k, out, in, r), compute dtype.
@@ -520,17 +513,54 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None, *, fp64:
         FormatError: inner dimensions differ, or a factor holds NaN/Inf.
         InvalidOptionError: k < 1.
     """
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise InvalidOptionError(f"rank must be a positive integer, got {k!r}")
+    return product_svd(B, A, fp64=fp64).truncate(k)
+
+
+class ProductSVD:
+    """The SVD of a product B @ A of low-rank factors, singular values first, vectors on demand.
+
+    B = Q_B R_B and Aᵀ = Q_A R_A, so B A = Q_B (R_B R_Aᵀ) Q_Aᵀ; the SVD of the small core
+    R_B R_Aᵀ = U_c S V_cᵀ gives U = Q_B U_c, Vh = V_cᵀ Q_Aᵀ. Cost O((out + in) r²) instead of
+    O(out · in · min(out, in)); when r exceeds out or in the core is min(out, r) x min(in, r), so
+    there are never more than min(out, in, r) components. ``S`` holds all of them;
+    ``truncate(k)`` projects only the top k back to (out, k) and (k, in).
+
+    Householder QR without forming Q (``geqrf``), with Q applied to the kept vectors only
+    (``ormqr``): the back-projection costs O((out + in) r k), so truncating before it matters
+    (compose svd, 4096x4096 with stacked rank 128 kept at 32: 14.6 ms per layer against 25 ms for
+    all 128 vectors then slicing). An fp64 Cholesky-Gram variant measured no faster (16.4 ms) and
+    was not kept.
+
+    Args (of ``product_svd``):
+        B: (out, r) or conv up (out, r, 1, 1). A: (r, in) or conv down (r, in, kh, kw); the
+            product is then seen as (out, in*kh*kw). Neither is modified.
+        fp64: compute in fp64 (also when either factor is fp64); otherwise fp32.
+    """
+
+    def __init__(self, S: torch.Tensor, vectors: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.S = S
+        self._vectors = vectors
+
+    def truncate(self, k: int | None = None) -> SVDResult:
+        """Top-k SVDResult (k=None or k beyond S keeps every component), in the compute dtype."""
+        kk = self.S.numel() if k is None else max(1, min(k, self.S.numel()))
+        U, Vh = self._vectors(kk)
+        return SVDResult(U.contiguous(), self.S[:kk].contiguous(), Vh.contiguous())
+
+
+def product_svd(B: torch.Tensor, A: torch.Tensor, *, fp64: bool = False) -> ProductSVD:
+    """The ProductSVD of B @ A (see there).
+
+    Raises:
+        FormatError: inner dimensions differ, or a factor holds NaN/Inf.
+    """
     b, a = as_matrix(B), as_matrix(A)
     if b.shape[1] != a.shape[0]:
         raise FormatError(f"factor shapes do not chain: B {tuple(B.shape)} and A {tuple(A.shape)}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise InvalidOptionError(f"rank must be a positive integer, got {k!r}")
     dt = torch.float64 if (fp64 or b.dtype == torch.float64 or a.dtype == torch.float64) else torch.float32
     b, a = b.to(dt), a.to(dt)
-    if dt == torch.float32 and b.device.type == "cpu":
-        got = _lowrank_svd_gram(b, a, k)
-        if got is not None:
-            return got
     _check_finite(b, "B")
     _check_finite(a, "A")
     # Householder QR without forming Q (geqrf), and Q applied to the kept singular vectors only
@@ -541,67 +571,13 @@ def lowrank_svd(B: torch.Tensor, A: torch.Tensor, k: int | None = None, *, fp64:
     Rb = hb[:pb].triu()  # (min(out, r), r)
     Ra = ha[:pa].triu()  # (min(in, r), r)
     Uc, S, Vch = _gesdd(Rb @ Ra.T)  # core (min(out, r), min(in, r))
-    kk = S.numel() if k is None else min(k, S.numel())
-    U = _apply_q(hb, tb, Uc[:, :kk])  # Q_B [Uc; 0]: (out, kk)
-    V = _apply_q(ha, ta, Vch[:kk].T)  # Q_A [Vc; 0]: (in, kk)
-    return SVDResult(U.contiguous(), S[:kk].contiguous(), V.T.contiguous())
 
+    def vectors(kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        U = _apply_q(hb, tb, Uc[:, :kk])  # Q_B [Uc; 0]: (out, kk)
+        V = _apply_q(ha, ta, Vch[:kk].T)  # Q_A [Vc; 0]: (in, kk)
+        return U, V.T
 
-# Smallest min(diag L) / max(diag L) of a factor's fp64 Cholesky the Gram route of lowrank_svd
-# accepts: the ratio bounds 1/cond(factor) from above, and the basis B·L⁻ᵀ is orthonormal to about
-# eps64 · cond². At the bound (cond >= 1e4) that is 1e-8, below fp32 round-off; a more
-# ill-conditioned (or rank-deficient, or wider-than-tall) factor takes the Householder route.
-_CHOL_MIN_RATIO = 1e-4
-
-
-def _chol_gram(x64: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor L of xᵀx (x64: x (long, r) fp32 in fp64), or None when x is rank-deficient or
-    too ill-conditioned for the Gram route (see _CHOL_MIN_RATIO). Raises FormatError on NaN/Inf."""
-    g = x64.T @ x64
-    # fp32 squares stay finite in fp64, so diag(g) = the columns' squared norms is finite iff x is
-    if not bool(torch.isfinite(g.diagonal()).all()):
-        _check_finite(x, None)
-    if x.shape[0] < x.shape[1]:
-        return None
-    L, info = torch.linalg.cholesky_ex(g)
-    if int(info) != 0:
-        return None
-    d = L.diagonal()
-    if not bool(d.min() > _CHOL_MIN_RATIO * d.max()):
-        return None
-    return L
-
-
-def _lowrank_svd_gram(b: torch.Tensor, a: torch.Tensor, k: int | None) -> SVDResult | None:
-    """lowrank_svd through fp64 Cholesky factors of the two Gram matrices (fp32 factors on CPU).
-
-    BᵀB = L_B L_Bᵀ and A Aᵀ = L_A L_Aᵀ give B = Q_B L_Bᵀ, Aᵀ = Q_A L_Aᵀ with Q_B = B L_B⁻ᵀ, so
-    B A = Q_B (L_Bᵀ L_A) Q_Aᵀ: the core is the r x r matrix L_Bᵀ L_A, and U = B (L_B⁻ᵀ U_c),
-    Vh = (L_A⁻ᵀ V_c)ᵀ A, both in fp64. Two Gram products and two thin products instead of geqrf
-    + ormqr's reflector work (benchmarks/adapters.py --parts compose; docs/benchmarks.md §6). In
-    fp64 the basis is orthonormal to eps64 · cond², below fp32 round-off for the conditions
-    _CHOL_MIN_RATIO admits.
-
-    Returns:
-        The SVDResult in fp32, or None when either factor is unfit (the caller runs Householder).
-    """
-    f64 = torch.float64
-    b64, a64 = b.to(f64), a.to(f64)
-    Lb = _chol_gram(b64, b)
-    if Lb is None:
-        return None
-    La = _chol_gram(a64.T, a.T)
-    if La is None:
-        return None
-    Uc, S, Vch = _gesdd(Lb.T @ La)  # core (r, r), fp64
-    kk = S.numel() if k is None else min(k, S.numel())
-    # Q_B U_c = B L_B⁻ᵀ U_c: solve L_Bᵀ X = U_c (upper triangular), then B X.
-    Xb = torch.linalg.solve_triangular(Lb.T, Uc[:, :kk], upper=True)
-    Xa = torch.linalg.solve_triangular(La.T, Vch[:kk].T, upper=True)
-    U = (b64 @ Xb).to(torch.float32)
-    # Vh = Xaᵀ A directly: Aᵀ Xa on the transposed view took 13 ms against 0.9 ms (4096x128, fp64)
-    Vh = (Xa.T @ a64).to(torch.float32)
-    return SVDResult(U.contiguous(), S[:kk].to(torch.float32), Vh.contiguous())
+    return ProductSVD(S, vectors)
 
 
 def _apply_q(h: torch.Tensor, tau: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,10 @@ composed adapter is within 5 points of each single adapter on that adapter's dom
 single adapter gains >= 20 points over the base there?
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/compose_study.py [--out bench-out/compose-study]
+        [--pair digits-inverted,digits-rotated] [--only A C E J]
+
+``--pair`` runs the same study on any two named image sets (default: inverted + rotated, as
+before), e.g. the milder ``digits-noisy,digits-contrast``.
 
 Library-only (lorasurgeon.finetune.attach_lora, compose.compose_adapters, merge.merge_adapters);
 the base file is never written. Splits are those of benchmarks/results_digits.py (seed 0, 20% test,
@@ -24,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorasurgeon.compose import compose_adapters
-from lorasurgeon.data import load_dataset, split
+from lorasurgeon.data import NAMED_SETS, load_dataset, split
 from lorasurgeon.finetune import attach_lora
 from lorasurgeon.merge import merge_adapters
 from lorasurgeon.nn.models import load_model
@@ -34,40 +38,62 @@ from lorasurgeon.zoo import digits_cnn_weights
 ARCH = "lorasurgeon.zoo:digits_cnn"
 SPLIT = dict(val_split=0.1, test_split=0.2, seed=0)
 DOMS = ("digits-inverted", "digits-rotated")
-EVAL_SETS = ("digits",) + DOMS + ("mnist5k",)
+EVAL_SETS = ("digits",) + DOMS + ("mnist5k",)  # eval_sets(DOMS)
 IMG = {"mnist5k": 8}  # mnist5k is 28x28; the CNN takes 8x8 (area resize, as --image-size 8)
 TEACHER = digits_cnn_weights()
 
-# pair configs: name -> (per-domain (targets, heads)), note
-CONFIGS: dict[str, dict] = {
-    "A head=classifier (benchmark)": dict(spec={d: (None, ["classifier"]) for d in DOMS},
-                                          note="LoRA on conv1-4, classifier trained fully, saved as modules_to_save"),
-    "B no saved head, LoRA incl. classifier": dict(spec={d: (None, []) for d in DOMS},
-                                                   note="heads=[] -> default targets '*' also wrap classifier with LoRA (CLI default for --arch)"),
-    "C conv-only, base head frozen/shared": dict(spec={d: (["conv*"], []) for d in DOMS},
-                                                 note="-t 'conv*', no --head: classifier untouched, shared"),
-    "D1 inv conv1-2 | rot conv3-4": dict(spec={DOMS[0]: (["conv1", "conv2"], []), DOMS[1]: (["conv3", "conv4"], [])},
-                                         note="layer-disjoint, head frozen"),
-    "D2 inv conv3-4 | rot conv1-2": dict(spec={DOMS[0]: (["conv3", "conv4"], []), DOMS[1]: (["conv1", "conv2"], [])},
-                                         note="layer-disjoint, head frozen"),
-    "D3 inv conv1 | rot conv2-4": dict(spec={DOMS[0]: (["conv1"], []), DOMS[1]: (["conv2", "conv3", "conv4"], [])},
-                                       note="layer-disjoint, head frozen"),
-    "E conv-only + clean-digits replay": dict(spec={d: (["conv*"], []) for d in DOMS}, mixed=True,
-                                              note="each adapter trained on its domain's train split + clean digits train split "
-                                                   "(scratch .safetensors data file; no test index), head frozen"),
-    "F1 replay + inv conv1 | rot conv2-4": dict(spec={DOMS[0]: (["conv1"], []), DOMS[1]: (["conv2", "conv3", "conv4"], [])},
-                                                mixed=True, note="E's clean replay + D3's layer split"),
-    "F2 replay + inv conv1-2 | rot conv3-4": dict(spec={DOMS[0]: (["conv1", "conv2"], []), DOMS[1]: (["conv3", "conv4"], [])},
-                                                  mixed=True, note="E's clean replay + D1's layer split"),
-    "M1 inv + mnist5k, conv-only": dict(doms=(DOMS[0], "mnist5k"), spec={d: (["conv*"], []) for d in (DOMS[0], "mnist5k")},
-                                        note="other named shifted set (mnist5k at 8x8), head frozen"),
-    "M2 rot + mnist5k, conv-only": dict(doms=(DOMS[1], "mnist5k"), spec={d: (["conv*"], []) for d in (DOMS[1], "mnist5k")},
-                                        note="other named shifted set (mnist5k at 8x8), head frozen"),
-    "M3 inv + mnist5k, head=classifier": dict(doms=(DOMS[0], "mnist5k"), spec={d: (None, ["classifier"]) for d in (DOMS[0], "mnist5k")},
-                                              note="as A, other pair"),
-    "M4 inv + mnist5k, conv-only + replay": dict(doms=(DOMS[0], "mnist5k"), spec={d: (["conv*"], []) for d in (DOMS[0], "mnist5k")},
-                                                 mixed=True, note="as E, other pair"),
-}
+SHORT = {"digits-inverted": "inv", "digits-rotated": "rot"}  # short names in config labels
+
+
+def short(d: str) -> str:
+    return SHORT.get(d, d.removeprefix("digits-"))
+
+
+def make_configs(doms: tuple[str, str]) -> dict[str, dict]:
+    """Pair configs: name -> (per-domain (targets, heads)), note. For the default pair the names
+    read 'inv'/'rot' as always; for another pair they use the set's name without 'digits-'."""
+    a, b = short(doms[0]), short(doms[1])
+    cfgs: dict[str, dict] = {
+        "A head=classifier (benchmark)": dict(spec={d: (None, ["classifier"]) for d in doms},
+                                              note="LoRA on conv1-4, classifier trained fully, saved as modules_to_save"),
+        "B no saved head, LoRA incl. classifier": dict(spec={d: (None, []) for d in doms},
+                                                       note="heads=[] -> default targets '*' also wrap classifier with LoRA (CLI default for --arch)"),
+        "C conv-only, base head frozen/shared": dict(spec={d: (["conv*"], []) for d in doms},
+                                                     note="-t 'conv*', no --head: classifier untouched, shared"),
+        f"D1 {a} conv1-2 | {b} conv3-4": dict(spec={doms[0]: (["conv1", "conv2"], []), doms[1]: (["conv3", "conv4"], [])},
+                                             note="layer-disjoint, head frozen"),
+        f"D2 {a} conv3-4 | {b} conv1-2": dict(spec={doms[0]: (["conv3", "conv4"], []), doms[1]: (["conv1", "conv2"], [])},
+                                             note="layer-disjoint, head frozen"),
+        f"D3 {a} conv1 | {b} conv2-4": dict(spec={doms[0]: (["conv1"], []), doms[1]: (["conv2", "conv3", "conv4"], [])},
+                                           note="layer-disjoint, head frozen"),
+        "E conv-only + clean-digits replay": dict(spec={d: (["conv*"], []) for d in doms}, mixed=True,
+                                                  note="each adapter trained on its domain's train split + clean digits train split "
+                                                       "(scratch .safetensors data file; no test index), head frozen"),
+        f"F1 replay + {a} conv1 | {b} conv2-4": dict(spec={doms[0]: (["conv1"], []), doms[1]: (["conv2", "conv3", "conv4"], [])},
+                                                    mixed=True, note="E's clean replay + D3's layer split"),
+        f"F2 replay + {a} conv1-2 | {b} conv3-4": dict(spec={doms[0]: (["conv1", "conv2"], []), doms[1]: (["conv3", "conv4"], [])},
+                                                      mixed=True, note="E's clean replay + D1's layer split"),
+    }
+    if "mnist5k" not in doms:
+        m0, m1 = (doms[0], "mnist5k"), (doms[1], "mnist5k")
+        cfgs.update({
+            f"M1 {a} + mnist5k, conv-only": dict(doms=m0, spec={d: (["conv*"], []) for d in m0},
+                                                 note="other named shifted set (mnist5k at 8x8), head frozen"),
+            f"M2 {b} + mnist5k, conv-only": dict(doms=m1, spec={d: (["conv*"], []) for d in m1},
+                                                 note="other named shifted set (mnist5k at 8x8), head frozen"),
+            f"M3 {a} + mnist5k, head=classifier": dict(doms=m0, spec={d: (None, ["classifier"]) for d in m0},
+                                                       note="as A, other pair"),
+            f"M4 {a} + mnist5k, conv-only + replay": dict(doms=m0, spec={d: (["conv*"], []) for d in m0},
+                                                          mixed=True, note="as E, other pair"),
+        })
+    return cfgs
+
+
+def eval_sets(doms: tuple[str, str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(("digits",) + doms + ("mnist5k",)))
+
+
+CONFIGS: dict[str, dict] = make_configs(DOMS)
 METHODS = [  # (label, method, weights, kwargs)
     ("cat 1,1", "cat", [1.0, 1.0], {}),
     ("cat .5,.5", "cat", [0.5, 0.5], {}),
@@ -78,6 +104,13 @@ METHODS = [  # (label, method, weights, kwargs)
 ]
 
 _TEST: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def set_pair(doms: tuple[str, str]) -> None:
+    """Run the study on another pair of named domain sets (the default pair changes nothing)."""
+    global DOMS, EVAL_SETS, CONFIGS
+    if doms != DOMS:
+        DOMS, EVAL_SETS, CONFIGS = doms, eval_sets(doms), make_configs(doms)
 
 
 def test_set(data: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,14 +164,20 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--only", nargs="*", help="config name prefixes (A, B, ...)")
     ap.add_argument("--results", default=None, help="where the JSON goes (default: OUT/results.json)")
+    ap.add_argument("--pair", default=",".join(DOMS),
+                    help=f"two named domain sets, comma-separated (default {','.join(DOMS)}), e.g. digits-noisy,digits-contrast")
     args = ap.parse_args()
+    pair = tuple(p.strip() for p in args.pair.split(","))
+    if len(pair) != 2 or pair[0] == pair[1] or not all(p in NAMED_SETS and p != "bbcnews" for p in pair):
+        ap.error(f"--pair takes two different named image sets from {', '.join(n for n in NAMED_SETS if n != 'bbcnews')}")
+    set_pair(pair)
     torch.set_num_threads(1)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     sha_before = hashlib.sha256(Path(TEACHER).read_bytes()).hexdigest()
-    res: dict = {"base": accs(TEACHER), "configs": {}}
+    res: dict = {"pair": list(DOMS), "base": accs(TEACHER), "configs": {}}
     print("base", res["base"], flush=True)
     for cname, cfg in CONFIGS.items():
         if args.only and not any(cname.startswith(p) for p in args.only):
@@ -167,18 +206,19 @@ def main() -> int:
                 row["composed"][label] = {"error": f"{type(e).__name__}: {e}"}
         res["configs"][cname] = row
         print(cname, json.dumps(row["single"]), json.dumps(row["composed"]), flush=True)
-    # sequential reference (NOT composition): rotated adapter trained on base + merged config-C inverted adapter
+    # sequential reference (NOT composition): 2nd-domain adapter trained on base + merged config-C 1st-domain adapter
     if not args.only or "S" in args.only:
-        inv = out / "S-inv"
+        a, b = short(DOMS[0]), short(DOMS[1])
+        inv = out / f"S-{a}"
         train(TEACHER, DOMS[0], inv, ["conv*"], [], args.epochs, SPLIT["test_split"])
         base2 = merged(TEACHER, [inv], out / "S-base2.safetensors")
-        rot = out / "S-rot"
+        rot = out / f"S-{b}"
         info = train(base2, DOMS[1], rot, ["conv*"], [], args.epochs, SPLIT["test_split"])
-        res["sequential (NOT composition)"] = {"after_inv": accs(base2),
-                                               "after_inv_then_rot": accs(merged(base2, [rot], out / "S-final.safetensors")),
-                                               "rot_info": info}
+        res["sequential (NOT composition)"] = {f"after_{a}": accs(base2),
+                                               f"after_{a}_then_{b}": accs(merged(base2, [rot], out / "S-final.safetensors")),
+                                               f"{b}_info": info}
         print("sequential", json.dumps(res["sequential (NOT composition)"]), flush=True)
-    # joint multi-domain adapter (NOT composition): one conv-only adapter on inv + rot + clean train splits
+    # joint multi-domain adapter (NOT composition): one conv-only adapter on both domains' + clean train splits
     if not args.only or "J" in args.only:
         j = out / "J-joint"
         info = train(TEACHER, mixed_file(DOMS + ("digits",), out / "J-data.safetensors"), j, ["conv*"], [], args.epochs, 0.0)

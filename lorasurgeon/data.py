@@ -21,7 +21,10 @@ import torch
 from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
 
-NAMED_SETS = ("digits", "digits-inverted", "digits-rotated", "mnist5k", "bbcnews")
+NAMED_SETS = ("digits", "digits-inverted", "digits-rotated", "digits-shifted", "digits-noisy", "digits-contrast",
+              "mnist5k", "bbcnews")
+NOISY_SIGMA, NOISY_SEED = 0.4, 0  # digits-noisy: x + NOISY_SIGMA * N(0, 1), drawn once from this seed
+CONTRAST_SCALE, CONTRAST_OFFSET = 0.5, 0.25  # digits-contrast: intensities [0, 1] -> [0.25, 0.75]
 
 
 @dataclass
@@ -87,6 +90,12 @@ def _named(name: str, image_size: int | None) -> Dataset:
             x = 1.0 - x
         elif name == "digits-rotated":
             x = torch.rot90(x, 1, dims=(2, 3)).contiguous()
+        elif name == "digits-shifted":  # 1 px down and 1 px right, zero fill
+            x = torch.nn.functional.pad(x, (1, 0, 1, 0))[..., :8, :8].contiguous()
+        elif name == "digits-noisy":  # fixed-seed additive Gaussian noise, not clipped
+            x = x + NOISY_SIGMA * torch.randn(x.shape, generator=torch.Generator().manual_seed(NOISY_SEED))
+        elif name == "digits-contrast":
+            x = CONTRAST_SCALE * x + CONTRAST_OFFSET
         return Dataset("image", {"x": _resize_images(x, image_size)}, torch.tensor(d.target, dtype=torch.int64),
                        [str(i) for i in range(10)], name)
     if name == "mnist5k":
@@ -156,11 +165,17 @@ def load_dataset(
     limit: int | None = None,
 ) -> Dataset:
     """Load a dataset: a named set (``digits``, ``digits-inverted``, ``digits-rotated``,
-    ``mnist5k``, ``bbcnews``), an image folder (one subfolder per class), a ``.csv``/``.jsonl``
-    text table, or a ``.safetensors``/``.npz`` tensor file with ``x`` (and ``y``).
+    ``digits-shifted``, ``digits-noisy``, ``digits-contrast``, ``mnist5k``, ``bbcnews``), an image
+    folder (one subfolder per class), a ``.csv``/``.jsonl`` text table, or a
+    ``.safetensors``/``.npz`` tensor file with ``x`` (and ``y``).
 
     Text sets are returned untokenized (``extra["texts"]``); call ``tokenize`` with the model's
     tokenizer. ``limit`` keeps the first N examples (after a fixed shuffle for named sets).
+
+    The ``digits-*`` sets are deterministic transforms of the same 1797 ``digits`` images (same
+    labels, same order, so seeded splits line up): ``-inverted`` 1 - x; ``-rotated`` turned by 90°
+    (``torch.rot90``); ``-shifted`` 1 px down and 1 px right with zero fill; ``-noisy`` x + 0.4·N(0, 1)
+    (seed 0, not clipped); ``-contrast`` 0.5·x + 0.25.
 
     Raises:
         InputNotFoundError, FormatError, InvalidOptionError.

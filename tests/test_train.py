@@ -41,6 +41,34 @@ def test_digits_split_is_deterministic() -> None:
     assert torch.equal(load_dataset("digits-inverted").inputs["x"], 1 - ds.inputs["x"])
 
 
+@pytest.mark.parametrize("name", ["digits-shifted", "digits-noisy", "digits-contrast"])
+def test_mild_digits_domain_sets(name: str) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = d.images.astype(np.float32) / 16.0  # (1797, 8, 8), independent of lorasurgeon.data
+    if name == "digits-shifted":  # 1 px down, 1 px right, zero fill
+        want = np.zeros_like(img)
+        for i in range(7):
+            for j in range(7):
+                want[:, i + 1, j + 1] = img[:, i, j]
+    elif name == "digits-noisy":  # x + 0.4 * N(0, 1) from a seed-0 torch generator, not clipped
+        noise = torch.randn((1797, 1, 8, 8), generator=torch.Generator().manual_seed(0)).numpy()[:, 0]
+        want = img + 0.4 * noise
+        assert 0.95 < float(noise.std()) < 1.05 and want.min() < 0 and want.max() > 1
+    else:
+        want = 0.5 * img + 0.25
+    ds = load_dataset(name)
+    clean = load_dataset("digits")
+    assert ds.inputs["x"].shape == (1797, 1, 8, 8) and ds.inputs["x"].dtype == torch.float32
+    assert torch.equal(ds.labels, clean.labels) and ds.classes == clean.classes and ds.name == name
+    np.testing.assert_allclose(ds.inputs["x"][:, 0].numpy(), want, rtol=0, atol=1e-6)
+    assert torch.equal(load_dataset(name).inputs["x"], ds.inputs["x"])  # deterministic
+    assert not torch.equal(ds.inputs["x"], clean.inputs["x"])
+    # same order as digits, so seeded splits line up across domains
+    assert torch.equal(split(ds, 0.1, seed=0, test_fraction=0.2)[2].labels, split(clean, 0.1, seed=0, test_fraction=0.2)[2].labels)
+
+
 def test_tables_and_tensor_files(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("text,label\nhello,pos\nbad day,neg\nok,pos\n")
     ds = load_dataset(tmp_path / "t.csv")

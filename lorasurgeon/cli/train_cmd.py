@@ -17,7 +17,7 @@ from lorasurgeon.train import TrainOptions
 T = "Training"
 D = "Data"
 ArchOpt = Annotated[str | None, typer.Option("--arch", help="module:factory building the model (its weights are MODEL).")]
-DataOpt = Annotated[str, typer.Option("--data", help="Named set (digits, digits-inverted, digits-rotated, mnist5k, bbcnews), image folder, .csv/.jsonl, .safetensors/.npz.", rich_help_panel=D)]
+DataOpt = Annotated[str, typer.Option("--data", help="Named set (digits, digits-inverted, digits-rotated, digits-shifted, digits-noisy, digits-contrast, mnist5k, bbcnews), image folder, .csv/.jsonl, .safetensors/.npz.", rich_help_panel=D)]
 TextColOpt = Annotated[str, typer.Option("--text-column", rich_help_panel=D)]
 LabelColOpt = Annotated[str, typer.Option("--label-column", rich_help_panel=D)]
 MaxLenOpt = Annotated[int, typer.Option("--max-length", help="Tokens per text.", rich_help_panel=D)]

@@ -285,6 +285,164 @@ def factorize_calibrated(W: torch.Tensor, st: LayerStats | None, k: int, *, meth
     return u.to(W.dtype), v.to(W.dtype), res.S, rel
 
 
+# --------------------------------------------------------------------------- sequential svd-llm
+class _StopForward(Exception):
+    """Raised by a hook once the modules of interest have run: the rest of the forward is not needed."""
+
+
+def _forward_groups(lm: LoadedModel, ds: Dataset, modules: Sequence[str], device: str) -> list[list[str]]:
+    """``modules`` in the order the forward pass first calls them, grouped by shared input (the
+    query, key and value projections of one attention block read the same tensor). Modules the
+    forward never calls are left out."""
+    model = lm.model.eval()
+    # the input tensors themselves are kept (not their ids), so that no address is reused
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if all(n != name for n, _ in seen):
+                seen.append((name, args[0]))
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in modules]
+    try:
+        for inputs, _ in ds.batches(1):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            with torch.no_grad():
+                model_outputs(lm, inputs)
+            break
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last: torch.Tensor | None = None
+    for name, x in seen:
+        if groups and x is last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = x
+    return groups
+
+
+def sequential_svd_llm(
+    lm: LoadedModel, ds: Dataset, ranks: dict[str, int], *, batch_size: int = 16, damping: float = 1e-3,
+    svd_method: str = "exact", seed: int = 0, device: str = "cpu", progress: ProgressFn | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, LayerStats]]:
+    """SVD-LLM with each layer fitted to the inputs it will really see: those of the model whose
+    earlier layers are already factorized (as GPTQ quantizes sequentially).
+
+    Layers go in forward order, a group of layers sharing one input at a time. For a group, the
+    original model gives X and the partly factorized student gives X̂ at the same positions
+    (real tokens only); with λ = damping·mean(diag X̂ᵀX̂), Â = X̂ᵀX̂ + λI = S Sᵀ and C = X̂ᵀX (fp64),
+    each layer's rank-k W' minimises the error against the original layer's output plus a ridge
+    towards the original weight,
+
+        ‖X Wᵀ − X̂ W'ᵀ‖² + λ‖W' − W‖²  is minimal over rank k at  W' = trunc_k(W* S) S⁻¹,
+        W* = W (C + λI)ᵀ Â⁻¹,
+
+    because this is least squares with the design [X̂; √λ I], whose Gram matrix is Â, and the
+    residual of the unconstrained solution W* is orthogonal to every candidate. The ridge keeps W'
+    near W in directions the calibration inputs barely reach (towards 0 it would drop them), and
+    the first group, which sees X̂ = X, gets exactly plain svd-llm's factors. The student uses W'
+    for the groups after it. Cost: one pass over the calibration set per group, each pass
+    stopped once the group's input is known.
+
+    Args:
+        ranks: module -> rank, for the modules to factorize (Linear / groups-1 Conv2d).
+        svd_method, seed: the truncated SVD of W*·S (``svd.truncated_svd``), as for plain svd-llm.
+
+    Returns:
+        module -> (u (m×k), v (k×n) fp32 balanced factors, relative output error
+        ‖X Wᵀ − X̂ W'ᵀ‖ / ‖X Wᵀ‖ on the calibration set, the LayerStats used). Modules the forward
+        never reaches are absent (the caller factorizes them without calibration).
+    """
+    f64 = torch.float64
+    teacher = lm.model.eval()
+    student = copy.deepcopy(teacher).eval()
+    lo = copy.copy(lm)
+    lo.model = student
+    groups = _forward_groups(lm, ds, list(ranks), device)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, float, LayerStats]] = {}
+    for gi, group in enumerate(groups):
+        if progress:
+            progress(gi, len(groups), f"sequential svd-llm {group[0]}")
+        first = teacher.get_submodule(group[0])
+        n_in = first.in_features if isinstance(first, nn.Linear) else first.in_channels * math.prod(first.kernel_size)
+        A = torch.zeros(n_in, n_in, dtype=f64)
+        C = torch.zeros(n_in, n_in, dtype=f64)
+        G = torch.zeros(n_in, n_in, dtype=f64)
+        got: dict[str, torch.Tensor] = {}
+        rows = 0
+
+        def grab(key: str, got: dict[str, torch.Tensor] = got) -> Callable[..., None]:
+            def fn(layer: nn.Module, args: tuple[Any, ...]) -> None:
+                got[key] = _layer_inputs(layer, args[0].detach()).to("cpu", f64)
+                raise _StopForward
+            return fn
+
+        handles = [teacher.get_submodule(group[0]).register_forward_pre_hook(grab("x")),
+                   student.get_submodule(group[0]).register_forward_pre_hook(grab("xh"))]
+        try:
+            for inputs, _ in ds.batches(batch_size):
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                _current_mask[0] = inputs.get("attention_mask")
+                for m in (lm, lo):
+                    try:
+                        with torch.no_grad():
+                            model_outputs(m, inputs)
+                    except _StopForward:
+                        pass
+                X, Xh = got.pop("x"), got.pop("xh")
+                A.addmm_(Xh.T, Xh)
+                C.addmm_(Xh.T, X)
+                G.addmm_(X.T, X)
+                rows += X.shape[0]
+        finally:
+            _current_mask[0] = None
+            for h in handles:
+                h.remove()
+        st = _cholesky(A, damping, rows)
+        same = torch.equal(A, C)
+        L = st.col_chol
+        assert L is not None
+        factors: dict[str, dict[str, Any]] = {}
+        for name in group:
+            mod = teacher.get_submodule(name)
+            W = svd.as_matrix(mod.weight.detach()).to("cpu", f64)
+            if same:  # nothing upstream changed (X̂ = X bitwise): W* = W, plain svd-llm
+                W_star = W
+            elif math.isfinite(st.damping):
+                # W* = W (C + λI)ᵀ Â⁻¹: the ridge pulls towards W (not 0), so W* = W where X̂ = X
+                lam = st.damping * float(A.diagonal().mean())
+                W_star = torch.cholesky_solve((C + lam * torch.eye(n_in, dtype=f64)) @ W.T, L).T
+            else:  # no activation reached the layer: nothing to fit, plain SVD of W
+                W_star = W
+            k = ranks[name]
+            u, v, _S, _rel = factorize_calibrated(W_star, st, k, method=svd_method, seed=seed)
+            u64, v64 = u.to(f64), v.to(f64)
+            Wp = u64 @ v64
+            # ‖X Wᵀ − X̂ W'ᵀ‖² = tr(W G Wᵀ) − 2 tr(W Cᵀ W'ᵀ) + tr(W' A W'ᵀ), all from the moments
+            ref = float(torch.einsum("ij,jk,ik->", W, G, W))
+            err2 = ref - 2 * float(torch.einsum("ij,kj,ik->", W, C, Wp)) + float(torch.einsum("ij,jk,ik->", Wp, A, Wp))
+            rel = math.sqrt(max(err2, 0.0) / ref) if ref > 0 else 0.0
+            out[name] = (u.float(), v.float(), rel, st)
+            factors[name] = {"kind": "conv2d" if isinstance(mod, nn.Conv2d) else "linear", "rank": k}
+        apply_factorization(student, factors, copy_model=False)  # in place: the next groups see W'
+        for name in group:
+            low = student.get_submodule(name)
+            u, v = out[name][0], out[name][1]
+            with torch.no_grad():
+                low.weight_u.copy_(u.reshape(low.weight_u.shape))
+                low.weight_v.copy_(v.reshape(low.weight_v.shape))
+                orig = teacher.get_submodule(name)
+                if orig.bias is not None:
+                    low.bias.copy_(orig.bias)
+    if progress:
+        progress(len(groups), len(groups), "")
+    return out
+
+
 # --------------------------------------------------------------------------- fidelity
 def factorized_copy(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
     """A copy of ``model`` with the given layers replaced by their low-rank factors."""
@@ -341,10 +499,13 @@ class CalibrationOptions:
     max_output_error: float | None = None
     memory_bytes: int = 1 << 30
     seed: int = 0
+    sequential: bool = False
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise InvalidOptionError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.sequential and self.method != "svd-llm":
+            raise InvalidOptionError(f"--sequential needs --method svd-llm, got {self.method!r}")
         if self.samples < 1 or self.heldout < 0:
             raise InvalidOptionError("--calibration-samples must be >= 1 and --heldout-samples >= 0")
         if self.min_cosine is not None and not (-1 <= self.min_cosine <= 1):
@@ -357,6 +518,8 @@ class CalibrationOptions:
     def to_options(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("method", "samples", "heldout", "alpha", "damping", "arch", "max_length",
                                           "text_column", "label_column", "image_size", "min_cosine", "max_output_error", "seed")}
+        if self.sequential:  # only when set, so that earlier outputs' provenance is unchanged
+            d["sequential"] = True
         d["data"] = self.data if not Path(self.data).exists() else Path(self.data).name
         return d
 
@@ -367,6 +530,7 @@ class CalibrationSession:
     def __init__(self, lm: LoadedModel, calib: Dataset, heldout: Dataset | None, opts: CalibrationOptions) -> None:
         self.lm, self.calib, self.heldout, self.opts = lm, calib, heldout, opts
         self.stats: dict[str, LayerStats] = {}
+        self.fitted: dict[str, tuple[torch.Tensor, torch.Tensor, float, LayerStats]] = {}
         self.conv_groups = {n: m.groups for n, m in lm.model.named_modules() if isinstance(m, nn.Conv2d)}
 
     @classmethod
@@ -397,16 +561,27 @@ class CalibrationSession:
     def transformed(self, module: str, w: torch.Tensor) -> torch.Tensor:
         return transformed(w, self.stats.get(module))
 
+    def fit_sequential(self, ranks: dict[str, int], svd_method: str, seed: int, progress: ProgressFn | None = None) -> None:
+        """With ``sequential``: every layer's factors by ``sequential_svd_llm`` (used by ``factorize``)."""
+        if self.opts.sequential:
+            self.fitted = sequential_svd_llm(self.lm, self.calib, ranks, batch_size=self.opts.batch_size,
+                                             damping=self.opts.damping, svd_method="exact" if svd_method == "exact" else "auto",
+                                             seed=seed, progress=progress)
+
     def factorize(self, w: torch.Tensor, k: int, c: Any, svd_method: str, fp64: bool, seed: int
                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
         """Factors shaped for the file (conv: out×k×1×1 and k×in×kh×kw) and the layer report."""
         from lorasurgeon.factorize import LayerReport, factorize_weight
 
         st = self.stats.get(c.module)
-        if st is None:
+        if c.module in self.fitted:
+            u, v, out_rel, st = self.fitted.pop(c.module)
+            u, v = u.to(w.dtype), v.to(w.dtype)
+        elif st is None:
             u, v, rep = factorize_weight(w, k, c, svd_method, fp64, seed)
             return (u, v), rep
-        u, v, _S, out_rel = factorize_calibrated(w, st, k, method="exact" if svd_method == "exact" else "auto", seed=seed)
+        else:
+            u, v, _S, out_rel = factorize_calibrated(w, st, k, method="exact" if svd_method == "exact" else "auto", seed=seed)
         W = svd.as_matrix(w).double()
         rel_w = float((W - u.double() @ v.double()).norm() / W.norm()) if float(W.norm()) > 0 else 0.0
         shape = tuple(w.shape)
@@ -437,5 +612,5 @@ class CalibrationSession:
     def summary(self) -> dict[str, Any]:
         damp = [s.damping for s in self.stats.values() if s.col_chol is not None]
         notes = sorted({s.note for s in self.stats.values() if s.note})
-        return {"method": self.opts.method, "samples": len(self.calib), "heldout": 0 if self.heldout is None else len(self.heldout),
+        return {"method": self.opts.method, "sequential": self.opts.sequential, "samples": len(self.calib), "heldout": 0 if self.heldout is None else len(self.heldout),
                 "damping_max": max(damp) if damp else None, "notes": notes}

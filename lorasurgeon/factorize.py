@@ -277,6 +277,8 @@ def _factorize(
         precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if cal is not None:
             # Calibrated: all factors first (the model is in memory anyway), then the gate.
+            cal.fit_sequential({c.module: ranks_by_module[c.module] for c in factor_names.values()},  # type: ignore[misc]
+                               svd_method, seed, progress)
             for i, c in enumerate(factor_names.values()):
                 if progress:
                     progress(i, len(factor_names), f"factorize {c.module}")

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from lorasurgeon.calibrate import LayerStats, _cholesky, collect_stats, factorize_calibrated
+from lorasurgeon.calibrate import LayerStats, _cholesky, collect_stats, factorize_calibrated, factorized_copy
 from lorasurgeon.cli.app import app
 from lorasurgeon.data import load_dataset, tokenize
 from lorasurgeon.nn.models import load_model
@@ -175,3 +175,87 @@ def test_calibrated_factorization_of_a_text_model(tmp_path: Path) -> None:
     r = runner.invoke(app, ["factorize", str(tmp_path / "bert"), "-o", str(tmp_path / "fw"), "--ratio", "0.25", "--json",
                             "--quiet", "--calibration", str(tmp_path / "l.jsonl"), "--method", "fwsvd"])
     assert r.exit_code == 0, r.stderr
+
+
+def test_sequential_svd_llm_fits_each_layer_to_the_factorized_inputs(tmp_path: Path) -> None:
+    from lorasurgeon.calibrate import sequential_svd_llm
+
+    p = _trained_mlp(tmp_path)
+    lm = load_model(p, arch=ARCH)
+    ds = load_dataset("digits").subset(torch.arange(300))
+    ranks = {"fc1": 6, "fc2": 6, "classifier": 4}
+    # damping 1e-2: dead ReLU units make X̂ᵀX̂ singular, and a well-conditioned ridge lets the fp64
+    # reference below agree with the model's fp32 forward
+    got = sequential_svd_llm(lm, ds, ranks, batch_size=64, damping=1e-2)
+    assert list(got) == ["fc1", "fc2", "classifier"]  # forward order, one group each
+    m = lm.model
+    x = ds.inputs["x"].flatten(1).double()
+    W1, b1 = m.fc1.weight.double(), m.fc1.bias.double()
+    W2 = m.fc2.weight.double()
+    plain = collect_stats(lm, ds, ["fc1", "fc2"], "svd-llm", batch_size=64, damping=1e-2)
+    # fc1 sees the original inputs: exactly plain svd-llm's factors
+    u1, v1, rel1, _ = got["fc1"]
+    pu, pv, _S, prel = factorize_calibrated(W1, plain["fc1"], 6, method="exact")
+    torch.testing.assert_close(u1.double() @ v1.double(), pu @ pv, rtol=0, atol=1e-5)
+    t1 = x @ W1.T  # the reported error is the undamped output error on the calibration inputs
+    assert rel1 == pytest.approx(float((t1 - x @ (u1.double() @ v1.double()).T).norm() / t1.norm()), rel=1e-4)
+    # fc2: the teacher's inputs X and the student's X̂ (fc1 already factorized), computed here
+    X = torch.relu(x @ W1.T + b1)
+    Xh = torch.relu(x @ (u1.double() @ v1.double()).T + b1)
+    u2, v2, rel2, _ = got["fc2"]
+    W2s = u2.double() @ v2.double()
+    target = X @ W2.T
+    err_seq = float((target - Xh @ W2s.T).norm() / target.norm())
+    assert rel2 == pytest.approx(err_seq, rel=1e-4)  # the reported error is the real one
+    # ...and it is the least-squares optimum over rank 6: better than plain svd-llm's W' on X̂, and
+    # equal to the truncation of the unconstrained solution in X̂'s metric (independent: lstsq + SVD)
+    qu, qv, _S, _r = factorize_calibrated(W2, plain["fc2"], 6, method="exact")
+    err_plain = float((target - Xh @ (qu @ qv).T).norm() / target.norm())
+    assert err_seq < err_plain
+    # (with the ridge λ‖W' − W‖² the library applies)
+    lam = got["fc2"][3].damping * float((Xh.T @ Xh).diagonal().mean())
+    eye = torch.eye(Xh.shape[1], dtype=torch.float64)
+    design = torch.cat([Xh, lam**0.5 * eye])
+    W_star = torch.linalg.lstsq(design, torch.cat([target, lam**0.5 * W2.T])).solution.T  # (m, n)
+    Lh = torch.linalg.cholesky(design.T @ design)
+    U, S, Vh = torch.linalg.svd(W_star @ Lh)
+    best = (U[:, :6] * S[:6]) @ torch.linalg.solve_triangular(Lh.T, Vh[:6].T, upper=True).T
+    assert float((best - W2s).norm() / best.norm()) < 1e-4
+    # end to end: the sequentially fitted model's logits are closer to the original's
+    low_seq = factorized_copy(m, {n: (u, v) for n, (u, v, _r, _s) in got.items()})
+    st_cls = collect_stats(lm, ds, ["classifier"], "svd-llm", batch_size=64, damping=1e-2)
+    plain_f = {n: factorize_calibrated(getattr(m, n).weight.detach(), {**plain, **st_cls}[n], k, method="exact")[:2]
+               for n, k in ranks.items()}
+    low_plain = factorized_copy(m, plain_f)
+    with torch.no_grad():
+        ref = m(ds.inputs["x"])
+        e_seq = float((low_seq(ds.inputs["x"]) - ref).norm() / ref.norm())
+        e_plain = float((low_plain(ds.inputs["x"]) - ref).norm() / ref.norm())
+    assert e_seq < e_plain, (e_seq, e_plain)
+
+
+def test_sequential_cli_and_its_errors(tmp_path: Path) -> None:
+    p = _trained_mlp(tmp_path)
+    out = tmp_path / "seq.safetensors"
+    base = ["factorize", str(p), "--arch", ARCH, "--rank", "6", "--include", "fc*", "--calibration", "digits", "--svd", "exact",
+            "--calibration-samples", "300", "--heldout-samples", "200", "--json", "--quiet"]
+    res = runner.invoke(app, [*base, "-o", str(out), "--method", "svd-llm", "--sequential"])
+    assert res.exit_code == 0, res.stderr
+    seq = json.loads(res.stdout)
+    assert seq["extra"]["calibration"]["sequential"] is True
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "plain.safetensors"), "--method", "svd-llm"])
+    one = json.loads(res.stdout)
+    assert one["extra"]["calibration"]["sequential"] is False
+    assert seq["extra"]["fidelity"]["output_error"] < one["extra"]["fidelity"]["output_error"]
+    # fc1 sees the original inputs either way: plain svd-llm's factors; fc2 is refitted
+    from safetensors.torch import load_file
+
+    a, b = load_file(out), load_file(tmp_path / "plain.safetensors")
+    torch.testing.assert_close(a["fc1.weight_u"] @ a["fc1.weight_v"], b["fc1.weight_u"] @ b["fc1.weight_v"], rtol=0, atol=1e-5)
+    assert not torch.allclose(a["fc2.weight_u"] @ a["fc2.weight_v"], b["fc2.weight_u"] @ b["fc2.weight_v"], atol=1e-3)
+    bad = tmp_path / "bad.safetensors"
+    res = runner.invoke(app, [*base, "-o", str(bad), "--method", "asvd", "--sequential"])
+    assert res.exit_code == 1 and "--sequential needs --method svd-llm, got 'asvd'" in res.stderr
+    res = runner.invoke(app, ["factorize", str(p), "-o", str(bad), "--rank", "1", "--sequential"])
+    assert res.exit_code == 1 and "need --calibration DATA" in res.stderr
+    assert not bad.exists()

@@ -81,7 +81,9 @@ def part_compress(out: Path, ratios: list[float], methods: list[str], distill_me
             key = f"{method}@{ratio}"
             f = out / f"f-{method}-{ratio}"
             t0 = time.perf_counter()
-            cal = None if method == "svd" else CalibrationOptions(str(train), method, samples=samples, heldout=0, seed=0)
+            # "svd-llm-seq": svd-llm with --sequential
+            cal = None if method == "svd" else CalibrationOptions(str(train), method.removesuffix("-seq"), samples=samples,
+                                                                   heldout=0, seed=0, sequential=method.endswith("-seq"))
             factorize_checkpoint(minilm(), f, rule=RankRule("ratio", ratio), calibration=cal, force=True)
             secs = time.perf_counter() - t0
             student = load_model(f)
@@ -111,7 +113,7 @@ def main() -> int:
     ap.add_argument("--part", choices=("lora", "compress"), required=True)
     ap.add_argument("--out", default="bench-out/minilm")
     ap.add_argument("--ratios", default="0.25,0.35,0.5")
-    ap.add_argument("--methods", default="svd,asvd,svd-llm,fwsvd")
+    ap.add_argument("--methods", default="svd,asvd,svd-llm,fwsvd", help="factorize methods; svd-llm-seq = svd-llm --sequential")
     ap.add_argument("--distill-methods", default="svd,asvd,svd-llm,fwsvd")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--samples", type=int, default=128, help="calibration articles")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import KOHYA_PREFIXES, Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
@@ -247,20 +248,25 @@ def compose_adapters(
     modules = sorted({name for ad in adapters for name in ad.targets})
     targets: dict[str, LoraTarget] = {}
     layers: list[ComposeLayer] = []
-    for li, mod in enumerate(modules):
-        if progress:
-            progress(li, len(modules), mod)
-        present = [(i, ad.targets[mod]) for i, ad in enumerate(adapters) if mod in ad.targets]
-        tasks = _layer_tasks(mod, present, w, inputs)
-        c = m.fn(tasks, ops.LayerOptions(rank=rank, density=density, seed=seed, module=mod, fp64=fp64))
-        t0 = present[0][1]
-        dt = _out_dtype([x for _, t in present for x in (t.A, t.B)])
-        k = c.rank
-        A = c.A.to(dt).reshape(k, *t0.A.shape[1:]).contiguous()
-        B = c.B.to(dt).reshape(t0.B.shape[0], k, *t0.B.shape[2:]).contiguous()
-        bias = _compose_bias(present, w, dt)
-        targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
-        layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
+    # Factor algebra (cat, svd, peft_linear) is a few small QRs and products per layer: one thread
+    # runs it faster than two, which pay a barrier per small op (benchmarks/adapters.py --parts
+    # compose: 0.075 s against 0.104-0.111 s). The delta-based methods do dense out x in work that
+    # two threads do speed up.
+    with torch_threads(torch.get_num_threads() if m.uses_density else 1):
+        for li, mod in enumerate(modules):
+            if progress:
+                progress(li, len(modules), mod)
+            present = [(i, ad.targets[mod]) for i, ad in enumerate(adapters) if mod in ad.targets]
+            tasks = _layer_tasks(mod, present, w, inputs)
+            c = m.fn(tasks, ops.LayerOptions(rank=rank, density=density, seed=seed, module=mod, fp64=fp64))
+            t0 = present[0][1]
+            dt = _out_dtype([x for _, t in present for x in (t.A, t.B)])
+            k = c.rank
+            A = c.A.to(dt).reshape(k, *t0.A.shape[1:]).contiguous()
+            B = c.B.to(dt).reshape(t0.B.shape[0], k, *t0.B.shape[2:]).contiguous()
+            bias = _compose_bias(present, w, dt)
+            targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
+            layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
     if progress:
         progress(len(modules), len(modules), "")
     saved, averaged = _compose_saved(adapters, w, inputs)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lorasurgeon._finite import all_finite
+from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
@@ -111,13 +112,15 @@ def resize_adapter(
         raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
     new: dict[str, LoraTarget] = {}
     layers: list[ResizeLayer] = []
-    for i, (m, t) in enumerate(sorted(ad.targets.items())):
-        if progress:
-            progress(i, len(ad.targets), m)
-        nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
-        new[m] = nt
-        layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
-                                  round(kept, 6)))
+    # one thread: the per-layer algebra (a QR per factor, an r x r SVD) is too small for two
+    with torch_threads(1):
+        for i, (m, t) in enumerate(sorted(ad.targets.items())):
+            if progress:
+                progress(i, len(ad.targets), m)
+            nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
+            new[m] = nt
+            layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
+                                      round(kept, 6)))
     result = ResizeResult(
         "lorasurgeon.resize/1", str(inp), None if dry_run else str(out), fmt or ad.format, _rule_json(rule), dry_run, layers,
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),

@@ -235,7 +235,7 @@ def part_compose(a: argparse.Namespace, root: Path) -> None:
     try:
         from lorasurgeon.compose import compose_adapters
 
-        ours_route = "compose_adapters(method='svd', rank=32) (read, stack_factors + lowrank_svd, write)"
+        ours_route = "compose_adapters(method='svd', rank=32) (read, stack_factors + product_svd, write)"
 
         def ours(out: Path):
             return compose_adapters(inputs, out, "svd", weights=weights, rank=k)

@@ -567,6 +567,10 @@ class CalibrationSession:
             self.fitted = sequential_svd_llm(self.lm, self.calib, ranks, batch_size=self.opts.batch_size,
                                              damping=self.opts.damping, svd_method="exact" if svd_method == "exact" else "auto",
                                              seed=seed, progress=progress)
+            for n, (_u, _v, _rel, st) in self.fitted.items():  # the summary reports their damping and notes
+                if st.note and not st.note.startswith(f"{n}: "):
+                    st.note = f"{n}: {st.note}"
+                self.stats[n] = st
 
     def factorize(self, w: torch.Tensor, k: int, c: Any, svd_method: str, fp64: bool, seed: int
                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:

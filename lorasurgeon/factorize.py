@@ -224,7 +224,8 @@ def _factorize(
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
         cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, cal.conv_groups if cal else None)
-        if cal is not None:
+        if cal is not None and not (cal.opts.sequential and rule is not None and rule.kind in ("rank", "ratio")):
+            # (sequential with a shape-only rule: its own passes give every layer's statistics)
             cal.collect([c.module for c in cands], progress)
         ranks_by_module = _plan_ranks(ck, cands, rule, budget, fp64, progress, cal)
         reports: dict[str, LayerReport] = {}

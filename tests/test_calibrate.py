@@ -259,3 +259,15 @@ def test_sequential_cli_and_its_errors(tmp_path: Path) -> None:
     res = runner.invoke(app, ["factorize", str(p), "-o", str(bad), "--rank", "1", "--sequential"])
     assert res.exit_code == 1 and "need --calibration DATA" in res.stderr
     assert not bad.exists()
+
+
+def test_sequential_summary_reports_damping(tmp_path: Path) -> None:
+    p = _trained_mlp(tmp_path)
+    res = runner.invoke(app, ["factorize", str(p), "--arch", ARCH, "--rank", "6", "--include", "fc*", "--calibration", "digits",
+                              "--calibration-samples", "40", "--heldout-samples", "0", "--method", "svd-llm", "--sequential",
+                              "--damping", "0", "-o", str(tmp_path / "s.safetensors"), "--json", "--quiet"])
+    assert res.exit_code == 0, res.stderr
+    cal = json.loads(res.stdout)["extra"]["calibration"]
+    # 40 images for fc2's 256 inputs: the damped fallback, named per layer; fc1's dead pixels need damping too
+    assert cal["sequential"] is True and cal["damping_max"] > 0
+    assert "fc2: only 40 calibration rows for 256 inputs: damped fallback" in cal["notes"]

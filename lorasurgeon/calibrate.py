@@ -346,14 +346,14 @@ def sequential_svd_llm(
     near W in directions the calibration inputs barely reach (towards 0 it would drop them), and
     the first group, which sees X̂ = X, gets exactly plain svd-llm's factors. The student uses W'
     for the groups after it. Cost: one pass over the calibration set per group, each pass
-    stopped once the group's input is known.
+    stopped once the group's input is known, and a second copy of the model in memory.
 
     Args:
         ranks: module -> rank, for the modules to factorize (Linear / groups-1 Conv2d).
         svd_method, seed: the truncated SVD of W*·S (``svd.truncated_svd``), as for plain svd-llm.
 
     Returns:
-        module -> (u (m×k), v (k×n) fp32 balanced factors, relative output error
+        module -> (u (m×k), v (k×n) fp64 balanced factors, relative output error
         ‖X Wᵀ − X̂ W'ᵀ‖ / ‖X Wᵀ‖ on the calibration set, the LayerStats used). Modules the forward
         never reaches are absent (the caller factorizes them without calibration).
     """
@@ -426,14 +426,14 @@ def sequential_svd_llm(
             ref = float(torch.einsum("ij,jk,ik->", W, G, W))
             err2 = ref - 2 * float(torch.einsum("ij,kj,ik->", W, C, Wp)) + float(torch.einsum("ij,jk,ik->", Wp, A, Wp))
             rel = math.sqrt(max(err2, 0.0) / ref) if ref > 0 else 0.0
-            out[name] = (u.float(), v.float(), rel, st)
+            out[name] = (u, v, rel, st)  # fp64: the caller casts once to the checkpoint's dtype
             factors[name] = {"kind": "conv2d" if isinstance(mod, nn.Conv2d) else "linear", "rank": k}
         apply_factorization(student, factors, copy_model=False)  # in place: the next groups see W'
         for name in group:
             low = student.get_submodule(name)
             u, v = out[name][0], out[name][1]
             with torch.no_grad():
-                low.weight_u.copy_(u.reshape(low.weight_u.shape))
+                low.weight_u.copy_(u.reshape(low.weight_u.shape))  # copy_ casts to the model's dtype
                 low.weight_v.copy_(v.reshape(low.weight_v.shape))
                 orig = teacher.get_submodule(name)
                 if orig.bias is not None:

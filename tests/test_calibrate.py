@@ -271,3 +271,20 @@ def test_sequential_summary_reports_damping(tmp_path: Path) -> None:
     # 40 images for fc2's 256 inputs: the damped fallback, named per layer; fc1's dead pixels need damping too
     assert cal["sequential"] is True and cal["damping_max"] > 0
     assert "fc2: only 40 calibration rows for 256 inputs: damped fallback" in cal["notes"]
+
+
+def test_calibration_samples_avoid_a_same_seed_validation_split(tmp_path: Path) -> None:
+    from lorasurgeon.calibrate import CalibrationOptions, CalibrationSession
+    from lorasurgeon.data import split
+
+    p = _trained_mlp(tmp_path)
+    ds = load_dataset("digits")
+    ident = {tuple(x.flatten().tolist()): i for i, x in enumerate(ds.inputs["x"])}
+    for seed in (0, 3):
+        sess = CalibrationSession.prepare(p, CalibrationOptions("digits", "svd-llm", samples=600, heldout=300, arch=ARCH, seed=seed))
+        cal = {ident[tuple(x.flatten().tolist())] for x in sess.calib.inputs["x"]}
+        held = {ident[tuple(x.flatten().tolist())] for x in sess.heldout.inputs["x"]}
+        assert len(cal) == 600 and len(held) == 300 and not cal & held
+        _tr, val, test = split(ds, 0.1, seed, 0.2)  # what attach / distill --seed use
+        other = {ident[tuple(x.flatten().tolist())] for d in (val, test) for x in d.inputs["x"]}
+        assert not cal & other

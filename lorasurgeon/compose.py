@@ -233,8 +233,8 @@ def compose_adapters(
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
         check_output(out, force)
-    # Inputs hashed (provenance) on a second thread while they are read and parsed; the sha256 of
-    # adapter-sized inputs is done before the factor algebra, which then has both cores.
+    # Inputs hashed (provenance) on a second thread while they are read and parsed: for
+    # adapter-sized inputs the sha256 is done by the time the layers are composed.
     hashes = None if dry_run else HashedInputs(inputs)
     adapters = [read_adapter(p) for p in inputs]
     for ad, p in zip(adapters, inputs, strict=True):

@@ -104,8 +104,8 @@ def resize_adapter(
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
         check_output(out, force)
-    # The input is hashed (provenance) on a second thread while it is read and parsed; for adapter-sized
-    # inputs the hash is done before the factor algebra, which then has every core.
+    # The input is hashed (provenance) on a second thread while it is read and parsed: for
+    # adapter-sized inputs the sha256 is done by the time the layers are re-ranked.
     hashes = None if dry_run else HashedInputs([inp])
     ad = read_adapter(inp)
     if any(t.magnitude is not None for t in ad.targets.values()):

@@ -17,6 +17,7 @@ budget, one pass over the calibration data per group: memory stays bounded whate
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -406,7 +407,6 @@ def sequential_svd_llm(
         same = torch.equal(A, C)
         L = st.col_chol
         assert L is not None
-        factors: dict[str, dict[str, Any]] = {}
         for name in group:
             mod = teacher.get_submodule(name)
             W = svd.as_matrix(mod.weight.detach()).to("cpu", f64)
@@ -426,39 +426,33 @@ def sequential_svd_llm(
             ref = float(torch.einsum("ij,jk,ik->", W, G, W))
             err2 = ref - 2 * float(torch.einsum("ij,kj,ik->", W, C, Wp)) + float(torch.einsum("ij,jk,ik->", Wp, A, Wp))
             rel = math.sqrt(max(err2, 0.0) / ref) if ref > 0 else 0.0
-            out[name] = (u, v, rel, st)  # fp64: the caller casts once to the checkpoint's dtype
-            factors[name] = {"kind": "conv2d" if isinstance(mod, nn.Conv2d) else "linear", "rank": k}
-        apply_factorization(student, factors, copy_model=False)  # in place: the next groups see W'
-        for name in group:
-            low = student.get_submodule(name)
-            u, v = out[name][0], out[name][1]
-            with torch.no_grad():
-                low.weight_u.copy_(u.reshape(low.weight_u.shape))  # copy_ casts to the model's dtype
-                low.weight_v.copy_(v.reshape(low.weight_v.shape))
-                orig = teacher.get_submodule(name)
-                if orig.bias is not None:
-                    low.bias.copy_(orig.bias)
+            # fp64 factors: the caller casts once to the checkpoint's dtype. One LayerStats per
+            # layer (the group shares its Cholesky factor), its note naming the layer.
+            own = dataclasses.replace(st, note=f"{name}: {st.note}" if st.note else "")
+            out[name] = (u, v, rel, own)
+        factorized_copy(student, {n: out[n][:2] for n in group}, in_place=True)  # the next groups see W'
     if progress:
         progress(len(groups), len(groups), "")
     return out
 
 
 # --------------------------------------------------------------------------- fidelity
-def factorized_copy(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
-    """A copy of ``model`` with the given layers replaced by their low-rank factors."""
+def factorized_copy(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                    in_place: bool = False) -> nn.Module:
+    """``model`` with the given layers replaced by their low-rank factors (u (m×k), v (k×n), cast to
+    the model's dtype), biases kept: a copy, or ``model`` itself with ``in_place``."""
     layers = {}
+    origs = {n: model.get_submodule(n) for n in factors}
     for n, (u, _v) in factors.items():
-        mod = model.get_submodule(n)
-        layers[n] = {"kind": "conv2d" if isinstance(mod, nn.Conv2d) else "linear", "rank": int(u.shape[1])}
-    low = apply_factorization(model, layers)
+        layers[n] = {"kind": "conv2d" if isinstance(origs[n], nn.Conv2d) else "linear", "rank": int(u.shape[1])}
+    low = apply_factorization(model, layers, copy_model=not in_place)
     for n, (u, v) in factors.items():
         mod = low.get_submodule(n)
-        orig = model.get_submodule(n)
         with torch.no_grad():
             mod.weight_u.copy_(u.reshape(mod.weight_u.shape))
             mod.weight_v.copy_(v.reshape(mod.weight_v.shape))
-            if orig.bias is not None:
-                mod.bias.copy_(orig.bias)
+            if origs[n].bias is not None:
+                mod.bias.copy_(origs[n].bias)
     return low.eval()
 
 
@@ -577,8 +571,6 @@ class CalibrationSession:
                                              damping=self.opts.damping, svd_method="exact" if svd_method == "exact" else "auto",
                                              seed=seed, progress=progress)
             for n, (_u, _v, _rel, st) in self.fitted.items():  # the summary reports their damping and notes
-                if st.note and not st.note.startswith(f"{n}: "):
-                    st.note = f"{n}: {st.note}"
                 self.stats[n] = st
 
     def factorize(self, w: torch.Tensor, k: int, c: Any, svd_method: str, fp64: bool, seed: int

@@ -175,6 +175,18 @@ def test_calibrated_factorization_of_a_text_model(tmp_path: Path) -> None:
     r = runner.invoke(app, ["factorize", str(tmp_path / "bert"), "-o", str(tmp_path / "fw"), "--ratio", "0.25", "--json",
                             "--quiet", "--calibration", str(tmp_path / "l.jsonl"), "--method", "fwsvd"])
     assert r.exit_code == 0, r.stderr
+    # --sequential on a transformer: query, key and value share one input (one group, one Cholesky
+    # factor); a single calibration text has fewer tokens than inputs, so every layer notes the
+    # damped fallback under its own name, once
+    r = runner.invoke(app, ["factorize", str(tmp_path / "bert"), "-o", str(tmp_path / "seq"), "--ratio", "0.25", "--json",
+                            "--quiet", "--calibration", str(tmp_path / "t.jsonl"), "--method", "svd-llm", "--sequential",
+                            "--calibration-samples", "1", "--heldout-samples", "0"])
+    assert r.exit_code == 0, r.stderr
+    notes = json.loads(r.stdout)["extra"]["calibration"]["notes"]
+    qkv = [f"encoder.layer.0.attention.self.{x}" for x in ("query", "key", "value")]
+    for name in qkv:
+        assert sum(n.startswith(f"{name}: only ") for n in notes) == 1, notes
+    assert all(n.count(": ") == 2 for n in notes), notes  # "<module>: only ...: damped fallback", one prefix
 
 
 def test_sequential_svd_llm_fits_each_layer_to_the_factorized_inputs(tmp_path: Path) -> None:

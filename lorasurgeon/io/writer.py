@@ -303,7 +303,6 @@ class DeferredProvenance:
     def __init__(
         self, command: str, options: dict[str, Any], inputs: Iterable[str | Path], extra: dict[str, Any] | None = None
     ) -> None:
-
         paths = list(inputs)
         self.placeholder = provenance(command, options, [], extra)
         self.placeholder["inputs"] = [_placeholder_record(p) for p in paths]

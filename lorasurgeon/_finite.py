@@ -10,7 +10,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
     Fast path: a NaN or ±Inf entry makes the sum NaN or ±Inf, so a finite sum proves every entry
     finite; one reduction, no temporaries (measured 40x less CPU than ``isfinite().all()`` on
-    256x8192 fp32, and 17 ms -> under 1 ms for the 40 factors of a 4-adapter compose). The sum can
+    256x8192 fp32). The sum can
     overflow with finite entries: then check exactly, in blocks of about 4M elements, because
     ``torch.isfinite`` on a whole matrix allocates abs() and bool temporaries (measured +230 MB of
     peak RSS on one 4096x8192 fp32 matrix).

@@ -529,9 +529,8 @@ class ProductSVD:
 
     Householder QR without forming Q (``geqrf``), with Q applied to the kept vectors only
     (``ormqr``): the back-projection costs O((out + in) r k), so truncating before it matters
-    (compose svd, 4096x4096 with stacked rank 128 kept at 32: 14.6 ms per layer against 25 ms for
-    all 128 vectors then slicing). An fp64 Cholesky-Gram variant measured no faster (16.4 ms) and
-    was not kept.
+    (compose svd keeps 32 of a stacked rank of 128: ``benchmarks/adapters.py --parts compose``,
+    docs/benchmarks.md §6). An fp64 Cholesky-Gram variant measured no faster and was not kept.
 
     Args (of ``product_svd``):
         B: (out, r) or conv up (out, r, 1, 1). A: (r, in) or conv down (r, in, kh, kw); the

@@ -504,6 +504,8 @@ class CalibrationOptions:
             raise InvalidOptionError("--calibration-samples must be >= 1 and --heldout-samples >= 0")
         if self.min_cosine is not None and not (-1 <= self.min_cosine <= 1):
             raise InvalidOptionError(f"--min-cosine must be in [-1, 1], got {self.min_cosine:g}")
+        if self.max_output_error is not None and not (0 <= self.max_output_error < float("inf")):
+            raise InvalidOptionError(f"--max-output-error must be a number >= 0, got {self.max_output_error:g}")
         if (self.min_cosine is not None or self.max_output_error is not None) and self.heldout < 1:
             raise InvalidOptionError("the fidelity gate needs held-out samples (--heldout-samples >= 1)")
         if not (0 <= self.damping <= 1):
@@ -529,16 +531,13 @@ class CalibrationSession:
 
     @classmethod
     def prepare(cls, model_path: Path, opts: CalibrationOptions) -> CalibrationSession:
-        from lorasurgeon.data import load_dataset, tokenize
-        from lorasurgeon.nn.models import load_model
+        from lorasurgeon.data import load_dataset
+        from lorasurgeon.nn.models import load_model, prepare_inputs
 
         opts.validate()
         lm = load_model(model_path, arch=opts.arch)
         ds = load_dataset(opts.data, text_column=opts.text_column, label_column=opts.label_column, image_size=opts.image_size)
-        if ds.kind == "text":
-            if lm.tokenizer is None:
-                raise InvalidOptionError("a text calibration set needs a model folder with a tokenizer", model_path)
-            ds = tokenize(ds, lm.tokenizer, opts.max_length)
+        ds = prepare_inputs(lm, ds, opts.data, opts.max_length, what="calibration set")
         # Calibration samples come from the END of the seeded permutation that data.split uses
         # (test first, then validation, then train), the held-out gate's just before them: with the
         # same data and --seed, attach/distill's validation and test splits never contain a
@@ -595,7 +594,10 @@ class CalibrationSession:
         m, n = W.shape
         rep = LayerReport(c.module, c.kind, list(shape), k, "factorized", m * n, k * (m + n), round(rel_w, 6),
                           round(1 - out_rel**2, 6))
-        rep.output_error = round(out_rel, 6)
+        if self.opts.method == "svd-llm":
+            rep.output_error = round(out_rel, 6)
+        else:
+            rep.weighted_error = round(out_rel, 6)
         return (u.contiguous(), v.contiguous()), rep
 
     def gate(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:

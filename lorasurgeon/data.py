@@ -125,6 +125,7 @@ def _named(name: str, image_size: int | None) -> Dataset:
 
 def _read_table(path: Path, text_column: str, label_column: str | None) -> tuple[list[str], list[Any] | None]:
     rows: list[dict[str, Any]] = []
+    lines: list[int] = []  # JSONL: each row's line number in the file
     try:
         if path.suffix.lower() == ".csv":
             with open(path, newline="", encoding="utf-8") as f:
@@ -137,16 +138,27 @@ def _read_table(path: Path, text_column: str, label_column: str | None) -> tuple
                         if not isinstance(obj, dict):
                             raise FormatError(f"line {i} is not a JSON object", path)
                         rows.append(obj)
+                        lines.append(i)
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
         raise FormatError(f"cannot parse ({e})", path) from None
     if not rows:
         raise FormatError("holds no rows", path)
     if text_column not in rows[0]:
-        raise FormatError(f"no column {text_column!r} (columns: {', '.join(rows[0])}); use --text-column", path)
+        raise FormatError(f"no column {text_column!r} (columns: {', '.join(map(str, rows[0]))}); use --text-column", path)
+    with_labels = bool(label_column) and label_column in rows[0]
+    # Every row, not only the first: a short CSV row reads as None, a JSONL object may lack a key,
+    # and an empty label would otherwise become a class of its own.
+    cols = [(text_column, "--text-column")] + ([(label_column, "--label-column")] if with_labels else [])
+    for i, r in enumerate(rows, 1):
+        where = f"line {lines[i - 1]}" if lines else f"row {i}"
+        for col, what in cols:
+            v = r.get(col)
+            if v is None or (col == label_column and str(v).strip() == ""):
+                raise FormatError(f"{where} has no {col!r} value ({what})", path)
+            if isinstance(v, (dict, list)):
+                raise FormatError(f"{where}: {col!r} is a JSON {type(v).__name__}, not a value", path)
     texts = [str(r[text_column]) for r in rows]
-    labels = None
-    if label_column and label_column in rows[0]:
-        labels = [r[label_column] for r in rows]
+    labels = [r[label_column] for r in rows] if with_labels else None
     return texts, labels
 
 
@@ -195,8 +207,14 @@ def load_dataset(
             ds = Dataset("text", {}, y, classes, p.name, {"texts": texts})
         elif p.suffix.lower() in (".safetensors", ".npz"):
             ds = _tensor_file(p)
+            if ds.kind == "image" and image_size is not None:
+                if not ds.inputs["x"].is_floating_point():
+                    raise InvalidOptionError(f"--image-size needs floating-point images; 'x' is {ds.inputs['x'].dtype}", p)
+                ds.inputs["x"] = _resize_images(ds.inputs["x"], image_size)
         else:
             raise FormatError("unknown dataset format; expected a folder of class subfolders, .csv, .jsonl, .safetensors or .npz", p)
+    if image_size is not None and ds.kind != "image":
+        raise InvalidOptionError(f"--image-size applies to images; {ds.name!r} holds {ds.kind} data")
     if limit is not None and limit < len_of(ds):
         idx = torch.randperm(len_of(ds), generator=torch.Generator().manual_seed(1234))[:limit].sort().values
         ds = _subset_any(ds, idx)
@@ -229,22 +247,33 @@ def _image_folder(root: Path, image_size: int | None) -> Dataset:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise FormatError("image folder has no class subfolders", root)
-    xs, ys = [], []
+    files: list[tuple[Path, int]] = []
     for ci, c in enumerate(classes):
-        for f in sorted((root / c).iterdir()):
-            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
-                continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB")
-                    if image_size:
-                        im = im.resize((image_size, image_size))
-                    xs.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0)
-            except OSError as e:
-                raise FormatError(f"cannot read image ({e})", f) from None
-            ys.append(ci)
-    if not xs:
+        files += [(f, ci) for f in sorted((root / c).iterdir())
+                  if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")]
+    if not files:
         raise FormatError("image folder holds no images", root)
+    # One channel when every image has one band (grayscale, e.g. MNIST-style digits), else RGB.
+    bands = set()
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                bands.add(len(im.getbands()) if im.mode not in ("P", "PA") else 3)
+        except OSError as e:
+            raise FormatError(f"cannot read image ({e})", f) from None
+    mode = "L" if bands == {1} else "RGB"
+    xs, ys = [], []
+    for f, ci in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if image_size:
+                    im = im.resize((image_size, image_size))
+                a = np.asarray(im, dtype=np.float32)
+                xs.append(torch.from_numpy(a.reshape(*a.shape[:2], -1).copy()).permute(2, 0, 1) / 255.0)
+        except OSError as e:
+            raise FormatError(f"cannot read image ({e})", f) from None
+        ys.append(ci)
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) > 1:
         raise FormatError(f"images differ in size {sorted(shapes)[:3]}; pass --image-size", root)
@@ -255,9 +284,15 @@ def _tensor_file(p: Path) -> Dataset:
     if p.suffix.lower() == ".npz":
         try:
             with np.load(p, allow_pickle=False) as z:
-                arrs = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+                raw = {k: z[k] for k in z.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise FormatError(f"cannot read npz ({e})", p) from None
+        for k, a in raw.items():
+            if a.dtype.kind not in "biuf":  # strings, bytes, objects, complex, datetimes
+                what = {"U": "text", "S": "bytes", "O": "Python objects"}.get(a.dtype.kind, "non-real numbers")
+                raise FormatError(f"{k!r} holds {what} (dtype {a.dtype}); a tensor file holds real numbers "
+                                  "(text goes in a .csv or .jsonl file)", p)
+        arrs = {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in raw.items()}
     else:
         from lorasurgeon.io.checkpoint import Checkpoint
 
@@ -269,8 +304,21 @@ def _tensor_file(p: Path) -> Dataset:
     x = x.float() if x.is_floating_point() else x
     if not all_finite(x):
         raise FormatError("'x' holds NaN or Inf values", p)
+    if x.ndim == 0:
+        raise FormatError("'x' is a scalar; it needs one row per example", p)
     y = arrs.get("y")
-    if y is not None and y.shape[0] != x.shape[0]:
-        raise FormatError(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}", p)
+    if y is not None:
+        if y.ndim != 1:
+            raise FormatError(f"'y' has shape {list(y.shape)}; it must be one class id per row (1-D)", p)
+        if y.shape[0] != x.shape[0]:
+            raise FormatError(f"'x' has {x.shape[0]} rows but 'y' has {y.shape[0]}", p)
+        if y.is_floating_point():
+            if not all_finite(y) or not bool((y == y.round()).all()):
+                raise FormatError("'y' holds values that are not whole numbers; labels are class ids 0, 1, 2, ...", p)
+        elif y.dtype == torch.bool:
+            y = y.long()
+        if len(y) and int(y.min()) < 0:
+            raise FormatError(f"'y' holds a negative label ({int(y.min())}); labels are class ids 0, 1, 2, ...", p)
+        y = y.long()
     kind = "image" if x.ndim == 4 else "tensor"
-    return Dataset(kind, {"x": x}, None if y is None else y.long(), None, p.name)
+    return Dataset(kind, {"x": x}, y, None, p.name)

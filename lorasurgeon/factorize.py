@@ -32,9 +32,11 @@ RULE_OPTIONS = ("rank", "ratio", "energy", "sv_ratio", "sv_fro", "sv_cumulative"
 
 @dataclass
 class LayerReport:
-    """One layer of a factorize report. ``rel_error`` is ||W − UV||_F / ||W||_F; with calibration,
-    ``output_error`` is the method's relative error on the calibration inputs (exact for svd-llm)
-    and ``energy_kept`` is measured in that transformed space."""
+    """One layer of a factorize report. ``rel_error`` is ||W − UV||_F / ||W||_F. With calibration,
+    ``energy_kept`` is measured in the method's transformed space, and the error there is
+    ``output_error`` for svd-llm (exactly ||(W − UV)X|| / ||WX|| on the calibration inputs) or
+    ``weighted_error`` for asvd and fwsvd (their weighted error, not an output error: their
+    statistics cannot give one)."""
 
     module: str
     kind: str  # linear | conv2d
@@ -46,6 +48,7 @@ class LayerReport:
     rel_error: float
     energy_kept: float
     output_error: float | None = None
+    weighted_error: float | None = None
 
 
 @dataclass
@@ -171,6 +174,7 @@ def factorize_checkpoint(
     allow_unmatched: bool = False,
     progress: ProgressFn | None = None,
     calibration: CalibrationOptions | None = None,
+    arch: str | None = None,
 ) -> FactorizeResult:
     """Factorize the selected weights of a checkpoint, one tensor at a time.
 
@@ -180,6 +184,9 @@ def factorize_checkpoint(
         rule: per-layer rank rule; or ``budget``: a fraction of the selected layers' parameters,
             allocated across layers to minimise the total squared Frobenius error.
         include, exclude: globs selecting tensors; 4-D conv weights need to be named by include.
+        arch: ``module:factory`` building the model (no weights needed): its convs' ``groups``
+            decide which 4-D weights qualify (grouped convs stay dense), as a calibrated run's
+            loaded model does.
         min_params: leave smaller weights dense.
         svd_method: exact | randomized | auto.
         fp64: SVD in fp64.
@@ -206,11 +213,20 @@ def factorize_checkpoint(
         check_output(out, force)
     try:
         return _factorize(inp, out, rule, budget, include, exclude, min_params, svd_method, fp64, seed, force,
-                          dry_run, allow_unmatched, progress, calibration)
+                          dry_run, allow_unmatched, progress, calibration, arch)
     except FormatError as e:
         if e.path is None:  # e.g. NaN in a weight: the message names the layer, the path the file
             e.path = str(inp)
         raise
+
+
+def _conv_groups(arch: str) -> dict[str, int]:
+    """Each Conv2d's ``groups`` in the model ``arch`` builds (its architecture only, no weights)."""
+    from torch import nn
+
+    from lorasurgeon.nn.models import build_arch
+
+    return {n: m.groups for n, m in build_arch(arch).named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def _factorize(
@@ -218,12 +234,14 @@ def _factorize(
     include: Sequence[str] | None, exclude: Sequence[str] | None, min_params: int, svd_method: str,
     fp64: bool, seed: int, force: bool, dry_run: bool, allow_unmatched: bool, progress: ProgressFn | None,
     calibration: CalibrationOptions | None = None,
+    arch: str | None = None,
 ) -> FactorizeResult:
     with Checkpoint.open(inp) as ck:
         if factorized_layers(ck.metadata, inp):
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
-        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, cal.conv_groups if cal else None)
+        groups = cal.conv_groups if cal else (_conv_groups(arch) if arch else None)
+        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, groups)
         if cal is not None and not (cal.opts.sequential and rule is not None and rule.kind in ("rank", "ratio")):
             # (sequential with a shape-only rule: its own passes give every layer's statistics)
             cal.collect([c.module for c in cands], progress)

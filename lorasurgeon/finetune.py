@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorasurgeon.data import Dataset, load_dataset, split, tokenize
+from lorasurgeon.data import Dataset, load_dataset, split
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
@@ -27,7 +27,7 @@ from lorasurgeon.io.writer import (
     write_safetensors,
 )
 from lorasurgeon.nn.layers import LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
-from lorasurgeon.nn.models import LoadedModel, load_model, model_outputs
+from lorasurgeon.nn.models import LoadedModel, load_model, model_outputs, prepare_inputs
 from lorasurgeon.train import (
     FitResult,
     TrainOptions,
@@ -47,12 +47,7 @@ ProgressFn = Callable[[int, int, str], None]
 def _prepare_data(lm: LoadedModel, data: str | Path, opts: TrainOptions, *, text_column: str, label_column: str | None,
                   image_size: int | None, limit: int | None, need_labels: bool) -> tuple[Dataset, Dataset, Dataset | None, Dataset]:
     ds = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
-    if ds.kind == "text":
-        if lm.tokenizer is None:
-            raise InvalidOptionError("a text dataset needs a model folder with a tokenizer", lm.source)
-        ds = tokenize(ds, lm.tokenizer, opts.max_length)
-    elif lm.kind == "hf":
-        raise InvalidOptionError(f"dataset {ds.name!r} holds {ds.kind}s but the model is a text model", lm.source)
+    ds = prepare_inputs(lm, ds, data, opts.max_length)
     if need_labels and ds.labels is None:
         raise InvalidOptionError(f"dataset {ds.name!r} has no labels; attach trains a classifier and needs them")
     train, val, test = split(ds, opts.val_split, opts.seed, opts.test_split)
@@ -111,6 +106,20 @@ def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], 
     return sorted(chosen)
 
 
+def _hf_head_size(model_path: str | Path | None) -> int | None:
+    """The output count of a Hugging Face folder's own sequence-classification head, else None."""
+    cfg = Path(model_path) / "config.json" if model_path is not None else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        c = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_model reports a broken config
+    if not any(str(a).endswith("ForSequenceClassification") for a in (c.get("architectures") or [])):
+        return None
+    return len(c["id2label"]) if isinstance(c.get("id2label"), dict) and c["id2label"] else int(c.get("num_labels", 2))
+
+
 def _default_heads(lm: LoadedModel) -> list[str]:
     return [h for h in ("classifier", "score") if lm.kind == "hf" and hasattr(lm.model, h)]
 
@@ -161,10 +170,23 @@ def attach_lora(
     torch.manual_seed(opts.seed)  # LoRA and new-head initialisation depend on the seed only
     probe = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
     num_labels = probe.num_classes
+    own_head = _hf_head_size(model_path) if arch is None else None
+    if own_head is not None and num_labels is not None and own_head != num_labels:
+        raise FormatError(f"the data has {num_labels} classes but the model's classification head has {own_head} outputs "
+                          "(train from a model folder without a head to get a new one)", data)
+    if arch is None and heads is not None and not heads and own_head is None and not full:
+        raise InvalidOptionError("--no-head: the model folder has no classification head of its own; attach adds a new "
+                                 "one, which must be trained and saved (drop --no-head)", model_path)
     lm = load_model(model_path, arch=arch, num_labels=num_labels if arch is None else None, device=opts.device)
     train, val, test, ds = _prepare_data(lm, data, opts, text_column=text_column, label_column=label_column,
                                          image_size=image_size, limit=limit, need_labels=True)
     model = lm.model
+    with torch.no_grad():
+        n_out = int(model_outputs(lm, {k: v[:1].to(opts.device) for k, v in ds.inputs.items()}).shape[-1])
+    if len(ds) and int(ds.labels.max()) >= n_out:
+        named = f" ({len(ds.classes)} classes)" if ds.classes else ""
+        raise FormatError(f"labels run up to {int(ds.labels.max())}{named} but the model's head has {n_out} outputs "
+                          f"(classes 0 to {n_out - 1})", data)
     head_names = list(heads) if heads is not None else _default_heads(lm)
     for h in head_names:
         try:

@@ -187,6 +187,27 @@ def test_fp16_and_external_data(tmp_path: Path, mlp_weights: Path) -> None:
     assert ort_run(tmp_path / "big.onnx", {"x": np.zeros((3, 64), np.float32)}).shape == (3, 10)
 
 
+def test_fp16_tolerance_scales_with_the_outputs(tmp_path: Path) -> None:
+    """fp16 keeps about 3 significant digits: large logits pass atol + rtol·max|ref| by default,
+    and fail a fixed atol alone (--rtol 0) with a message giving both terms."""
+    torch.manual_seed(1)
+    m = mlp()
+    with torch.no_grad():
+        m.classifier.weight.mul_(400)
+    p = tmp_path / "big.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, p)
+    res = run("export", str(p), "--arch", MLP, "--dtype", "fp16", "-o", str(tmp_path / "a.onnx"))
+    v = res["verification"]
+    assert v["passed"] and v["rtol"] == 5e-3 and v["max_abs_error"] > 1e-2
+    assert all(c["max_abs_error"] <= 1e-2 + 5e-3 * c["ref_max_abs"] for c in v["cases"])
+    r = runner.invoke(app, ["export", str(p), "--arch", MLP, "--dtype", "fp16", "--rtol", "0", "-o", str(tmp_path / "b.onnx")])
+    assert r.exit_code == 3 and " > atol 0.01 (at input " in r.stderr and not (tmp_path / "b.onnx").exists()
+    r = runner.invoke(app, ["export", str(p), "--arch", MLP, "--dtype", "fp16", "--rtol", "1e-6", "-o", str(tmp_path / "b.onnx")])
+    assert r.exit_code == 3 and " > atol 0.01 + rtol 1e-06 × max|ref| " in r.stderr
+    r = runner.invoke(app, ["export", str(p), "--arch", MLP, "--rtol", "-1", "-o", str(tmp_path / "b.onnx")])
+    assert r.exit_code == 1 and "--rtol must be a number >= 0, got -1" in r.stderr
+
+
 # --------------------------------------------------------------------------- text encoders
 def test_tiny_bert_dense_and_factorized(tmp_path: Path, tiny_bert: Path, tiny_bert_factorized: Path,
                                        tiny_bert_onnx: tuple[Path, dict]) -> None:
@@ -267,7 +288,8 @@ def test_broken_export_is_caught(tmp_path: Path, mlp_weights: Path, monkeypatch:
 
 
 def test_atol_gate_exit_3_and_json_error(tmp_path: Path, tiny_bert: Path) -> None:
-    res = runner.invoke(app, ["export", str(tiny_bert), "--dtype", "fp16", "--atol", "1e-9", "-o", str(tmp_path / "x.onnx"), "--json", "--quiet"])
+    res = runner.invoke(app, ["export", str(tiny_bert), "--dtype", "fp16", "--atol", "1e-9", "--rtol", "0", "-o",
+                              str(tmp_path / "x.onnx"), "--json", "--quiet"])
     assert res.exit_code == 3
     assert json.loads(res.stdout)["error"]["kind"] == "verification_failed"
     assert list(tmp_path.iterdir()) == []

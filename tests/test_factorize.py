@@ -12,9 +12,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from lorasurgeon.cli.app import app
+from lorasurgeon.errors import FormatError
 from lorasurgeon.factorize import factorize_weight
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import LowRankConv2d, apply_factorization, load_factorized
+from lorasurgeon.nn.models import load_model
 from lorasurgeon.ops import ranks
 
 runner = CliRunner()
@@ -151,6 +153,21 @@ def test_conv_needs_naming_and_round_trip_through_file(tmp_path: Path) -> None:
     net2 = Net().eval()
     net2.load_state_dict(dense)
     assert torch.allclose(net2(x), low(x), atol=1e-5)
+
+
+def test_arch_confirms_conv_groups_without_calibration(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    net = Net().eval()
+    p = write(tmp_path, {k: v.contiguous() for k, v in net.state_dict().items()}, "net.safetensors")
+    out = run("factorize", str(p), "-o", str(tmp_path / "a.safetensors"), "--ratio", "0.5", "--arch", "tests.test_factorize:Net")
+    assert {x["module"] for x in out["layers"]} == {"conv", "fc1", "fc2"}
+    assert {s["module"]: s["reason"] for s in out["skipped"]}["dw"] == "grouped conv (groups=8) stays dense"
+    # naming the grouped conv without --arch factorizes its weight, which the model cannot run:
+    # loading it names the file and the layer
+    run("factorize", str(p), "-o", str(tmp_path / "b.safetensors"), "--rank", "2", "--include", "dw")
+    with pytest.raises(FormatError, match=r"factorized layer 'dw' is a grouped conv \(groups=8\) in the model") as e:
+        load_model(tmp_path / "b.safetensors", arch="tests.test_factorize:Net")
+    assert e.value.path == str(tmp_path / "b.safetensors")
 
 
 def test_model_folder_in_folder_out_and_bytes_repeatable(tmp_path: Path) -> None:

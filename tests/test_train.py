@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lorasurgeon.cli.app import app
 from lorasurgeon.data import load_dataset, split
-from lorasurgeon.errors import FormatError, InputNotFoundError
+from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
 from lorasurgeon.finetune import attach_lora
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.models import load_model
@@ -280,3 +280,116 @@ def test_schedule_applies_and_resume_restores_it(tmp_path: Path) -> None:
         attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(**o), progress=interrupt, **kw)
     attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(**o), resume=True, **kw)
     assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == a
+
+
+def test_table_rows_without_a_value_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "short.csv").write_text("text,label\nhello,pos\nno label here\nok,neg\n")
+    with pytest.raises(FormatError, match=r"^row 2 has no 'label' value \(--label-column\)$"):
+        load_dataset(tmp_path / "short.csv")
+    (tmp_path / "empty.csv").write_text('text,label\nhello,pos\nbad day,\n')
+    with pytest.raises(FormatError, match=r"^row 2 has no 'label' value"):
+        load_dataset(tmp_path / "empty.csv")
+    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 1}\n\n{"label": 0}\n')
+    with pytest.raises(FormatError, match=r"^line 3 has no 'text' value \(--text-column\)$"):
+        load_dataset(tmp_path / "t.jsonl")
+    (tmp_path / "n.jsonl").write_text('{"text": "a", "label": 1}\n{"text": {"a": 1}, "label": 0}\n')
+    with pytest.raises(FormatError, match=r"^line 2: 'text' is a JSON dict, not a value$"):
+        load_dataset(tmp_path / "n.jsonl")
+    # a set with no label column at all stays unlabelled (distill, calibration)
+    (tmp_path / "u.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert load_dataset(tmp_path / "u.jsonl").labels is None
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"x": np.zeros((4, 3), np.float32), "y": np.array(["0", "1", "0", "1"])},
+     r"^'y' holds text \(dtype <U1\); a tensor file holds real numbers \(text goes in a \.csv or \.jsonl file\)$"),
+    ({"x": np.array(["a", "b"]), "y": np.arange(2)}, r"^'x' holds text"),
+    ({"x": np.zeros((4, 3), np.float32), "y": np.array([0, 1.5, 2, 3])}, r"^'y' holds values that are not whole numbers"),
+    ({"x": np.zeros((4, 3), np.float32), "y": np.zeros((4, 2), np.int64)}, r"^'y' has shape \[4, 2\]; it must be one class id per row"),
+    ({"x": np.zeros((4, 3), np.float32), "y": np.array([0, -1, 2, 3])}, r"^'y' holds a negative label \(-1\)"),
+])
+def test_tensor_file_label_and_dtype_errors(tmp_path: Path, arrays: dict, message: str) -> None:
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(FormatError, match=message):
+        load_dataset(tmp_path / "d.npz")
+
+
+def test_tensor_file_whole_float_labels_are_class_ids(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 2), np.float32), y=np.array([2.0, 0.0, 1.0]))
+    ds = load_dataset(tmp_path / "d.npz")
+    assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == [2, 0, 1]
+
+
+def test_image_folder_keeps_grayscale_as_one_channel(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c, v in (("a", 10), ("b", 200)):
+        (tmp_path / "g" / c).mkdir(parents=True)
+        Image.fromarray(np.full((5, 5), v, np.uint8), mode="L").save(tmp_path / "g" / c / "0.png")
+    ds = load_dataset(tmp_path / "g")
+    assert ds.inputs["x"].shape == (2, 1, 5, 5)
+    assert torch.equal(ds.inputs["x"][1], torch.full((1, 5, 5), 200 / 255.0))
+    # one colour image among grey ones: everything is read as RGB (grey repeated in 3 channels)
+    Image.fromarray(np.full((5, 5, 3), 30, np.uint8)).save(tmp_path / "g" / "a" / "1.png")
+    ds = load_dataset(tmp_path / "g")
+    assert ds.inputs["x"].shape == (3, 3, 5, 5) and torch.equal(ds.inputs["x"][0], torch.full((3, 5, 5), 10 / 255.0))
+
+
+def test_attach_refuses_data_the_model_cannot_take(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    np.savez(tmp_path / "big.npz", x=np.zeros((40, 64), np.float32), y=np.arange(40) % 15)
+    res = runner.invoke(app, ["attach", str(base), "--arch", ARCH, "--data", str(tmp_path / "big.npz"), "-o",
+                              str(tmp_path / "x"), "--target", "fc*", "--quiet"])
+    assert res.exit_code == 1 and res.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'big.npz'}: labels run up to 14 but the model's head has 10 outputs (classes 0 to 9)"]
+    np.savez(tmp_path / "u8.npz", x=np.zeros((40, 64), np.uint8), y=np.arange(40) % 10)
+    res = runner.invoke(app, ["attach", str(base), "--arch", ARCH, "--data", str(tmp_path / "u8.npz"), "-o",
+                              str(tmp_path / "x"), "--target", "fc*", "--quiet"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1
+    assert lines[0].startswith(f"error: {tmp_path / 'u8.npz'}: the model cannot take this dataset's inputs "
+                               "(x uint8 [64] per example): ")
+    assert not (tmp_path / "x").exists()
+
+
+def test_attach_and_distill_need_an_output(tmp_path: Path) -> None:
+    for argv in (["attach", "m.safetensors", "--arch", ARCH], ["distill", "--teacher", "t", "--student", "s"]):
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 2 and "Missing option '--output' / '-o'" in res.stderr
+
+
+def test_image_size_resizes_tensor_images_and_refuses_other_data(tmp_path: Path) -> None:
+    np.savez(tmp_path / "i.npz", x=np.ones((2, 1, 8, 8), np.float32), y=np.arange(2))
+    assert load_dataset(tmp_path / "i.npz", image_size=4).inputs["x"].shape == (2, 1, 4, 4)
+    np.savez(tmp_path / "f.npz", x=np.ones((2, 8), np.float32))
+    with pytest.raises(InvalidOptionError, match="^--image-size applies to images; 'f.npz' holds tensor data$"):
+        load_dataset(tmp_path / "f.npz", image_size=4)
+    (tmp_path / "t.csv").write_text("text\nhello\n")
+    with pytest.raises(InvalidOptionError, match="'t.csv' holds text data"):
+        load_dataset(tmp_path / "t.csv", image_size=4)
+
+
+def _tiny_bert(tmp_path: Path, name: str, num_labels: int | None) -> Path:
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]))
+    tok = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=num_labels or 2)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg) if num_labels else transformers.BertModel(cfg)
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_attach_head_count_and_no_head_errors(tmp_path: Path) -> None:
+    cls, enc = _tiny_bert(tmp_path, "cls", 2), _tiny_bert(tmp_path, "enc", None)
+    (tmp_path / "three.csv").write_text("text,label\n" + "".join(f"a b,{'xyz'[i % 3]}\n" for i in range(30)))
+    res = runner.invoke(app, ["attach", str(cls), "--data", str(tmp_path / "three.csv"), "-o", str(tmp_path / "x"), "--quiet"])
+    assert res.exit_code == 1 and res.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'three.csv'}: the data has 3 classes but the model's classification head has 2 outputs "
+        "(train from a model folder without a head to get a new one)"]
+    res = runner.invoke(app, ["attach", str(enc), "--data", str(tmp_path / "three.csv"), "--no-head", "-o", str(tmp_path / "x"),
+                              "--quiet"])
+    assert res.exit_code == 1 and "--no-head: the model folder has no classification head of its own" in res.stderr
+    assert not (tmp_path / "x").exists()

@@ -33,7 +33,8 @@ def export_command(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 (weights and compute; inputs and outputs stay fp32).")] = "fp32",
     optimize: Annotated[bool, typer.Option("--optimize", help="Save onnxruntime's graph optimizations (transformer fusions for BERT-like encoders) into the file.")] = False,
     quantize: Annotated[str | None, typer.Option("--quantize", help="int8: onnxruntime dynamic quantization, gated by task agreement.")] = None,
-    atol: Annotated[float | None, typer.Option("--atol", help="Max |ONNX - PyTorch| allowed (default 1e-4 fp32, 1e-2 fp16); above it: exit 3, nothing written.", rich_help_panel=PANEL_VERIFY)] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="Max |ONNX - PyTorch| allowed, plus --rtol times the largest |output| (default 1e-4 fp32, 1e-2 fp16); above it: exit 3, nothing written.", rich_help_panel=PANEL_VERIFY)] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Allowed |ONNX - PyTorch| relative to the batch's largest |output| (default 0 fp32, 5e-3 fp16).", rich_help_panel=PANEL_VERIFY)] = None,
     min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Gate for --quantize: mean cosine (embeddings, default 0.99) or top-1 agreement (logits, default 0.98).", rich_help_panel=PANEL_VERIFY)] = None,
     benchmark: Annotated[bool, typer.Option("--benchmark", help="Time PyTorch eager and onnxruntime (median, p90).", rich_help_panel=PANEL_BENCH)] = False,
     baseline: Annotated[Path | None, typer.Option("--baseline", help="A (dense) model exported and timed in the same run; reports the speedup. Implies --benchmark.", rich_help_panel=PANEL_BENCH)] = None,
@@ -52,7 +53,7 @@ def export_command(
         shape = parse_input_shape(input_shape) if input_shape is not None else None
         result = export_model(
             model, output, arch=arch, adapters=adapter or [], allow_unmatched=allow_unmatched,
-            separate_adapters=separate_adapters, input_shape=shape, opset=opset, dtype=dtype, atol=atol,
+            separate_adapters=separate_adapters, input_shape=shape, opset=opset, dtype=dtype, atol=atol, rtol=rtol,
             optimize=optimize, quantize=quantize, min_agreement=min_agreement, benchmark=benchmark,
             baseline=baseline, batch_size=batch_size, seq_len=seq_len, threads=threads, warmup=warmup,
             runs=runs, force=force, log=lambda m: log(m, quiet),
@@ -82,7 +83,8 @@ def render(r: ExportResult) -> None:
     for f in r.adapter_files:
         say(f"adapter file: {f}")
     v = r.verification
-    t = Table(title=f"Verification: onnxruntime ({v.provider}) vs {v.reference}, atol {v.atol:g}", title_justify="left")
+    tol = f"atol {v.atol:g}" + (f" + rtol {v.rtol:g} × max|ref|" if v.rtol else "")
+    t = Table(title=f"Verification: onnxruntime ({v.provider}) vs {v.reference}, {tol}", title_justify="left")
     for c in ("input shape", "max abs error", "max rel error"):
         t.add_column(c, justify="right")
     for c in v.cases:

@@ -58,7 +58,7 @@ def factorize_command(
     alpha: Annotated[float, typer.Option("--alpha", help="asvd: exponent on mean |activation|.", rich_help_panel="Calibration")] = 0.5,
     damping: Annotated[float, typer.Option("--damping", help="svd-llm: ridge on XᵀX relative to its mean diagonal.", rich_help_panel="Calibration")] = 1e-3,
     sequential: Annotated[bool, typer.Option("--sequential", help="svd-llm: fit each layer, in forward order, to the inputs of the model whose earlier layers are already factorized (one calibration pass per layer group).", rich_help_panel="Calibration")] = False,
-    arch: Annotated[str | None, typer.Option("--arch", help="module:factory building the model when IN is a bare checkpoint.", rich_help_panel="Calibration")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="module:factory building the model when IN is a bare checkpoint (without --calibration: only to read conv groups, so grouped convs stay dense).", rich_help_panel="Calibration")] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per calibration text.", rich_help_panel="Calibration")] = 128,
     image_size: Annotated[int | None, typer.Option("--image-size", rich_help_panel="Calibration")] = None,
     min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Gate: exit 3 and write nothing when the held-out mean cosine is lower.", rich_help_panel="Calibration")] = None,
@@ -84,15 +84,15 @@ def factorize_command(
             cal = CalibrationOptions(calibration, method, calibration_samples, heldout_samples, alpha, damping, arch,
                                      max_length=max_length, image_size=image_size, min_cosine=min_cosine,
                                      max_output_error=max_output_error, seed=seed, sequential=sequential)
-        elif method != "svd" or min_cosine is not None or max_output_error is not None or arch is not None or sequential:
-            raise InvalidOptionError("--method, --arch, --sequential, --min-cosine and --max-output-error need --calibration DATA")
+        elif method != "svd" or min_cosine is not None or max_output_error is not None or sequential:
+            raise InvalidOptionError("--method, --sequential, --min-cosine and --max-output-error need --calibration DATA")
         rule, frac = make_rule(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
                                sv_cumulative=sv_cumulative, budget=budget, max_rank=max_rank)
         with progress("factorize", quiet) as cb:
             result = factorize_checkpoint(
                 path, output, rule=rule, budget=frac, include=include, exclude=exclude, min_params=min_params,
                 svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run,
-                allow_unmatched=allow_unmatched, progress=cb, calibration=cal,
+                allow_unmatched=allow_unmatched, progress=cb, calibration=cal, arch=None if cal else arch,
             )
         if not dry_run:
             log(f"wrote {output}", quiet)

@@ -91,7 +91,9 @@ def atomic_path(path: str | Path, force: bool = False, directory: bool = False) 
         OutputExistsError: ``path`` exists and not ``force``.
         WriteError: the write or the rename failed (disk full, permissions).
     """
-    final = check_output(path, force)
+    shown = check_output(path, force)  # errors name the output as the user gave it
+    # The mechanics work on the absolute path: "-o ." has no name and is its own parent.
+    final = Path(os.path.abspath(shown))
     _install_signal_handlers()
     parent = final.parent
     prefix = f".{final.name}.tmp-"
@@ -119,17 +121,14 @@ def atomic_path(path: str | Path, force: bool = False, directory: bool = False) 
         else:
             _fsync_file(tmp)
         if final.exists() and not force:  # appeared while we worked
-            raise OutputExistsError("output exists; pass --force to replace it", final)
+            raise OutputExistsError("output exists; pass --force to replace it", shown)
         if directory and final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=parent))
-            os.rename(final, trash / "old")
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
+            _swap_folder(tmp, final)
         else:
             os.replace(tmp, final)
         _fsync_dir(parent)
     except OSError as e:
-        raise WriteError(f"write failed: {e.strerror or e}", final) from e
+        raise WriteError(f"write failed: {e.strerror or e}", shown) from e
     finally:
         with _live_lock:
             _live_temps.discard(tmp)
@@ -139,6 +138,28 @@ def atomic_path(path: str | Path, force: bool = False, directory: bool = False) 
             else:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
+
+
+def _swap_folder(tmp: Path, final: Path) -> None:
+    """Put the folder ``tmp`` in place of the existing ``final``: move the old one aside, move the
+    new one in, delete the old. If the second move fails the old folder goes back, and nothing
+    is left beside it."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    old = trash / "old"
+    try:
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(old, final)
+            raise
+    finally:
+        if old.exists():
+            if not final.exists():  # both moves back failed: keep the old output, say where
+                raise WriteError(f"the old output was moved to {old} and could not be moved back", final)
+            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            trash.rmdir()
 
 
 def _fsync_file(p: Path) -> None:

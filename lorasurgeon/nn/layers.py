@@ -142,6 +142,9 @@ def apply_factorization(model: nn.Module, layers: Mapping[str, Mapping[str, Any]
         if isinstance(old, nn.Linear) and spec.get("kind", "linear") == "linear":
             new: nn.Module = LowRankLinear.from_linear(old, rank)
         elif isinstance(old, nn.Conv2d) and spec.get("kind") == "conv2d":
+            if old.groups != 1:  # its weight is out×(in/groups)×kh×kw: not the dense map the factors stand for
+                raise FormatError(f"factorized layer {name!r} is a grouped conv (groups={old.groups}) in the model; "
+                                  "a grouped conv cannot be factorized (factorize with --arch to skip it)", path)
             new = LowRankConv2d(old, rank)
         else:
             raise FormatError(

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import apply_factorization, factorized_layers
+
+if TYPE_CHECKING:
+    from lorasurgeon.data import Dataset
 
 # Buffers that checkpoints may hold or omit depending on the library version that saved them.
 IGNORABLE = ("position_ids", "num_batches_tracked")
@@ -74,6 +77,11 @@ def _call_factory(fn: Any, num_labels: int | None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"--arch factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def build_arch(arch: str, num_labels: int | None = None) -> nn.Module:
+    """The module ``arch`` (``module:factory``) builds, with its fresh weights."""
+    return _call_factory(import_factory(arch), num_labels)
 
 
 def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> None:
@@ -154,7 +162,11 @@ def load_model(
     if num_labels is not None:
         config.num_labels = num_labels
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    auto = transformers.AutoModelForSequenceClassification if num_labels is not None else transformers.AutoModel
+    # A folder saved from a sequence classifier keeps its head (and its module names, e.g.
+    # ``bert.encoder...``): loading it as a bare encoder would drop the head and the prefix.
+    classifier = any(str(a).endswith("ForSequenceClassification") for a in (config_dict.get("architectures") or []))
+    auto = (transformers.AutoModelForSequenceClassification if num_labels is not None or classifier
+            else transformers.AutoModel)
     with Checkpoint.open(p) as ck:
         layers = factorized_layers(ck.metadata, ck.path)
         if layers or num_labels is not None:
@@ -197,3 +209,33 @@ def model_outputs(lm: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Ten
     if hasattr(out, "logits"):
         return out.logits
     return mean_pool(out.last_hidden_state, inputs.get("attention_mask"))
+
+
+def prepare_inputs(lm: LoadedModel, ds: Dataset, data: str | Path, max_length: int, *, what: str = "dataset") -> Dataset:
+    """Make a loaded dataset the model's input: tokenize text with the model's tokenizer, refuse a
+    kind the model cannot take, then run the model once on the first examples so that inputs it
+    rejects (wrong shape, channels or dtype) are reported against the data, not as a crash.
+
+    Raises:
+        InvalidOptionError: text for a model without a tokenizer, images or tensors for a text model.
+        FormatError: the model fails on the data's first examples (the message names the data).
+    """
+    from lorasurgeon.data import tokenize
+
+    if ds.kind == "text":
+        if lm.tokenizer is None:
+            raise InvalidOptionError(f"a text {what} needs a model folder with a tokenizer", lm.source)
+        ds = tokenize(ds, lm.tokenizer, max_length)
+    elif lm.kind == "hf":
+        raise InvalidOptionError(f"{what} {ds.name!r} holds {ds.kind}s but the model is a text model", lm.source)
+    if len(ds):
+        first = {k: v[:2].to(next(lm.model.parameters(), torch.empty(0)).device) for k, v in ds.inputs.items()}
+        try:
+            with torch.no_grad():
+                model_outputs(lm, first)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            shapes = ", ".join(f"{k} {str(v.dtype).removeprefix('torch.')} {list(v.shape[1:])} per example"
+                               for k, v in ds.inputs.items())
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FormatError(f"the model cannot take this {what}'s inputs ({shapes}): {msg[:300]}", data) from None
+    return ds

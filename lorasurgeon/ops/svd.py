@@ -93,7 +93,7 @@ def energy_curve(S: torch.Tensor) -> torch.Tensor:
     total = e.sum()
     if total <= 0:
         return torch.ones_like(e)
-    return torch.cumsum(e, 0) / total
+    return (torch.cumsum(e, 0) / total).clamp_(max=1.0)  # the cumsum's rounding can pass 1 by an ulp
 
 
 def rank_for_energy(S: torch.Tensor, t: float) -> int:

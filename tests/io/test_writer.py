@@ -206,3 +206,36 @@ def test_worker_threads_leave_signals_to_the_main_thread(tmp_path: Path) -> None
     finally:
         pool.shutdown()
     assert blocked("MainThread") == set()  # the main thread still takes them
+
+
+def test_folder_output_dot_replaces_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorasurgeon.io.writer import atomic_path
+
+    work = tmp_path / "out"
+    work.mkdir()
+    (work / "old.txt").write_text("old")
+    monkeypatch.chdir(work)
+    with atomic_path(".", force=True, directory=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no .tmp- or .old- folder beside it
+    assert sorted(os.listdir(work)) == ["new.txt"]
+
+
+def test_failed_folder_swap_puts_the_old_output_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorasurgeon.io import writer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = os.rename
+
+    def rename(src: object, dst: object) -> None:
+        if ".tmp-" in str(src):  # moving the new folder in fails
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(writer.os, "rename", rename)
+    with pytest.raises(WriteError, match="write failed: No space left on device"):
+        with writer.atomic_path(out, force=True, directory=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "old.txt").read_text() == "old"

@@ -15,6 +15,7 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import KOHYA_PREFIXES, Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
 from lorasurgeon.ops import compose as ops
+from lorasurgeon.ops import lora
 from lorasurgeon.ops.svd import as_matrix
 
 ProgressFn = Callable[[int, int, str], None]
@@ -40,6 +41,9 @@ class ComposeLayer:
     rank: int
     sources: int
     rel_error: float
+
+
+EXACT_TOL = 1e-5  # a relative error below this is rounding (fp32), not truncation
 
 
 @dataclass
@@ -75,8 +79,8 @@ def _check_options(
         raise InvalidOptionError(
             f"{len(w)} --weight value(s) for {n} adapters: give one --weight per adapter, in order, or none (1 each)"
         )
-    if not all(math.isfinite(x) for x in w):
-        raise InvalidOptionError(f"weights must be finite numbers, got {w}")
+    if not all(math.isfinite(x) and abs(x) <= lora.FP32_MAX for x in w):
+        raise InvalidOptionError(f"weights must be finite numbers within float32's range, got {w}")
     if rank is not None:
         if not method.uses_rank:
             raise InvalidOptionError(
@@ -232,7 +236,7 @@ def compose_adapters(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force)
+        check_output(out, force, inputs)
     # Inputs hashed (provenance) on a second thread while they are read and parsed: for
     # adapter-sized inputs the sha256 is done by the time the layers are composed.
     hashes = None if dry_run else HashedInputs(inputs)
@@ -293,7 +297,9 @@ def compose_adapters(
         "max_rel_error": max((x.rel_error for x in layers), default=0.0),
     }
     result = ComposeResult(
-        SCHEMA, [str(p) for p in inputs], None if dry_run else str(out), fmt, m.name, m.exact, w,
+        # exact: this result equals the weighted sum (svd: only when its rank sufficed for every layer)
+        SCHEMA, [str(p) for p in inputs], None if dry_run else str(out), fmt, m.name,
+        m.exact and all(x.rel_error <= EXACT_TOL for x in layers), w,
         rank, density if m.uses_density else None, seed if m.uses_seed else None, dry_run, layers,
         sorted(saved), averaged, totals, warnings,
     )

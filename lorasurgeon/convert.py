@@ -66,7 +66,7 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     """
     if to not in FORMATS:
         raise InvalidOptionError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
-    check_output(out, force)
+    check_output(out, force, [inp, base])
     ad = io_ad.read_adapter(inp)
     from_format = ad.format
     renamed: dict[str, str] = {}
@@ -96,6 +96,11 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
         worst = max(worst, diff)
         if diff > atol * max(scale, 1e-12):
             raise VerificationError(f"layer {m!r}: delta changed by {diff:.3g} in conversion (tolerance {atol:g} relative)", inp)
+    for n, v in ad.modules_to_save.items():  # whole tensors that replace the base's: kept bit for bit
+        got = back.modules_to_save.get(n)
+        if got is None or got.shape != v.shape or not torch.equal(got, v):
+            raise VerificationError(f"modules_to_save tensor {n!r} is {'missing' if got is None else 'changed'} "
+                                    "after conversion", inp)
     opts = {"to": to}
     io_ad.write_adapter(ad, out, to, provenance_meta=provenance("convert", opts, [inp] + ([base] if base else [])), force=force)
     return ConvertResult("lorasurgeon.convert/1", str(inp), str(out), from_format,

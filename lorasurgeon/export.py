@@ -496,7 +496,7 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
             if tuple(t.delta_shape()) != shape:
                 problems.append(f"{path.name}: {m} (adapter {list(t.delta_shape())} vs model {list(shape)})")
                 continue
-            if t.bias is not None and hit + ".bias" not in params:
+            if t.bias is not None and bool(t.bias.any()) and hit + ".bias" not in params:
                 problems.append(f"{path.name}: {m} (LoRA bias but the model's layer has no bias)")
                 continue
             tmap[m] = hit
@@ -530,7 +530,7 @@ def merge_into_model(model: nn.Module, read: Sequence[tuple[Path, Adapter, dict[
         for mod, parts in per_weight.items():
             w = params[mod + ".weight"]
             w.copy_(lora.merge_weight(w.detach(), parts))
-            if any(t.bias is not None for t, _ in parts):
+            if any(t.bias is not None for t, _ in parts) and mod + ".bias" in params:  # (zero biases when absent)
                 b = params[mod + ".bias"]
                 b.copy_(lora.merge_bias(b.detach(), parts))
         if saved:
@@ -564,8 +564,9 @@ def _adapter_targets(read: Sequence[tuple[Path, Adapter, dict[str, str]]]) -> li
             raise UnsupportedError("--separate-adapters: an adapter with modules_to_save replaces weights; merge it instead", path)
         for m, mod in tmap.items():
             t = ad.targets[m]
-            if t.is_conv or t.magnitude is not None or t.bias is not None or t.fan_in_fan_out:
-                what = "conv" if t.is_conv else "DoRA" if t.magnitude is not None else "LoRA bias" if t.bias is not None else "fan_in_fan_out"
+            has_bias = t.bias is not None and bool(t.bias.any())
+            if t.is_conv or t.magnitude is not None or has_bias or t.fan_in_fan_out:
+                what = "conv" if t.is_conv else "DoRA" if t.magnitude is not None else "LoRA bias" if has_bias else "fan_in_fan_out"
                 raise UnsupportedError(f"--separate-adapters supports plain LoRA on Linear layers; {m!r} is {what}: merge it instead", path)
             mods.add(mod)
     return sorted(mods)

@@ -179,7 +179,7 @@ def inspect_checkpoint(
         raise InvalidOptionError("--rank needs --spectrum (it reports the energy kept at that rank)")
     with Checkpoint.open(p) as ck:
         kind = detect_kind(p, ck)
-        names = select(ck.names(), include, exclude).selected
+        names = select(ck.names(), include, exclude, can_allow=False).selected
         rows: list[TensorRow] = []
         totals = Totals()
         by_dtype: dict[str, Totals] = {}

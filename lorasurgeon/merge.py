@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,10 +103,12 @@ def merge_adapters(
     w = [1.0] * len(adapters) if not weights else [float(x) for x in weights]
     if len(w) != len(adapters):
         raise InvalidOptionError(f"give one --weight per adapter: {len(adapters)} adapters, {len(w)} weights")
+    if not all(math.isfinite(x) and abs(x) <= lora.FP32_MAX for x in w):
+        raise InvalidOptionError(f"weights must be finite numbers within float32's range, got {w}")
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force)
+        check_output(out, force, [base, *adapters])
     base = Path(base)
     with Checkpoint.open(base) as ck:
         if factorized_layers(ck.metadata, base):
@@ -115,6 +118,7 @@ def merge_adapters(
         base_modules = sorted(n[: -len(".weight")] for n in base_weights)
         per_weight: dict[str, list[tuple[LoraTarget, float, int]]] = {}
         saved: dict[str, torch.Tensor] = {}
+        saved_from: dict[str, str] = {}
         problems: list[str] = []
         unmatched_all: list[str] = []
         for i, (path, wi) in enumerate(zip(adapters, w)):
@@ -131,24 +135,39 @@ def merge_adapters(
                 if tuple(t.delta_shape()) != tuple(bshape):
                     problems.append(f"{Path(path).name}: {m} (adapter {list(t.delta_shape())} vs base {list(bshape)})")
                     continue
-                if t.bias is not None and wname[: -len(".weight")] + ".bias" not in names:
+                if t.bias is not None and bool(t.bias.any()) and wname[: -len(".weight")] + ".bias" not in names:
+                    # (an all-zero LoRA bias is PEFT's lora_bias switch on a target that has none: nothing to add)
                     problems.append(f"{Path(path).name}: {m} (LoRA bias but the base layer has no bias)")
                     continue
                 per_weight.setdefault(wname, []).append((t, wi, i))
             for n, bn in smap.items():
                 if bn in names and tuple(ck.info(bn).shape) != tuple(ad.modules_to_save[n].shape):
                     problems.append(f"{n} (saved {list(ad.modules_to_save[n].shape)} vs base {list(ck.info(bn).shape)})")
-                saved[bn] = ad.modules_to_save[n]
+                new = ad.modules_to_save[n]
+                if bn in saved and not (saved[bn].shape == new.shape and torch.equal(saved[bn], new)):
+                    raise UnsupportedError(
+                        f"{saved_from[bn]} and {Path(path).name} both replace {bn!r} (modules_to_save) with different "
+                        "tensors; a merge cannot add replacements: merge one of them, or compose them first", path)
+                saved[bn], saved_from[bn] = new, Path(path).name
+            if smap and wi != 1 and warn:
+                warn(f"--weight {wi:g} does not scale {Path(path).name}'s modules_to_save "
+                     f"({', '.join(sorted(smap)[:3])}{', ...' if len(smap) > 3 else ''}): they replace the base tensors whole")
         if problems:
             raise MatchError(f"{len(problems)} adapter target(s) do not fit the base: " + "; ".join(problems[:10]), base)
         if unmatched_all and not allow_unmatched:
             raise MatchError(
                 f"{len(unmatched_all)} adapter target(s) match no base weight: " + ", ".join(unmatched_all[:10])
                 + ("" if len(unmatched_all) <= 10 else ", ...") + " (pass --allow-unmatched to skip them)", base)
+        if not per_weight and not saved:
+            raise MatchError("no adapter target matches a base weight: the adapters are not for this model", base)
         if unmatched_all and warn:
             warn(f"skipping {len(unmatched_all)} unmatched target(s): " + ", ".join(unmatched_all[:10]))
         for parts in per_weight.values():  # DoRA rules, checked before anything is written
-            lora.check_dora([(t, wi) for t, wi, _ in parts], unmerge=unmerge)
+            try:
+                lora.check_dora([(t, wi) for t, wi, _ in parts], unmerge=unmerge)
+            except UnsupportedError as e:  # name the (first) DoRA adapter's file
+                e.path = str(adapters[next((i for t, _, i in parts if t.magnitude is not None), parts[0][2])])
+                raise
         bias_parts = {wn[: -len(".weight")] + ".bias": parts for wn, parts in per_weight.items()
                       if any(t.bias is not None for t, _, _ in parts)}
         added = sorted(n for n in saved if n not in names)

@@ -103,7 +103,7 @@ def resize_adapter(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force)
+        check_output(out, force, [inp])
     # The input is hashed (provenance) on a second thread while it is read and parsed: for
     # adapter-sized inputs the sha256 is done by the time the layers are re-ranked.
     hashes = None if dry_run else HashedInputs([inp])
@@ -183,9 +183,9 @@ def extract_adapter(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force)
+        check_output(out, force, [base, tuned])
     with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
-        names = select(ct.names(), include, exclude, what="tensor").selected
+        names = select(ct.names(), include, exclude, what="tensor", can_allow=False).selected
         targets: dict[str, LoraTarget] = {}
         layers: list[ExtractLayer] = []
         unchanged: list[str] = []
@@ -231,17 +231,33 @@ def extract_adapter(
             targets[m] = LoraTarget(m, A.contiguous(), B.contiguous(), float(k), 1.0)
             layers.append(ExtractLayer(m, list(ti.shape), k, float(delta.norm()), round(err, 6)))
         if not targets:
+            if names and not any(n in cb for n in names):
+                raise MatchError("the base and the tuned model share no tensor names: they are not the same model", tuned)
             raise MatchError("no weight differs between base and tuned model; nothing to extract", tuned)
         saved: dict[str, torch.Tensor] = {}
+        lora_bias: list[str] = []
         if save_other and other:
             mods = {module_of(n) for n in other}
             for n in ct.names():
-                if module_of(n) in mods and module_of(n) not in targets:
+                mo = module_of(n)
+                if mo in targets and n in other and n == f"{mo}.bias" and n in cb:
+                    # A LoRA'd module's changed bias: a LoRA bias (PEFT lora_bias, on lora_B, scaled
+                    # like the delta; the scale is 1 here). modules_to_save would replace the weight too.
+                    if fmt != "peft":
+                        raise UnsupportedError(f"the bias of {mo!r} changed too: only PEFT adapters hold a LoRA bias "
+                                               "(lora_bias); use --format peft, or leave out --save-other", tuned)
+                    db = ct.get(n).to(torch.float64) - cb.get(n).to(torch.float64)
+                    t = targets[mo]
+                    targets[mo] = LoraTarget(mo, t.A, t.B, t.alpha, t.scale, None, (db / t.scale).to(ST_DTYPES[ct.info(n).dtype]))
+                    lora_bias.append(n)
+                elif mo in mods and mo not in targets:
                     saved[n] = ct.get(n)
     result = ExtractResult(
         "lorasurgeon.extract/1", str(base), str(tuned), None if dry_run else str(out), fmt, _rule_json(rule), dry_run,
-        layers, unchanged, other, sorted(saved), sum(t.A.numel() + t.B.numel() for t in targets.values()),
+        layers, unchanged, other, sorted([*saved, *lora_bias]), sum(t.A.numel() + t.B.numel() for t in targets.values()),
     )
+    if lora_bias:
+        result.extra["lora_bias"] = sorted(lora_bias)
     if not dry_run:
         ad = Adapter(fmt, targets, saved, {}, {}, False, str(tuned))
         opts = {"rule": _rule_json(rule), "format": fmt, "include": list(include or []), "exclude": list(exclude or []),

@@ -123,8 +123,10 @@ def test_svd_full_rank_exact_and_low_rank_is_eckart_young(tmp_path: Path, adapte
     # the query stack has rank 10 < 16: every component is kept, no error
     assert {x["module"]: x["rank"] for x in out["layers"]}[q] == 10
     assert max(x["rel_error"] for x in out["layers"]) < 1e-6
+    assert out["exact"] is True  # the rank sufficed everywhere
 
     out = run("compose", *(str(paths[n]) for n in names), "-m", "svd", "--rank", "3", *wargs(WEIGHTS), "-o", str(tmp_path / "r3"))
+    assert out["exact"] is False and out["totals"]["max_rel_error"] > 0.01  # truncated: the best rank-3, not the sum
     r3 = read_adapter(tmp_path / "r3")
     rows = {x["module"]: x for x in out["layers"]}
     for m, t in r3.targets.items():

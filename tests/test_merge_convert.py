@@ -74,8 +74,11 @@ def assert_state_close(ours: Path, ref: dict[str, torch.Tensor], atol: float = 1
              alpha_pattern={"dense": 3}, use_rslora=True),
         dict(r=3, lora_alpha=6, target_modules=["query", "dense"], lora_bias=True),
         dict(r=4, lora_alpha=4, target_modules=["query", "value"], use_dora=True),
+        # PEFT groups each key: "query|key" is one alternation, not "(^|.*\.)query" or "key$"
+        dict(r=4, lora_alpha=4, target_modules=["query", "value", "key"], alpha_pattern={"query|key": 10},
+             rank_pattern={"key|value": 3}),
     ],
-    ids=["plain", "patterns-rslora", "lora-bias", "dora"],
+    ids=["plain", "patterns-rslora", "lora-bias", "dora", "pattern-alternation"],
 )
 def test_merge_equals_peft(tmp_path: Path, cfg: dict) -> None:
     make_base(tmp_path)
@@ -216,8 +219,68 @@ def test_merge_errors_write_nothing(tmp_path: Path) -> None:
     save_file(sd, ad / "adapter_model.safetensors")
     assert "do not fit the base" in fail("merge", str(tmp_path / "base"), str(ad), "-o", out)
     assert not Path(out).exists()
-    res = run("merge", str(other), str(tmp_path / "dora"), "--allow-unmatched", "-o", str(tmp_path / "ok.safetensors"))
-    assert res["unmatched"]
+    # --allow-unmatched skips some targets, but an adapter with nothing for this model is an error
+    assert fail("merge", str(other), str(tmp_path / "dora"), "--allow-unmatched", "-o", out).endswith(
+        "no adapter target matches a base weight: the adapters are not for this model")
+    for bad in ("nan", "inf", "1e39"):
+        assert "weights must be finite numbers within float32's range" in fail(
+            "merge", str(tmp_path / "base"), str(tmp_path / "dora"), "-w", bad, "-o", out)
+    ad2 = make_adapter(tmp_path, "ad2", 2, r=2, target_modules=["query"])
+    assert fail("merge", str(tmp_path / "base"), str(ad2), str(dora), "-o", out).startswith(
+        f"error: {dora}: module 'encoder.layer.0.attention.self.query': a DoRA adapter cannot be combined")
+    assert not Path(out).exists()
+
+
+def test_merge_modules_to_save_conflicts_and_weights(tmp_path: Path) -> None:
+    cls = transformers.BertForSequenceClassification
+    make_base(tmp_path, cls, num_labels=3)
+    a = make_adapter(tmp_path, "a", 1, cls, r=2, target_modules=["query"], modules_to_save=["classifier"])
+    b = make_adapter(tmp_path, "b", 2, cls, r=2, target_modules=["value"], modules_to_save=["classifier"])
+    sd = load_file(b / "adapter_model.safetensors")  # b's head differs from a's (both copied the base's)
+    sd = {k: v + 1 if ".classifier." in k else v for k, v in sd.items()}
+    save_file(sd, b / "adapter_model.safetensors")
+    msg = fail("merge", str(tmp_path / "base"), str(a), str(b), "-o", str(tmp_path / "m"))
+    assert msg == (f"error: {b}: a and b both replace 'classifier.bias' (modules_to_save) with different tensors; "
+                   "a merge cannot add replacements: merge one of them, or compose them first")
+    res = runner.invoke(app, ["merge", str(tmp_path / "base"), str(a), "-w", "0.5", "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0 and "--weight 0.5 does not scale a's modules_to_save (classifier.bias, classifier.weight)" in res.stderr
+    # the same adapter twice replaces with equal tensors: fine
+    run("merge", str(tmp_path / "base"), str(a), str(a), "-o", str(tmp_path / "m2"))
+
+
+def test_formats_that_cannot_hold_a_part_are_refused(tmp_path: Path) -> None:
+    cls = transformers.BertForSequenceClassification
+    make_base(tmp_path, cls, num_labels=3)
+    a = make_adapter(tmp_path, "a", 1, cls, r=2, target_modules=["query"], modules_to_save=["classifier"])
+    assert fail("convert", str(a), "--to", "diffusers", "-o", str(tmp_path / "d.safetensors")) == (
+        f"error: {a}: diffusers LoRA files cannot hold modules_to_save (classifier.bias, classifier.weight); use peft or kohya")
+    run("convert", str(a), "--to", "kohya", "-o", str(tmp_path / "k.safetensors"))  # kohya keeps them
+    assert set(read_adapter(tmp_path / "k.safetensors").modules_to_save) == {"classifier.bias", "classifier.weight"}
+    # GPT-2's Conv1D: PEFT's fan_in_fan_out has no field in kohya or diffusers files
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2Model(cfg).save_pretrained(tmp_path / "gpt")
+    pm = peft.get_peft_model(transformers.GPT2Model.from_pretrained(tmp_path / "gpt"),
+                             peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "g")
+    for argv in (["convert", str(tmp_path / "g"), "--to", "kohya", "-o", str(tmp_path / "gk.safetensors")],
+                 ["compose", str(tmp_path / "g"), str(tmp_path / "g"), "--method", "cat", "--format", "diffusers", "-o",
+                  str(tmp_path / "gd.safetensors")]):
+        assert "fan_in_fan_out targets (GPT-2 style Conv1D layers, e.g. 'h.0.attn.c_attn') keep their layout only in PEFT" in fail(*argv)
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "gk.safetensors").exists()
+
+
+def test_force_never_deletes_an_input_inside_the_output_folder(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    a = make_adapter(tmp_path, "a", 1, r=2, target_modules=["query"])
+    (tmp_path / "keep.txt").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert fail("compose", str(a), str(a), "--method", "cat", "-o", str(tmp_path), "--force") == (
+        f"error: {tmp_path}: the output folder holds the input 'a'; replacing the folder would delete it: choose another output")
+    assert fail("merge", str(tmp_path / "base"), str(a), "-o", str(tmp_path), "--force").endswith(
+        "the output folder holds the input 'base'; replacing the folder would delete it: choose another output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    run("merge", str(tmp_path / "base"), str(a), "-o", str(tmp_path / "base"), "--force")  # in place is fine
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

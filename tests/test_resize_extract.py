@@ -121,6 +121,7 @@ def tiny_bert_pair(tmp_path: Path):
         q += 0.05 * torch.randn(16, 3, generator=g) @ torch.randn(3, 16, generator=g)
         tuned.encoder.layer[0].intermediate.dense.weight += 0.01 * torch.randn(24, 16, generator=g)
         tuned.encoder.layer[0].output.LayerNorm.bias += 0.1
+        tuned.encoder.layer[0].attention.self.query.bias += 0.2  # a LoRA'd module's bias changes too
     tuned.save_pretrained(tmp_path / "tuned")
     return base, tuned
 
@@ -133,8 +134,12 @@ def test_extract_then_peft_merge_recovers_tuned(tmp_path: Path) -> None:
     mods = {x["module"]: x for x in out["layers"]}
     assert set(mods) == {"encoder.layer.0.attention.self.query", "encoder.layer.0.intermediate.dense"}
     assert mods["encoder.layer.0.attention.self.query"]["rank"] == 16
-    assert out["other_changed"] == ["encoder.layer.0.output.LayerNorm.bias"]
-    assert out["saved_other"] == ["encoder.layer.0.output.LayerNorm.bias", "encoder.layer.0.output.LayerNorm.weight"]
+    assert out["other_changed"] == ["encoder.layer.0.attention.self.query.bias", "encoder.layer.0.output.LayerNorm.bias"]
+    # the LayerNorm whole (modules_to_save); the query's bias as a LoRA bias (its weight is the LoRA)
+    assert out["saved_other"] == ["encoder.layer.0.attention.self.query.bias", "encoder.layer.0.output.LayerNorm.bias",
+                                  "encoder.layer.0.output.LayerNorm.weight"]
+    assert out["extra"]["lora_bias"] == ["encoder.layer.0.attention.self.query.bias"]
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_bias"] is True
     fresh = type(base)(base.config)
     fresh.load_state_dict(base.state_dict())
     merged = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload()
@@ -151,6 +156,10 @@ def test_extract_low_rank_error_and_kohya(tmp_path: Path) -> None:
     assert q["rel_error"] < 1e-5  # the query delta has rank 3
     res = runner.invoke(app, ["inspect", str(tmp_path / "k.safetensors"), "--json"])
     assert json.loads(res.stdout)["kind"] == "kohya"
+    res = runner.invoke(app, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o",
+                              str(tmp_path / "k2.safetensors"), "--rank", "3", "--format", "kohya", "--save-other"])
+    assert res.exit_code == 1 and ("the bias of 'encoder.layer.0.attention.self.query' changed too: only PEFT adapters "
+                                   "hold a LoRA bias") in res.stderr and not (tmp_path / "k2.safetensors").exists()
 
 
 def test_extract_identical_models_is_an_error(tmp_path: Path) -> None:
@@ -158,4 +167,8 @@ def test_extract_identical_models_is_an_error(tmp_path: Path) -> None:
     res = runner.invoke(app, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"),
                               "-o", str(tmp_path / "x"), "--rank", "2"])
     assert res.exit_code == 1 and "no weight differs between base and tuned model" in res.stderr
+    save_file({"other.weight": torch.ones(3, 3)}, tmp_path / "other.safetensors")
+    res = runner.invoke(app, ["extract", "--base", str(tmp_path / "other.safetensors"), "--tuned", str(tmp_path / "base"),
+                              "-o", str(tmp_path / "x"), "--rank", "2"])
+    assert res.exit_code == 1 and "the base and the tuned model share no tensor names" in res.stderr
     assert not (tmp_path / "x").exists()

@@ -140,14 +140,16 @@ def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
     return "checkpoint"
 
 
-def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """PEFT's rank_pattern/alpha_pattern lookup: exact name first, then a regex on a
-    dotted suffix of the module name."""
-    if module in patterns:
-        return module
+def pattern_key(patterns: Mapping[str, Any], module: str, path: Any = None) -> str | None:
+    r"""PEFT's rank_pattern/alpha_pattern lookup (``peft.utils.other.get_pattern_key``): the first
+    key, in the config's order, that matches ``(.*\.)?(key)$`` on the module name: a regex on a
+    dotted suffix, with the key grouped so that an alternation like ``query|key`` stays whole."""
     for key in patterns:
-        if re.match(rf"(^|.*\.){key}$", module):
-            return key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error as e:
+            raise FormatError(f"rank_pattern/alpha_pattern key {key!r} is not a valid regular expression ({e})", path) from None
     return None
 
 
@@ -233,7 +235,11 @@ def _pair_up(
             missing = "A (down)" if "A" not in parts else "B (up)"
             raise FormatError(f"module {mod!r} has no {missing} matrix", path)
         A, B = parts["A"], parts["B"]
-        if A.ndim not in (2, 4) or B.ndim not in (2, 4) or A.shape[0] != B.shape[1]:
+        if A.ndim not in (2, 4) or B.ndim not in (2, 4):
+            raise FormatError(
+                f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)}: only Linear (2-D) and Conv2d (4-D) "
+                "LoRA factors are supported (a 3-D factor is a Conv1d or Conv3d LoRA)", path)
+        if A.shape[0] != B.shape[1]:
             raise FormatError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} do not chain (ranks differ)", path
             )
@@ -275,9 +281,9 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
     targets: dict[str, LoraTarget] = {}
     for mod, (A, B, parts) in _pair_up(groups, path).items():
         rank = int(A.shape[0])
-        ak = pattern_key(alpha_pattern, mod)
+        ak = pattern_key(alpha_pattern, mod, path)
         alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
-        rk = pattern_key(rank_pattern, mod)
+        rk = pattern_key(rank_pattern, mod, path)
         expected_r = int(rank_pattern[rk]) if rk is not None else r_default
         if config and expected_r != rank:
             raise FormatError(
@@ -373,7 +379,7 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
         if alpha is None:
             sub = mod.split(".", 1)[1] if "." in mod else mod
             try:
-                ak = pattern_key(cfg.get("alpha_pattern") or {}, sub)
+                ak = pattern_key(cfg.get("alpha_pattern") or {}, sub, path)
                 alpha = float(cfg["alpha_pattern"][ak]) if ak is not None else float(cfg.get("lora_alpha", rank))
             except (TypeError, ValueError, KeyError, re.error) as e:
                 raise FormatError(f"lora_adapter_metadata for {comp!r} is malformed ({type(e).__name__}: {e})", path) from None
@@ -452,6 +458,11 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
     scale exactly, whatever scale the target carries."""
     state: dict[str, torch.Tensor] = {}
     config: dict[str, Any] = {}
+    if fmt != "peft":
+        fifo = sorted(m for m, t in ad.targets.items() if t.fan_in_fan_out)
+        if fifo:  # the other layouts have no flag for it: the factors would be read as transposed
+            raise UnsupportedError(f"fan_in_fan_out targets (GPT-2 style Conv1D layers, e.g. {fifo[0]!r}) keep their "
+                                   f"layout only in PEFT; {fmt} files have no field for it: use peft", ad.source)
     if fmt == "peft":
         rs = ad.use_rslora
         ranks = sorted(t.rank for t in ad.targets.values())
@@ -459,11 +470,12 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         r_default = max(set(ranks), key=lambda r: (ranks.count(r), -r)) if ranks else 8
         alpha_values = list(alphas.values())
         a_default = max(set(alpha_values), key=lambda a: (alpha_values.count(a), -a)) if alpha_values else 8
+        any_bias = any(t.bias is not None for t in ad.targets.values())
         for m, t in ad.targets.items():
             state[f"{PEFT_PREFIX}{m}.lora_A.weight"] = t.A
             state[f"{PEFT_PREFIX}{m}.lora_B.weight"] = t.B
-            if t.bias is not None:
-                state[f"{PEFT_PREFIX}{m}.lora_B.bias"] = t.bias
+            if any_bias:  # lora_bias is one switch for every target in PEFT: the others get zero biases
+                state[f"{PEFT_PREFIX}{m}.lora_B.bias"] = t.bias if t.bias is not None else t.B.new_zeros(t.B.shape[0])
             if t.magnitude is not None:
                 state[f"{PEFT_PREFIX}{m}.lora_magnitude_vector"] = t.magnitude
         for n, v in ad.modules_to_save.items():
@@ -491,7 +503,7 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
     elif fmt == "kohya":
         for m, t in ad.targets.items():
             if t.bias is not None:
-                raise UnsupportedError(f"kohya files cannot hold a LoRA bias (module {m!r}); use --to peft")
+                raise UnsupportedError(f"kohya files cannot hold a LoRA bias (module {m!r}); use peft", ad.source)
             stem = kohya_name(m)
             state[f"{stem}.lora_down.weight"] = t.A
             state[f"{stem}.lora_up.weight"] = t.B
@@ -504,7 +516,12 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         per: dict[str, dict[str, Any]] = {}
         for m, t in ad.targets.items():
             if t.magnitude is not None or t.bias is not None:
-                raise UnsupportedError(f"module {m!r}: DoRA / LoRA bias are not written to diffusers files; use --to peft")
+                raise UnsupportedError(f"module {m!r}: DoRA / LoRA bias are not written to diffusers files; use peft",
+                                       ad.source)
+        if ad.modules_to_save:
+            raise UnsupportedError(f"diffusers LoRA files cannot hold modules_to_save ({', '.join(sorted(ad.modules_to_save)[:3])}"
+                                   f"{', ...' if len(ad.modules_to_save) > 3 else ''}); use peft or kohya", ad.source)
+        for m, t in ad.targets.items():
             name = m if m.split(".", 1)[0] in DIFFUSERS_COMPONENTS else f"unet.{m}"
             state[f"{name}.lora_A.weight"] = t.A
             state[f"{name}.lora_B.weight"] = t.B

@@ -218,6 +218,17 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (u64, little-endian) and then ``{``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and 2 <= struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{"
+
+
 def _read_exact(path: Path, offset: int, nbytes: int, into: torch.Tensor | None = None) -> torch.Tensor:
     """``nbytes`` bytes at ``offset`` as a uint8 tensor, read with ``preadv``.
 
@@ -310,6 +321,8 @@ class Checkpoint:
             return cls._open_safetensors(p)
         if name.endswith(PICKLE_SUFFIXES):
             return cls._open_pickles(p, [p])
+        if _looks_like_safetensors(p):  # e.g. an output written as "-o merged" with no extension
+            return cls._open_safetensors(p)
         raise FormatError(
             "unknown checkpoint extension; expected .safetensors, .pt, .pth, .bin, .ckpt, "
             "a *.index.json or a model folder",

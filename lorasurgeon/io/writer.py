@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lorasurgeon._version import __version__
-from lorasurgeon.errors import OutputExistsError, WriteError
+from lorasurgeon.errors import InvalidOptionError, OutputExistsError, WriteError
 from lorasurgeon.io.checkpoint import Checkpoint, dtype_name
 
 METADATA_KEY = "lorasurgeon"
@@ -68,13 +68,27 @@ def _install_signal_handlers() -> None:
     _handlers_installed = True
 
 
-def check_output(path: str | Path, force: bool) -> Path:
-    """Refuse an existing output unless ``force``; the parent folder must exist."""
+def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Refuse an existing output unless ``force``; the parent folder must exist.
+
+    ``inputs``: the command's input paths. Replacing a folder deletes what it holds, so an
+    existing output folder that holds one of them (``-o .`` beside the inputs) is refused even
+    with ``force``; the output may be an input itself (in place).
+    """
     p = Path(path)
     if p.exists() and not force:
         raise OutputExistsError("output exists; pass --force to replace it", p)
     if not p.parent.exists():
         raise WriteError("output folder does not exist", p.parent)
+    if p.is_dir():
+        root = os.path.realpath(p)
+        for i in inputs:
+            if i is None or not Path(i).exists():  # named sets ("digits"), absent options
+                continue
+            real = os.path.realpath(i)
+            if real != root and os.path.commonpath([root, real]) == root:
+                raise InvalidOptionError(f"the output folder holds the input {Path(i).name!r}; replacing the folder "
+                                         "would delete it: choose another output", p)
     return p
 
 

@@ -32,12 +32,14 @@ def select(
     *,
     allow_unmatched: bool = False,
     what: str = "tensor",
+    can_allow: bool = True,
 ) -> Selection:
     """Keep names matching any ``include`` glob (all when none) and no ``exclude`` glob.
 
     Raises:
         MatchError: a pattern matches nothing (PEFT silently ignores typos; we do not),
-            unless ``allow_unmatched``.
+            unless ``allow_unmatched``; ``can_allow`` False when the command has no
+            --allow-unmatched to suggest.
     """
     names = list(names)
     unmatched: list[str] = []
@@ -47,8 +49,8 @@ def select(
                 unmatched.append(f"{flag} {p!r}")
     if unmatched and not allow_unmatched:
         raise MatchError(
-            f"{', '.join(unmatched)} matches no {what}; check the pattern (globs over names, e.g. '*.attention.*') "
-            "or pass --allow-unmatched"
+            f"{', '.join(unmatched)} matches no {what}; check the pattern (globs over names, e.g. '*.attention.*')"
+            + (" or pass --allow-unmatched" if can_allow else "")
         )
     out = [
         n

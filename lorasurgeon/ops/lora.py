@@ -18,6 +18,8 @@ from lorasurgeon.errors import FormatError, UnsupportedError
 from lorasurgeon.io.adapters import LoraTarget
 from lorasurgeon.ops.svd import as_matrix
 
+FP32_MAX = float(torch.finfo(torch.float32).max)  # the math is fp32: a larger --weight overflows it
+
 
 def delta_weight(t: LoraTarget, weight: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w · s · B·A in ``dtype``, shaped like the base weight it applies to."""

@@ -239,3 +239,13 @@ def test_index_missing_shard(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(FormatError, match="missing shard 'gone.safetensors'"):
         Checkpoint.open(tmp_path)
+
+
+def test_safetensors_without_its_extension_is_recognised(tmp_path: Path) -> None:
+    sd = {"a.weight": torch.arange(6.0).reshape(2, 3)}
+    save_file(sd, tmp_path / "merged")
+    with Checkpoint.open(tmp_path / "merged") as ck:
+        assert ck.names() == ["a.weight"] and torch.equal(ck.get("a.weight"), sd["a.weight"])
+    (tmp_path / "notes").write_bytes(b"{\"a\": 1}\n" * 3)  # neither: still the extension error
+    with pytest.raises(FormatError, match="unknown checkpoint extension"):
+        Checkpoint.open(tmp_path / "notes")

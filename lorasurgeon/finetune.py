@@ -226,6 +226,13 @@ def attach_lora(
         None if full else rank, None if full else alpha, ds.classes, fr.to_json(), round(before, 6),
         round(val_acc, 6), None if test_acc is None else round(test_acc, 6),
     )
+    full_rank = {n: min(m.weight.shape[0], m.weight[0].numel()) for n, m in model.named_modules()
+                 if isinstance(m, (LoRALinear, LoRAConv2d)) for m in [m.base_layer]}
+    over = sorted(n for n, r in full_rank.items() if rank >= r)
+    if over and not full:
+        result.extra["warnings"] = [
+            f"--rank {rank} is at least the full rank of {len(over)} adapted module(s) (e.g. {over[0]}: rank at most "
+            f"{full_rank[over[0]]}): LoRA there is no low-rank update and trains more parameters than a full one"]
     if not is_main_process():
         return result
     options = {"rank": rank, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": list(targets or []),

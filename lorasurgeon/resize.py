@@ -184,6 +184,9 @@ def extract_adapter(
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
         check_output(out, force, [base, tuned])
+    from lorasurgeon.nn.models import conv1d_modules
+
+    conv1d = conv1d_modules(tuned) | conv1d_modules(base)  # GPT-2 style: weights stored in×out
     with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
         names = select(ct.names(), include, exclude, what="tensor", can_allow=False).selected
         targets: dict[str, LoraTarget] = {}
@@ -216,6 +219,9 @@ def extract_adapter(
             delta = t_new.to(torch.float64 if fp64 else torch.float32) - t_old.to(torch.float64 if fp64 else torch.float32)
             del t_new, t_old
             m = module_of(n)
+            fifo = m in conv1d and delta.ndim == 2
+            if fifo:  # PEFT's fan_in_fan_out: B @ A is the (out×in) transpose of the stored delta
+                delta = delta.T
             if rule.kind in ("rank", "ratio"):
                 k = ranks.select_rank(torch.ones(min(delta.shape[0], delta[0].numel())), rule)
             else:
@@ -228,7 +234,7 @@ def extract_adapter(
             if delta.ndim == 4:
                 B = B.reshape(delta.shape[0], k, 1, 1)
                 A = A.reshape(k, *delta.shape[1:])
-            targets[m] = LoraTarget(m, A.contiguous(), B.contiguous(), float(k), 1.0)
+            targets[m] = LoraTarget(m, A.contiguous(), B.contiguous(), float(k), 1.0, fan_in_fan_out=fifo)
             layers.append(ExtractLayer(m, list(ti.shape), k, float(delta.norm()), round(err, 6)))
         if not targets:
             if names and not any(n in cb for n in names):
@@ -248,7 +254,8 @@ def extract_adapter(
                                                "(lora_bias); use --format peft, or leave out --save-other", tuned)
                     db = ct.get(n).to(torch.float64) - cb.get(n).to(torch.float64)
                     t = targets[mo]
-                    targets[mo] = LoraTarget(mo, t.A, t.B, t.alpha, t.scale, None, (db / t.scale).to(ST_DTYPES[ct.info(n).dtype]))
+                    targets[mo] = LoraTarget(mo, t.A, t.B, t.alpha, t.scale, None, (db / t.scale).to(ST_DTYPES[ct.info(n).dtype]),
+                                             t.fan_in_fan_out)
                     lora_bias.append(n)
                 elif mo in mods and mo not in targets:
                     saved[n] = ct.get(n)

@@ -172,3 +172,37 @@ def test_extract_identical_models_is_an_error(tmp_path: Path) -> None:
                               "-o", str(tmp_path / "x"), "--rank", "2"])
     assert res.exit_code == 1 and "the base and the tuned model share no tensor names" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_extract_from_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
+    """GPT-2's Conv1D stores W as in×out: the extracted adapter says fan_in_fan_out, as PEFT's own
+    adapters for it do, so PEFT loads it and its merge gives back the fine-tune."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    tuned = transformers.GPT2LMHeadModel(cfg).eval()
+    tuned.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        tuned.transformer.h[0].attn.c_attn.weight += 0.05 * torch.randn(16, 2, generator=g) @ torch.randn(2, 48, generator=g)
+        tuned.transformer.h[0].mlp.c_fc.weight += 0.01 * torch.randn(16, 64, generator=g)
+    tuned.save_pretrained(tmp_path / "tuned")
+    out = run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o", str(tmp_path / "ad"),
+              "--ratio", "1.0", "--svd", "exact")
+    rank = {x["module"]: x["rank"] for x in out["layers"]}
+    assert rank == {"transformer.h.0.attn.c_attn": 16, "transformer.h.0.mlp.c_fc": 16}
+    cfg_json = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg_json["fan_in_fan_out"] is True
+    ad = read_adapter(tmp_path / "ad")
+    assert tuple(ad.targets["transformer.h.0.attn.c_attn"].A.shape) == (16, 16)  # (r, in): 16 inputs, 48 outputs
+    fresh = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()
+    merged = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload()
+    tsd = tuned.state_dict()
+    for k, v in merged.state_dict().items():
+        assert torch.allclose(v, tsd[k], atol=1e-5), k
+    run("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "-o", str(tmp_path / "m"))
+    ours = load_file(tmp_path / "m" / "model.safetensors")
+    assert torch.allclose(ours["transformer.h.0.attn.c_attn.weight"], tsd["transformer.h.0.attn.c_attn.weight"], atol=1e-5)

@@ -393,3 +393,14 @@ def test_attach_head_count_and_no_head_errors(tmp_path: Path) -> None:
                               "--quiet"])
     assert res.exit_code == 1 and "--no-head: the model folder has no classification head of its own" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_attach_warns_when_the_rank_is_not_low(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    res = runner.invoke(app, ["attach", str(base), "--arch", ARCH, "--data", "digits", "--limit", "100", "--target", "fc*",
+                              "--rank", "64", "--head", "classifier", "--epochs", "1", "-o", str(tmp_path / "a"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    w = json.loads(res.stdout)["extra"]["warnings"]
+    assert w == ["--rank 64 is at least the full rank of 1 adapted module(s) (e.g. fc1: rank at most 64): LoRA there is "
+                 "no low-rank update and trains more parameters than a full one"]
+    assert f"warning: {w[0]}" in res.stderr

@@ -72,6 +72,8 @@ def attach_command(
                             rslora=rslora, heads=[] if no_head else head, full=full, opts=opts, text_column=text_column,
                             label_column=label_column, image_size=image_size, limit=limit, resume=resume, force=force,
                             allow_unmatched=allow_unmatched, progress=cb)
+        for w in r.extra.get("warnings", []):
+            log(f"warning: {w}", quiet)
         log(f"wrote {output}", quiet)
         print_json(r.to_json()) if json_out else render_attach(r)
 

@@ -464,6 +464,10 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             raise UnsupportedError(f"fan_in_fan_out targets (GPT-2 style Conv1D layers, e.g. {fifo[0]!r}) keep their "
                                    f"layout only in PEFT; {fmt} files have no field for it: use peft", ad.source)
     if fmt == "peft":
+        if len({t.fan_in_fan_out for t in ad.targets.values()}) > 1:
+            fifo = sorted(m for m, t in ad.targets.items() if t.fan_in_fan_out)
+            raise UnsupportedError(f"PEFT's fan_in_fan_out is one flag for every target, but only some targets are "
+                                   f"Conv1D layers (e.g. {fifo[0]!r}); split the adapter (--include/--exclude)", ad.source)
         rs = ad.use_rslora
         ranks = sorted(t.rank for t in ad.targets.values())
         alphas = {m: _alpha_for(t, rs) for m, t in ad.targets.items()}

@@ -239,3 +239,30 @@ def prepare_inputs(lm: LoadedModel, ds: Dataset, data: str | Path, max_length: i
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FormatError(f"the model cannot take this {what}'s inputs ({shapes}): {msg[:300]}", data) from None
     return ds
+
+
+def conv1d_modules(path: str | Path) -> set[str]:
+    """Names of the GPT-2 style ``Conv1D`` modules (weight stored in×out) of a Hugging Face model
+    folder, as its checkpoint names them; empty for anything else. A state dict cannot show it
+    (a Conv1D weight is 2-D like a Linear's), the folder's config can: the model is built on the
+    meta device (no memory, no weights) and its modules are looked at."""
+    p = Path(path)
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        return set()
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return set()
+    try:
+        config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
+        archs = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+        cls = next((a for a in archs if a is not None), None)
+        with torch.device("meta"):
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 - an exotic config: no Conv1D knowledge, as for a state dict
+        return set()
+    names = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    prefix = getattr(model, "base_model_prefix", "")
+    # the checkpoint may hold the bare model's names (no "transformer." prefix) or the full ones
+    return names | {n[len(prefix) + 1:] for n in names if prefix and n.startswith(prefix + ".")}

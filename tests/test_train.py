@@ -282,21 +282,20 @@ def test_schedule_applies_and_resume_restores_it(tmp_path: Path) -> None:
     assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == a
 
 
-def test_table_rows_without_a_value_are_refused(tmp_path: Path) -> None:
-    (tmp_path / "short.csv").write_text("text,label\nhello,pos\nno label here\nok,neg\n")
-    with pytest.raises(FormatError, match=r"^row 2 has no 'label' value \(--label-column\)$"):
-        load_dataset(tmp_path / "short.csv")
-    (tmp_path / "empty.csv").write_text('text,label\nhello,pos\nbad day,\n')
-    with pytest.raises(FormatError, match=r"^row 2 has no 'label' value"):
-        load_dataset(tmp_path / "empty.csv")
-    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 1}\n\n{"label": 0}\n')
-    with pytest.raises(FormatError, match=r"^line 3 has no 'text' value \(--text-column\)$"):
-        load_dataset(tmp_path / "t.jsonl")
-    (tmp_path / "n.jsonl").write_text('{"text": "a", "label": 1}\n{"text": {"a": 1}, "label": 0}\n')
-    with pytest.raises(FormatError, match=r"^line 2: 'text' is a JSON dict, not a value$"):
-        load_dataset(tmp_path / "n.jsonl")
-    # a set with no label column at all stays unlabelled (distill, calibration)
-    (tmp_path / "u.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("short.csv", "text,label\nhello,pos\nno label here\nok,neg\n", r"^row 2 has no 'label' value \(--label-column\)$"),
+    ("empty.csv", "text,label\nhello,pos\nbad day,\n", r"^row 2 has no 'label' value"),
+    ("t.jsonl", '{"text": "a", "label": 1}\n\n{"label": 0}\n', r"^line 3 has no 'text' value \(--text-column\)$"),
+    ("n.jsonl", '{"text": "a", "label": 1}\n{"text": {"a": 1}, "label": 0}\n', r"^line 2: 'text' is a JSON dict, not a value$"),
+])
+def test_table_rows_without_a_value_are_refused(tmp_path: Path, name: str, text: str, message: str) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(FormatError, match=message):
+        load_dataset(tmp_path / name)
+
+
+def test_table_without_a_label_column_is_unlabelled(tmp_path: Path) -> None:
+    (tmp_path / "u.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')  # for distill and calibration
     assert load_dataset(tmp_path / "u.jsonl").labels is None
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
 
@@ -22,3 +25,16 @@ def all_finite(t: torch.Tensor) -> bool:
     flat = t.reshape(-1)
     step = 1 << 22
     return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or ±Inf float replaced by None, recursively: strict JSON has no
+    NaN (Python's json writes a bare ``NaN`` token that JavaScript, Go and serde reject). A
+    non-finite figure means "not measured" (a dry run) or "undefined", which JSON says as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

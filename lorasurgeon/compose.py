@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._finite import all_finite
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import KOHYA_PREFIXES, Adapter, LoraTarget, read_adapter, write_adapter
@@ -129,6 +130,10 @@ def _layer_tasks(
             )
         if t.fan_in_fan_out != t0.fan_in_fan_out:
             raise FormatError(f"module {module!r}: fan_in_fan_out differs from {Path(paths[i0]).name}", paths[i])
+    for i, t in present:
+        if not abs(float(weights[i]) * float(t.scale)) <= lora.FP32_MAX:  # the fp32 factors would overflow
+            raise InvalidOptionError(f"--weight {float(weights[i]):g} times the adapter's scale {float(t.scale):g} for "
+                                     f"{module!r} overflows float32", paths[i])
     return [ops.Task(as_matrix(t.B), as_matrix(t.A), float(t.scale), float(weights[i])) for i, t in present]
 
 
@@ -252,6 +257,7 @@ def compose_adapters(
     modules = sorted({name for ad in adapters for name in ad.targets})
     targets: dict[str, LoraTarget] = {}
     layers: list[ComposeLayer] = []
+    emptied: list[str] = []  # layers whose pruned / dropped delta came out zero
     # Factor algebra (cat, svd, peft_linear) is a few small QRs and products per layer: one thread
     # runs it faster than two, which pay a barrier per small op (benchmarks/adapters.py --parts
     # compose: 0.075 s against 0.104-0.111 s). The delta-based methods do dense out x in work that
@@ -268,8 +274,13 @@ def compose_adapters(
             k = c.rank
             A = c.A.to(dt).reshape(k, *t0.A.shape[1:]).contiguous()
             B = c.B.to(dt).reshape(t0.B.shape[0], k, *t0.B.shape[2:]).contiguous()
+            if not (all_finite(A) and all_finite(B)):  # e.g. huge --weight values in a narrow output dtype
+                raise InvalidOptionError(f"the composed factors of {mod!r} overflow {str(dt).removeprefix('torch.')}; "
+                                         "use smaller --weight values")
             bias = _compose_bias(present, w, dt)
             targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
+            if m.uses_density and not (bool(A.any()) and bool(B.any())):
+                emptied.append(mod)
             layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
     if progress:
         progress(len(modules), len(modules), "")
@@ -281,6 +292,11 @@ def compose_adapters(
             "peft_linear is PEFT's factor-wise 'linear' combination, not the weighted sum: its product adds "
             f"cross terms B_i·A_j (peft#3004); largest relative deviation from the weighted sum {worst:.3g}; "
             "use --method cat or svd for the exact result"
+        )
+    if emptied:
+        warnings.append(
+            f"--density {density:g} keeps nothing of {len(emptied)} layer(s) (e.g. {emptied[0]}): their composed delta "
+            "is zero (magnitude pruning keeps int(density × size) entries of each task tensor)"
         )
     if averaged:
         warnings.append(

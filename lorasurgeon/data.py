@@ -62,12 +62,19 @@ class Dataset:
 
 def split(ds: Dataset, val_fraction: float, seed: int, test_fraction: float = 0.0) -> tuple[Dataset, Dataset, Dataset | None]:
     """Deterministic train/validation(/test) split by a seeded permutation."""
-    if not (0 < val_fraction < 1) or not (0 <= test_fraction < 1) or val_fraction + test_fraction >= 1:
-        raise InvalidOptionError(f"--val-split {val_fraction:g} and --test-split {test_fraction:g} must be in (0, 1) and sum below 1")
+    if not 0 < val_fraction < 1:
+        raise InvalidOptionError(f"--val-split must be in (0, 1), got {val_fraction:g}")
+    if not 0 <= test_fraction < 1:
+        raise InvalidOptionError(f"--test-split must be in [0, 1), got {test_fraction:g}")
+    if val_fraction + test_fraction >= 1:
+        raise InvalidOptionError(f"--val-split {val_fraction:g} and --test-split {test_fraction:g} must sum below 1")
     n = len(ds)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
     n_test = round(n * test_fraction)
+    if n - n_val - n_test < 1:
+        raise InvalidOptionError(f"{ds.name or 'the dataset'} has {n} example(s): none left to train on after "
+                                 f"{n_val} for validation and {n_test} for test")
     test = ds.subset(perm[:n_test]) if n_test else None
     val = ds.subset(perm[n_test: n_test + n_val])
     return ds.subset(perm[n_test + n_val:]), val, test
@@ -192,6 +199,8 @@ def load_dataset(
     Raises:
         InputNotFoundError, FormatError, InvalidOptionError.
     """
+    if limit is not None and limit < 1:
+        raise InvalidOptionError(f"--limit must be at least 1, got {limit}")
     s = str(spec)
     if s in NAMED_SETS:
         ds = _named(s, image_size)

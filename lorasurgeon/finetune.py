@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorasurgeon._finite import json_safe
 from lorasurgeon.data import Dataset, load_dataset, split
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, write_adapter
@@ -104,6 +105,11 @@ def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], 
         cls = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
         setattr(parent, child, cls(base, rank, alpha, dropout, rslora))
     return sorted(chosen)
+
+
+def _ident(p: str | Path | None) -> str | None:
+    """A path as an absolute path (a named set as its name): how a --resume recognises its inputs."""
+    return None if p is None else str(Path(p).resolve()) if Path(str(p)).exists() else str(p)
 
 
 def _hf_head_size(model_path: str | Path | None) -> int | None:
@@ -215,8 +221,12 @@ def attach_lora(
     def evaluate(d: Dataset) -> float:
         return accuracy(predict(logits, d, opts.batch_size * 2, opts.device), d.labels)
 
+    options = {"rank": rank, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": list(targets or []),
+               "heads": head_names, "full": full, "train": {k: v for k, v in asdict(opts).items() if k != "device"},
+               "text_column": text_column, "label_column": label_column, "image_size": image_size, "limit": limit}
+    run_id = {**options, "model": _ident(model_path), "arch": arch, "data": _ident(data)}  # what --resume must match
     fr: FitResult = fit(model, params, train, val, loss_fn, evaluate, opts, progress=progress,
-                        resume_file=resume_file, resume=resume)
+                        resume_file=resume_file, resume=resume, fingerprint=run_id)
     before = fr.initial_metric  # fit scores the starting parameters (epoch 0): not evaluated twice
     val_acc = evaluate(val)
     test_acc = evaluate(test) if test is not None else None
@@ -235,15 +245,12 @@ def attach_lora(
             f"{full_rank[over[0]]}): LoRA there is no low-rank update and trains more parameters than a full one"]
     if not is_main_process():
         return result
-    options = {"rank": rank, "alpha": alpha, "dropout": dropout, "rslora": rslora, "targets": list(targets or []),
-               "heads": head_names, "full": full, "train": {k: v for k, v in asdict(opts).items() if k != "device"},
-               "text_column": text_column, "label_column": label_column, "image_size": image_size, "limit": limit}
     inputs = [p for p in (model_path,) if p is not None] + ([data] if Path(str(data)).exists() else [])
     prov = provenance("attach", options, inputs, extra={"dataset": str(data) if not Path(str(data)).exists() else Path(str(data)).name})
     metrics = {k: v for k, v in result.to_json().items() if k not in ("output",)}
     for h in metrics["fit"]["history"]:
         h.pop("samples_per_s", None)  # timings vary run to run; the files must not
-    files = {"metrics.json": json.dumps(metrics, indent=2, sort_keys=True) + "\n"}
+    files = {"metrics.json": json.dumps(json_safe(metrics), indent=2, sort_keys=True, allow_nan=False) + "\n"}
     if full:
         _save_full(lm, model, out, prov, force or resume, files)
     else:
@@ -408,8 +415,12 @@ def distill_student(
         return mean_cosine(s, t_val)
 
     before = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
+    options = {"loss": kind, "temperature": temperature, "train_bias_norm": train_bias_norm, "feature_loss": feature_loss,
+               "train": {k: v for k, v in asdict(opts).items() if k != "device"}, "limit": limit}
+    run_id = {**options, "teacher": _ident(teacher), "student": _ident(student), "arch": arch, "data": _ident(data),
+              "text_column": text_column, "label_column": label_column, "image_size": image_size}
     fr = fit(model, params, train, val, loss_fn, evaluate, opts, metric_name="agreement" if kind == "kl" else "mean_cosine",
-             progress=progress, resume_file=resume_file, resume=resume)
+             progress=progress, resume_file=resume_file, resume=resume, fingerprint=run_id)
     after = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
     result = DistillResult("lorasurgeon.distill/1", str(out), kind, temperature, sum(p.numel() for _, p in params),
                            before, after, fr.to_json())
@@ -417,10 +428,7 @@ def distill_student(
         t_test = predict(t_out, test, opts.batch_size * 2, opts.device)
         result.test = _fidelity(kind, predict(s_out, test, opts.batch_size * 2, opts.device), t_test, test.labels)
     if is_main_process():
-        _write_student(ls, Path(student), out, teacher, data, result, force or resume,
-                       {"loss": kind, "temperature": temperature, "train_bias_norm": train_bias_norm,
-                        "feature_loss": feature_loss,
-                        "train": {k: v for k, v in asdict(opts).items() if k != "device"}, "limit": limit})
+        _write_student(ls, Path(student), out, teacher, data, result, force or resume, options)
     resume_file.unlink(missing_ok=True)
     if features is not None:
         features.remove()

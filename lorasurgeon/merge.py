@@ -139,6 +139,9 @@ def merge_adapters(
                     # (an all-zero LoRA bias is PEFT's lora_bias switch on a target that has none: nothing to add)
                     problems.append(f"{Path(path).name}: {m} (LoRA bias but the base layer has no bias)")
                     continue
+                if not abs(wi * t.scale) <= lora.FP32_MAX:  # the fp32 update would overflow
+                    raise InvalidOptionError(f"--weight {wi:g} times the adapter's scale {t.scale:g} for {m!r} overflows "
+                                             "float32", path)
                 per_weight.setdefault(wname, []).append((t, wi, i))
             for n, bn in smap.items():
                 if bn in names and tuple(ck.info(bn).shape) != tuple(ad.modules_to_save[n].shape):

@@ -12,6 +12,7 @@ statistics (no SyncBatchNorm).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -141,6 +142,7 @@ def fit(
     progress: ProgressFn | None = None,
     resume_file: Path | None = None,
     resume: bool = False,
+    fingerprint: dict[str, Any] | None = None,
 ) -> FitResult:
     """AdamW over ``params`` with gradient accumulation; validation after each epoch; the best
     epoch's parameters (by ``evaluate``, higher is better; epoch 0 = the starting parameters) are
@@ -151,6 +153,8 @@ def fit(
         loss_fn: loss of one batch (inputs on the device, labels or None).
         resume_file: where the training state is saved after every epoch (atomically); with
             ``resume`` an existing one is loaded and training continues after its epoch.
+        fingerprint: the options that define the run (JSON-able); saved with the state, and a
+            ``resume`` with different ones is refused (it would continue another run).
     """
     opts.validate()
     rank, world = _dist()
@@ -171,6 +175,14 @@ def fit(
     start_epoch = 0
     if resume and resume_file is not None and resume_file.is_file():
         st = torch.load(resume_file, map_location="cpu", weights_only=True)
+        saved = json.loads(st["options"]) if "options" in st else None
+        if fingerprint is not None and saved != json.loads(json.dumps(fingerprint)):
+            diff = sorted(k for k in {*(saved or {}), *fingerprint} if (saved or {}).get(k) != json.loads(json.dumps(fingerprint)).get(k))
+            if "train" in diff:
+                tr_s, tr_n = (saved or {}).get("train") or {}, fingerprint["train"]
+                diff = [d for d in diff if d != "train"] + sorted(f"train.{k}" for k in {*tr_s, *tr_n} if tr_s.get(k) != tr_n.get(k))
+            raise InvalidOptionError(f"--resume: the saved training state was made with other options (differing: "
+                                     f"{', '.join(diff)}); rerun with the original options, or without --resume", resume_file)
         by_name = dict(params)
         for n, v in st["params"].items():
             by_name[n].data.copy_(v)
@@ -230,6 +242,7 @@ def fit(
             best = (metric, epoch + 1, {n: p.detach().clone() for n, p in params})
         if resume_file is not None and rank == 0:
             state = {"epoch": epoch + 1, "params": {n: p.detach().clone() for n, p in params},
+                     "options": json.dumps(fingerprint, sort_keys=True),
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "rng": torch.get_rng_state(), "gen": gen.get_state(),
                      "history": [asdict(h) for h in history], "best_metric": best[0], "best_epoch": best[1],

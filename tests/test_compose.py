@@ -294,7 +294,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, adapters) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["weights", "method", "dora", "exists", "density", "rank_with_cat"])
+@pytest.mark.parametrize("case", ["weights", "method", "dora", "exists", "density", "rank_with_cat", "overflow"])
 def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: str) -> None:
     paths, _ = adapters
     a, b = str(paths["a"]), str(paths["b"])
@@ -305,6 +305,7 @@ def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: 
         "density": [a, b, "-m", "ties", "-o", str(dest)],
         "rank_with_cat": [a, b, "--rank", "3", "-o", str(dest)],
         "exists": [a, b, "-o", str(dest)],
+        "overflow": [a, b, "-w", "3e38", "-w", "1", "-o", str(dest)],  # finite, but times the scale past float32
     }.get(case)
     if case == "dora":
         pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True, init_lora_weights=False))
@@ -319,7 +320,7 @@ def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: 
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     expect = {"weights": "1 --weight value(s) for 2 adapters", "method": "choose one of cat, svd, ties",
               "dora": "composing DoRA is ill-posed", "exists": "output exists", "density": "needs --density",
-              "rank_with_cat": "--rank does not apply"}[case]
+              "rank_with_cat": "--rank does not apply", "overflow": "overflows float32"}[case]
     assert expect in lines[0]
     if case == "exists":
         assert [p.name for p in dest.iterdir()] == ["keep.txt"]
@@ -327,3 +328,10 @@ def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: 
         assert not dest.exists()
     res = runner.invoke(app, ["compose", *args, "--json"])
     assert res.exit_code == 1 and "error" in json.loads(res.stdout)
+
+
+def test_density_that_keeps_nothing_warns(tmp_path: Path, adapters) -> None:
+    paths, _ = adapters
+    out = run("compose", str(paths["a"]), str(paths["b"]), "-m", "ties", "--density", "1e-9", "-o", str(tmp_path / "z"))
+    assert out["warnings"] and out["warnings"][0].startswith("--density 1e-09 keeps nothing of ")
+    assert all(not bool(t.B.any()) for t in read_adapter(tmp_path / "z").targets.values())

@@ -242,3 +242,13 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "output exists; pass --force" in res.stderr and o.read_bytes() == b"keep"
     run("factorize", str(p), "-o", str(o), "--rank", "2", "--force")
     assert "a.weight_u" in load_file(o)
+
+
+def test_densify_takes_no_other_options(tmp_path: Path) -> None:
+    p = write(tmp_path, {"l.weight": spectrum_weight(8, 6)})
+    run("factorize", str(p), "-o", str(tmp_path / "f.safetensors"), "--rank", "2")
+    res = runner.invoke(app, ["factorize", str(tmp_path / "f.safetensors"), "--densify", "-o", str(tmp_path / "d.safetensors"),
+                              "--dry-run", "--rank", "3", "--include", "l*"])
+    assert res.exit_code == 1 and res.stderr.strip() == (
+        "error: --densify turns every factorized layer back into W = U·V and takes no --rank, --include, --dry-run")
+    assert not (tmp_path / "d.safetensors").exists()

@@ -226,6 +226,8 @@ def test_merge_errors_write_nothing(tmp_path: Path) -> None:
         assert "weights must be finite numbers within float32's range" in fail(
             "merge", str(tmp_path / "base"), str(tmp_path / "dora"), "-w", bad, "-o", out)
     ad2 = make_adapter(tmp_path, "ad2", 2, r=2, target_modules=["query"])
+    assert "--weight 1e+38 times the adapter's scale 4 for 'encoder.layer.0.attention.self.query' overflows float32" in fail(
+        "merge", str(tmp_path / "base"), str(ad2), "-w", "1e38", "-o", out)  # finite alone, not times alpha/r = 8/2
     assert fail("merge", str(tmp_path / "base"), str(ad2), str(dora), "-o", out).startswith(
         f"error: {dora}: module 'encoder.layer.0.attention.self.query': a DoRA adapter cannot be combined")
     assert not Path(out).exists()

@@ -142,6 +142,11 @@ def test_attach_is_byte_identical_and_resumable(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), progress=interrupt, **kw)
     assert not (tmp_path / "c").exists() and (tmp_path / ".c.train-state.pt").is_file()
+    # a resume must continue the same run: other options are refused, the saved state kept
+    with pytest.raises(InvalidOptionError, match=r"--resume: the saved training state was made with other options "
+                                                 r"\(differing: alpha, train\.epochs\)"):
+        attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=3, lr=0.01, batch_size=128), resume=True,
+                    **{**kw, "alpha": 4.0})
     attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), resume=True, **kw)
     assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     assert not (tmp_path / ".c.train-state.pt").exists()
@@ -403,3 +408,12 @@ def test_attach_warns_when_the_rank_is_not_low(tmp_path: Path) -> None:
     assert w == ["--rank 64 is at least the full rank of 1 adapted module(s) (e.g. fc1: rank at most 64): LoRA there is "
                  "no low-rank update and trains more parameters than a full one"]
     assert f"warning: {w[0]}" in res.stderr
+
+
+def test_limits_and_splits_that_leave_nothing_to_train(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionError, match="^--limit must be at least 1, got 0$"):
+        load_dataset("digits", limit=0)
+    with pytest.raises(InvalidOptionError, match="^digits has 1 example\\(s\\): none left to train on after 1 for validation and 0 for test$"):
+        split(load_dataset("digits", limit=1), 0.1, 0)
+    with pytest.raises(InvalidOptionError, match=r"^--val-split must be in \(0, 1\), got 0$"):
+        split(load_dataset("digits", limit=10), 0.0, 0)

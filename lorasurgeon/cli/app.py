@@ -9,6 +9,7 @@ import traceback
 import typer
 
 from lorasurgeon._version import __version__
+from lorasurgeon.cli.output import exit_broken_pipe
 from lorasurgeon.errors import EXIT_ERROR
 
 app = typer.Typer(
@@ -65,6 +66,11 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
+    except BrokenPipeError:  # stdout closed outside a command's own handler (e.g. --help | head)
+        try:
+            exit_broken_pipe()
+        except typer.Exit as e:
+            sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001
         if os.environ.get("LORASURGEON_DEBUG") == "1":
             traceback.print_exc()

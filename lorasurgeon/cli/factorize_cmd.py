@@ -75,6 +75,18 @@ def factorize_command(
         if densify:
             if output is None:
                 raise InvalidOptionError("--densify needs an output (-o)")
+            # --densify multiplies every layer's factors back; nothing else applies to it
+            given = {"--rank": rank, "--ratio": ratio, "--energy": energy, "--sv-ratio": sv_ratio, "--sv-fro": sv_fro,
+                     "--sv-cumulative": sv_cumulative, "--budget": budget, "--max-rank": max_rank, "--include": include,
+                     "--exclude": exclude, "--calibration": calibration, "--arch": arch, "--min-cosine": min_cosine,
+                     "--max-output-error": max_output_error, "--image-size": image_size}
+            flags = [k for k, v in given.items() if v] + [k for k, on in (
+                ("--min-params", min_params != 0), ("--svd", svd_method != "auto"), ("--fp64", fp64), ("--seed", seed != 0),
+                ("--method", method != "svd"), ("--sequential", sequential), ("--dry-run", dry_run),
+                ("--allow-unmatched", allow_unmatched)) if on]
+            if flags:
+                raise InvalidOptionError(f"--densify turns every factorized layer back into W = U·V and takes no "
+                                         f"{', '.join(flags)}")
             with progress("densify", quiet) as cb:
                 d = densify_checkpoint(path, output, force=force, progress=cb)
             print_json(d.to_json()) if json_out else render_densify(d)

@@ -15,7 +15,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lorasurgeon._finite import json_safe
 from lorasurgeon.errors import EXIT_ERROR, LorasurgeonError
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by a closed pipe
 
 ProgressFn = Callable[[int, int, str], None]
 LOG_EVERY_S = 5.0
@@ -48,7 +51,7 @@ def stderr_console() -> Console:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -114,6 +117,8 @@ def handle_errors(json_mode: bool) -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
         raise
+    except BrokenPipeError:
+        exit_broken_pipe()
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
         if debug:
             traceback.print_exc()
@@ -122,6 +127,16 @@ def handle_errors(json_mode: bool) -> Iterator[None]:
         if json_mode:
             print_json({"error": {"kind": "internal", "message": msg[:300], "path": None}})
         raise typer.Exit(EXIT_ERROR) from None
+
+
+def exit_broken_pipe() -> None:
+    """The reader of stdout went away (``| head``): stop quietly with 141 (128 + SIGPIPE), as Unix
+    tools do. Outputs already written stay written; stdout goes to /dev/null so that Python's
+    final flush does not fail again."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise typer.Exit(EXIT_BROKEN_PIPE)
 
 
 def human_bytes(n: float) -> str:

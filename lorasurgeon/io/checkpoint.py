@@ -540,7 +540,21 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict):
         raise FormatError(f"expected a state dict (a mapping of names to tensors), found {type(obj).__name__}", path)
-    out = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    out: dict[str, torch.Tensor] = {}
+
+    def flatten(d: dict[Any, Any], prefix: str, depth: int) -> None:
+        # Nested mappings of tensors beside the weights (an EMA copy, a sub-model) keep their
+        # tensors under dotted names instead of being dropped; plain values (step counts) are not weights.
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, torch.Tensor):
+                if name in out:
+                    raise FormatError(f"tensor name {name!r} appears twice once nested mappings are flattened", path)
+                out[name] = v
+            elif isinstance(v, dict) and depth < 4:
+                flatten(v, f"{name}.", depth + 1)
+
+    flatten(obj, "", 0)
     if not out:
         raise FormatError("holds no tensors", path)
     return out

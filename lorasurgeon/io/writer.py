@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._finite import json_safe
 from lorasurgeon._version import __version__
 from lorasurgeon.errors import InvalidOptionError, OutputExistsError, WriteError
 from lorasurgeon.io.checkpoint import Checkpoint, dtype_name
@@ -229,7 +230,7 @@ def write_text_atomic(path: str | Path, text: str, force: bool = False) -> Path:
 
 
 def write_json_atomic(path: str | Path, obj: Any, force: bool = False) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", force)
+    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n", force)
 
 
 # --------------------------------------------------------------------------- provenance
@@ -296,7 +297,7 @@ def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
     """safetensors metadata maps strings to strings; JSON-encode everything else, sorted."""
     out: dict[str, str] = {}
     for k, v in meta.items():
-        out[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, separators=(",", ":"))
+        out[str(k)] = v if isinstance(v, str) else json.dumps(json_safe(v), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return out
 
 

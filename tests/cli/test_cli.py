@@ -80,3 +80,28 @@ def test_json_stdout_is_pure(tmp_path: Path) -> None:
     out = subprocess.run([*LS, "inspect", str(p), "--spectrum", "--json"], capture_output=True, text=True)
     assert out.returncode == 0
     assert json.loads(out.stdout)["spectrum"][0]["full_rank"] == 8
+
+
+def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:
+    """`lorasurgeon ... --json | true`: the reader is gone before the result is printed; the tool
+    stops like a Unix tool killed by SIGPIPE (141), without an 'internal error' line."""
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.zeros(4, 4)}, p)
+    proc = subprocess.Popen([*LS, "inspect", str(p), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # no reader: the first write fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
+
+
+def test_json_has_no_nan(tmp_path: Path) -> None:
+    """Python writes NaN as a bare token, which strict JSON parsers reject: not-measured figures are null."""
+    from lorasurgeon._finite import json_safe
+
+    assert json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": "x"}}) == {
+        "a": None, "b": [1.0, None], "c": {"d": None, "e": "x"}}
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(8, 8)}, p)
+    res = runner.invoke(app, ["factorize", str(p), "--rank", "2", "--dry-run", "--json"])
+    assert res.exit_code == 0 and "NaN" not in res.stdout
+    layer = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))["layers"][0]
+    assert layer["rel_error"] is None and layer["rank"] == 2

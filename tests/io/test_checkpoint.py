@@ -249,3 +249,12 @@ def test_safetensors_without_its_extension_is_recognised(tmp_path: Path) -> None
     (tmp_path / "notes").write_bytes(b"{\"a\": 1}\n" * 3)  # neither: still the extension error
     with pytest.raises(FormatError, match="unknown checkpoint extension"):
         Checkpoint.open(tmp_path / "notes")
+
+
+def test_pickle_with_nested_tensor_mappings_keeps_them(tmp_path: Path) -> None:
+    """An EMA copy or sub-model beside the weights keeps its tensors under dotted names; plain
+    values (a step count) are not weights."""
+    torch.save({"fc.weight": torch.ones(2, 2), "ema": {"fc.weight": torch.full((2, 2), 2.0)}, "step": 5}, tmp_path / "c.pt")
+    with Checkpoint.open(tmp_path / "c.pt") as ck:
+        assert ck.names() == ["ema.fc.weight", "fc.weight"]
+        assert torch.equal(ck.get("ema.fc.weight"), torch.full((2, 2), 2.0))

@@ -4,6 +4,7 @@ match its teacher)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
@@ -50,7 +51,9 @@ def _prepare_data(lm: LoadedModel, data: str | Path, opts: TrainOptions, *, text
     ds = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
     ds = prepare_inputs(lm, ds, data, opts.max_length)
     if need_labels and ds.labels is None:
-        raise InvalidOptionError(f"dataset {ds.name!r} has no labels; attach trains a classifier and needs them")
+        where = "no 'y' array" if ds.kind != "text" else f"no column {label_column!r}; use --label-column"
+        raise InvalidOptionError(f"dataset {ds.name!r} has no labels ({where}); attach trains a classifier and needs them",
+                                 data if Path(str(data)).exists() else None)
     train, val, test = split(ds, opts.val_split, opts.seed, opts.test_split)
     return train, val, test, ds
 
@@ -163,9 +166,12 @@ def attach_lora(
         InvalidOptionError, MatchError, FormatError, OutputExistsError.
     """
     opts = opts or TrainOptions()
+    opts.validate()
     opts.device = resolve_device(opts.device)
     if rank < 1:
         raise InvalidOptionError(f"--rank must be a positive integer, got {rank}")
+    if alpha is not None and not (alpha > 0 and math.isfinite(alpha)):
+        raise InvalidOptionError(f"--alpha must be a positive number, got {alpha:g}")
     if not (0 <= dropout < 1):
         raise InvalidOptionError(f"--dropout must be in [0, 1), got {dropout:g}")
     out = Path(out)
@@ -260,7 +266,7 @@ def attach_lora(
             targets_out[n] = LoraTarget(n, layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(),
                                         alpha, layer.scaling)
         saved = {f"{h}.{k}": v.detach().clone() for h in head_names for k, v in model.get_submodule(h).state_dict().items()}
-        cfg = {"task_type": "SEQ_CLS" if lm.kind == "hf" and head_names else None}
+        cfg = {"task_type": "SEQ_CLS" if lm.kind == "hf" and head_names else None, "lora_dropout": dropout}
         ad = Adapter("peft", targets_out, saved, {}, cfg, rslora, None)
         write_adapter(ad, out, "peft", provenance_meta=prov, force=force or resume, extra_files=files)
     resume_file.unlink(missing_ok=True)
@@ -296,7 +302,8 @@ class DistillResult:
     before: dict[str, float]
     after: dict[str, float]
     fit: dict[str, Any]
-    test: dict[str, float] | None = None
+    test: dict[str, float] | None = None  # after training, on --test-split (never used for choosing)
+    test_before: dict[str, float] | None = None  # the starting student on the same test split
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -347,6 +354,7 @@ def distill_student(
         FormatError: the student is not a factorized checkpoint.
     """
     opts = opts or TrainOptions()
+    opts.validate()
     opts.device = resolve_device(opts.device)
     out = Path(out)
     resume_file = out.parent / f".{out.name}.train-state.pt"
@@ -415,6 +423,9 @@ def distill_student(
         return mean_cosine(s, t_val)
 
     before = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
+    t_test = predict(t_out, test, opts.batch_size * 2, opts.device) if test is not None else None
+    test_before = (_fidelity(kind, predict(s_out, test, opts.batch_size * 2, opts.device), t_test, test.labels)
+                   if test is not None else None)
     options = {"loss": kind, "temperature": temperature, "train_bias_norm": train_bias_norm, "feature_loss": feature_loss,
                "train": {k: v for k, v in asdict(opts).items() if k != "device"}, "limit": limit}
     run_id = {**options, "teacher": _ident(teacher), "student": _ident(student), "arch": arch, "data": _ident(data),
@@ -424,9 +435,9 @@ def distill_student(
     after = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
     result = DistillResult("lorasurgeon.distill/1", str(out), kind, temperature, sum(p.numel() for _, p in params),
                            before, after, fr.to_json())
-    if test is not None:  # never used for choosing: scored once, teacher against student
-        t_test = predict(t_out, test, opts.batch_size * 2, opts.device)
+    if test is not None:  # never used for choosing: scored at the end, teacher against student
         result.test = _fidelity(kind, predict(s_out, test, opts.batch_size * 2, opts.device), t_test, test.labels)
+        result.test_before = test_before
     if is_main_process():
         _write_student(ls, Path(student), out, teacher, data, result, force or resume, options)
     resume_file.unlink(missing_ok=True)

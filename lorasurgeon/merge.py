@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ class MergeResult:
     replaced: list[str]  # modules_to_save tensors that replaced base tensors
     added: list[str]  # modules_to_save tensors the base did not have
     unmatched: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # "config": the class the output folder became
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +71,52 @@ def _match(ad: Adapter, base_weights: set[str], base_all: set[str]) -> tuple[dic
     for n in ad.modules_to_save:
         smap[n] = next((c for c in _candidates(n) if c in base_all), n)
     return tmap, smap, unmatched
+
+
+def _as_classifier_folder(base: Path, added: list[str], saved: dict[str, torch.Tensor], adapters: Sequence[str | Path],
+                          names: set[str]) -> tuple[dict[str, str], str, str] | None:
+    """When adapters add a sequence-classification head (``classifier.*`` / ``score.*`` as
+    modules_to_save) to a Hugging Face folder of the bare encoder: (the renames that give the
+    encoder's tensors the classifier's prefix, the classifier's config.json, its class name).
+    None otherwise, or when transformers cannot build that classifier."""
+    heads = {n.split(".", 1)[0] for n in added}
+    if not added or not heads <= {"classifier", "score"} or not (base / "config.json").is_file():
+        return None
+    config_dict = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    if any(str(a).endswith("ForSequenceClassification") for a in (config_dict.get("architectures") or [])):
+        return None
+    weight = saved.get(f"{next(iter(heads))}.weight")
+    if weight is None or weight.ndim != 2:
+        return None
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(base, local_files_only=True, num_labels=int(weight.shape[0]))
+        with torch.device("meta"):
+            model = transformers.AutoModelForSequenceClassification.from_config(config)
+    except Exception:  # noqa: BLE001 - no classifier class for this model type: leave the folder as it is
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    own = set(model.state_dict())
+    rename = {n: f"{prefix}.{n}" for n in names if prefix and f"{prefix}.{n}" in own and n not in own}
+    classes = _class_names(adapters, int(weight.shape[0]))
+    cfg = {**config_dict, "architectures": [type(model).__name__],
+           "id2label": {str(i): c for i, c in enumerate(classes)}, "label2id": {c: i for i, c in enumerate(classes)}}
+    cfg.pop("num_labels", None)
+    return rename, json.dumps(cfg, indent=2, sort_keys=True) + "\n", type(model).__name__
+
+
+def _class_names(adapters: Sequence[str | Path], n: int) -> list[str]:
+    """The class names attach recorded in an adapter's metrics.json, else LABEL_0, LABEL_1, ..."""
+    for a in adapters:
+        f = Path(a) / "metrics.json"
+        try:
+            classes = json.loads(f.read_text(encoding="utf-8")).get("classes") if f.is_file() else None
+        except (OSError, ValueError):
+            classes = None
+        if isinstance(classes, list) and len(classes) == n and len(set(map(str, classes))) == n:
+            return [str(c) for c in classes]
+    return [f"LABEL_{i}" for i in range(n)]
 
 
 def merge_adapters(
@@ -175,7 +223,11 @@ def merge_adapters(
                       if any(t.bias is not None for t, _, _ in parts)}
         added = sorted(n for n in saved if n not in names)
         replaced = sorted(n for n in saved if n in names)
-        specs = [TensorSpec(n, ST_DTYPES[ck.info(n).dtype], ck.info(n).shape) for n in ck.names()]
+        # A new classification head (attach on a bare encoder) merged into that encoder's folder:
+        # the folder becomes the classifier's, or transformers and export would drop the head.
+        head = _as_classifier_folder(base, added, saved, adapters, names) if base.is_dir() else None
+        rename = head[0] if head else {}
+        specs = [TensorSpec(rename.get(n, n), ST_DTYPES[ck.info(n).dtype], ck.info(n).shape) for n in ck.names()]
         specs += [TensorSpec(n, saved[n].dtype, tuple(saved[n].shape)) for n in added]
         layers: list[MergeLayer] = []
         result = MergeResult(SCHEMA, str(base), [str(a) for a in adapters], w, None if dry_run else str(out), unmerge,
@@ -234,7 +286,10 @@ def merge_adapters(
         opts = {"weights": w, "unmerge": unmerge, "allow_unmatched": allow_unmatched}
         prov = DeferredProvenance("merge", opts, [base, *adapters], extra={"format": "dense"})
         meta[METADATA_KEY] = prov.placeholder
-        write_like_input(ck, base, Path(out), specs, stream(), meta, force,
-                         final_metadata=lambda: {**meta, METADATA_KEY: prov.result()})
+        write_like_input(ck, base, Path(out), specs, ((rename.get(n, n), t) for n, t in stream()), meta, force,
+                         final_metadata=lambda: {**meta, METADATA_KEY: prov.result()},
+                         replace_files={"config.json": head[1]} if head else None)
+        if head:
+            result.extra["config"] = head[2]
     layers.sort(key=lambda x: x.module)
     return result

@@ -45,7 +45,7 @@ class TrainOptions:
     max_length: int = 128
     device: str = "cpu"
     schedule: str = "constant"  # learning-rate schedule after warm-up: constant | linear | cosine (to 0)
-    warmup: float = 0.0  # fraction of all optimizer steps spent warming up linearly from 0
+    warmup: float = 0.0  # fraction of all optimizer steps spent warming up linearly (step k of w: (k+1)/w)
 
     def validate(self) -> None:
         for name, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum)):
@@ -57,6 +57,10 @@ class TrainOptions:
             raise InvalidOptionError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 <= self.warmup < 1:
             raise InvalidOptionError(f"--warmup must be in [0, 1), got {self.warmup:g}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise InvalidOptionError(f"--weight-decay must be a number >= 0, got {self.weight_decay:g}")
+        if self.max_length < 2:  # room for the tokenizer's own [CLS] and [SEP]
+            raise InvalidOptionError(f"--max-length must be at least 2, got {self.max_length}")
 
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -165,6 +169,9 @@ def fit(
     n_batches = math.ceil(len(train) / opts.batch_size)
     total_steps = n_batches * opts.epochs
     per_rank_batches = n_batches // world if world > 1 else n_batches
+    if per_rank_batches < 1:
+        raise InvalidOptionError(f"the training split has {len(train)} example(s): {n_batches} batch(es) of "
+                                 f"--batch-size {opts.batch_size} for {world} processes; each process needs at least one")
     opt_steps = math.ceil(per_rank_batches / opts.grad_accum) * opts.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, opt_steps, opts.schedule, opts.warmup))
     history: list[EpochRecord] = []
@@ -233,6 +240,12 @@ def fit(
             if progress:
                 sps = seen / max(time.perf_counter() - t0, 1e-9)
                 progress(epoch * n_batches + b + 1, total_steps, f"epoch {epoch + 1} loss {loss_sum / loss_n:.4f} {sps:.0f} samples/s")
+        if world > 1:  # every process's share of the loss: the same figure one process reports
+            import torch.distributed as dist
+
+            tot = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=opts.device)
+            dist.all_reduce(tot)
+            loss_sum, loss_n = float(tot[0]), int(tot[1])
         model.eval()
         metric = evaluate(val)
         rec = EpochRecord(epoch + 1, round(loss_sum / max(loss_n, 1), 6), round(metric, 6),
@@ -256,7 +269,8 @@ def fit(
     for n, v in best[2].items():
         by_name[n].data.copy_(v)
     model.eval()
-    return FitResult(history, best[1], round(best[0], 6), metric_name, start_epoch, initial_metric=initial)
+    return FitResult(history, best[1], round(best[0], 6), metric_name, start_epoch, initial_metric=round(initial, 6),
+                     extra={"dropped_batches_per_epoch": n_batches - per_rank_batches * world} if world > 1 else {})
 
 
 @torch.no_grad()

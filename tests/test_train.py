@@ -108,8 +108,10 @@ def test_attach_trains_and_peft_loads(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
     base = _base(tmp_path)
     out = run("attach", str(base), "--arch", ARCH, "--data", "digits", "-o", str(tmp_path / "ad"), "--target", "fc*",
-              "--rank", "4", "--alpha", "8", "--head", "classifier", "--epochs", "2", "--lr", "0.01", "--batch-size", "64")
+              "--rank", "4", "--alpha", "8", "--head", "classifier", "--epochs", "2", "--lr", "0.01", "--batch-size", "64",
+              "--dropout", "0.05")
     assert out["targets"] == ["fc1", "fc2"] and out["heads"] == ["classifier"]
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_dropout"] == 0.05
     assert out["val_accuracy"] > out["val_accuracy_before"] + 0.5
     assert (tmp_path / "ad" / "metrics.json").is_file()
     # peft loads our adapter and reproduces our trained model
@@ -166,10 +168,12 @@ def test_distill_improves_agreement(tmp_path: Path) -> None:
     run("attach", "--arch", ARCH, "--data", "digits", "--full", "-o", str(base), "--epochs", "3", "--lr", "0.003", "--batch-size", "64")
     run("factorize", str(base), "-o", str(tmp_path / "s.safetensors"), "--rank", "6", "--include", "fc*")
     out = run("distill", "--teacher", str(base), "--student", str(tmp_path / "s.safetensors"), "--arch", ARCH,
-              "--data", "digits", "-o", str(tmp_path / "d.safetensors"), "--epochs", "3", "--lr", "0.003", "--batch-size", "64")
+              "--data", "digits", "-o", str(tmp_path / "d.safetensors"), "--epochs", "3", "--lr", "0.003", "--batch-size", "64",
+              "--test-split", "0.2")
     assert out["loss"] == "kl"
     assert out["after"]["top1_agreement"] > out["before"]["top1_agreement"]
     assert out["after"]["kl"] < out["before"]["kl"]
+    assert out["test"]["kl"] < out["test_before"]["kl"]  # the test split, before and after (never used for choosing)
     a, b = Checkpoint.open(tmp_path / "s.safetensors"), Checkpoint.open(tmp_path / "d.safetensors")
     assert a.names() == b.names()
     assert json.loads(a.metadata["lorasurgeon"])["layers"] == json.loads(b.metadata["lorasurgeon"])["layers"]
@@ -190,15 +194,33 @@ def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     common = [str(base), "--arch", ARCH, "--data", "digits", "--limit", "512", "--val-split", "0.25", "--target", "fc*",
               "--rank", "2", "--head", "classifier", "--epochs", "2", "--lr", "0.01", "--quiet"]
     ls = [sys.executable, "-m", "lorasurgeon", "attach"]
-    subprocess.run([*ls, *common, "--batch-size", "64", "-o", str(tmp_path / "one")], check=True)
-    subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "lorasurgeon", "attach",
-                    *common, "--batch-size", "32", "-o", str(tmp_path / "two")], check=True, timeout=600)
+    one = subprocess.run([*ls, *common, "--batch-size", "64", "-o", str(tmp_path / "one"), "--json"], check=True,
+                         capture_output=True, text=True)
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "lorasurgeon", "attach",
+                          *common, "--batch-size", "32", "-o", str(tmp_path / "two"), "--json"], check=True, timeout=600,
+                         capture_output=True, text=True)
     from lorasurgeon.io.adapters import read_adapter
 
     a, b = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
     for m in a.targets:
         assert torch.allclose(a.targets[m].B, b.targets[m].B, atol=1e-5)
         assert torch.allclose(a.targets[m].A, b.targets[m].A, atol=1e-5)
+    # rank 0 alone prints: one JSON object, whose train loss is the whole split's (all-reduced)
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
+    for h1, h2 in zip(r1["fit"]["history"], r2["fit"]["history"]):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
+    assert r2["fit"]["extra"] == {"dropped_batches_per_epoch": 0}
+
+
+def test_training_option_values_are_checked(tmp_path: Path) -> None:
+    base = _base(tmp_path)
+    for opt, val, msg in (("--alpha", "nan", "--alpha must be a positive number, got nan"),
+                          ("--alpha", "-4", "--alpha must be a positive number, got -4"),
+                          ("--weight-decay", "-1", "--weight-decay must be a number >= 0, got -1"),
+                          ("--max-length", "1", "--max-length must be at least 2, got 1")):
+        res = runner.invoke(app, ["attach", str(base), "--arch", ARCH, "--data", "digits", opt, val, "-o", str(tmp_path / "x")])
+        assert res.exit_code == 1 and res.stderr.strip() == f"error: {msg}", res.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_feature_taps_loss_equals_direct_computation() -> None:
@@ -417,3 +439,25 @@ def test_limits_and_splits_that_leave_nothing_to_train(tmp_path: Path) -> None:
         split(load_dataset("digits", limit=1), 0.1, 0)
     with pytest.raises(InvalidOptionError, match=r"^--val-split must be in \(0, 1\), got 0$"):
         split(load_dataset("digits", limit=10), 0.0, 0)
+
+
+def test_merging_a_new_head_makes_a_classifier_folder(tmp_path: Path) -> None:
+    """attach on a bare encoder adds a head (modules_to_save); merged into the encoder's folder, the
+    result must be the classifier's folder, or transformers and export would drop the head."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    enc = _tiny_bert(tmp_path, "enc", None)
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{'a b' if i % 3 else 'c'} a,{'xyz'[i % 3]}\n" for i in range(30)))
+    run("attach", str(enc), "--data", str(tmp_path / "d.csv"), "--rank", "2", "--epochs", "1", "-o", str(tmp_path / "ad"))
+    out = run("merge", str(enc), str(tmp_path / "ad"), "-o", str(tmp_path / "m"))
+    assert out["added"] == ["classifier.bias", "classifier.weight"] and out["extra"] == {"config": "BertForSequenceClassification"}
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"] and cfg["id2label"] == {"0": "x", "1": "y", "2": "z"}
+    tok = transformers.AutoTokenizer.from_pretrained(enc)
+    x = tok(["a b c", "c"], padding=True, return_tensors="pt")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(enc, num_labels=3).eval()
+    ref = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(**x).logits, ref(**x).logits, atol=1e-5)
+    assert load_model(tmp_path / "m").has_head

@@ -75,7 +75,7 @@ def render(r: ExportResult) -> None:
     say("inputs: " + ", ".join(f"{i['name']} [{', '.join(map(str, i['shape']))}]" for i in r.inputs)
               + f"   output: {r.outputs[0]['name']}")
     say(f"graph: {r.nodes} nodes, {r.matmul_nodes} MatMul/Gemm as exported"
-              + (f" ({r.factorized_layers} factorized layers, two MatMuls each)" if r.factorized_layers else ""))
+              + (f" ({r.factorized_layers} factorized layers, each two MatMuls or two Convs)" if r.factorized_layers else ""))
     if r.fused_ops:
         say("fused: " + ", ".join(f"{k} {v}" for k, v in r.fused_ops.items()))
     if r.adapters:

@@ -36,6 +36,9 @@ def merge_command(
                                force=force, dry_run=dry_run, progress=cb, warn=lambda m: log(f"warning: {m}", quiet))
         if not dry_run:
             log(f"wrote {output}", quiet)
+            if r.extra.get("config"):
+                log(f"the adapters add a classification head: the output folder is a {r.extra['config']} "
+                    "(config.json updated, encoder tensors renamed to its layout)", quiet)
         print_json(r.to_json()) if json_out else render(r)
 
 

@@ -40,9 +40,16 @@ def _tolerant(stream: Any) -> Any:
     return stream
 
 
+def secondary_process() -> bool:
+    """A torchrun worker other than rank 0: it trains its shard but prints no result and no log
+    (rank 0 speaks for the run, as it alone writes the output)."""
+    return os.environ.get("RANK", "0") not in ("", "0")
+
+
 def stdout_console() -> Console:
     tty = _is_tty(sys.stdout)
-    return Console(file=_tolerant(sys.stdout), width=None if tty else 160, soft_wrap=False, highlight=False)
+    file = open(os.devnull, "w") if secondary_process() else _tolerant(sys.stdout)  # noqa: SIM115
+    return Console(file=file, width=None if tty else 160, soft_wrap=False, highlight=False)
 
 
 def stderr_console() -> Console:
@@ -51,13 +58,15 @@ def stderr_console() -> Console:
 
 
 def print_json(obj: Any) -> None:
+    if secondary_process():
+        return
     sys.stdout.write(json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
 def log(message: str, quiet: bool = False) -> None:
-    """One line on stderr, unless --quiet."""
-    if not quiet:
+    """One line on stderr, unless --quiet (or in a torchrun worker other than rank 0)."""
+    if not quiet and not secondary_process():
         sys.stderr.write(message.rstrip() + "\n")
         sys.stderr.flush()
 
@@ -65,8 +74,8 @@ def log(message: str, quiet: bool = False) -> None:
 @contextlib.contextmanager
 def progress(label: str, quiet: bool = False) -> Iterator[ProgressFn]:
     """A progress callback (done, total, item): a bar on a TTY; otherwise a plain log line
-    every few seconds so CI logs show progress; nothing with --quiet."""
-    if quiet:
+    every few seconds so CI logs show progress; nothing with --quiet or in a secondary process."""
+    if quiet or secondary_process():
         yield lambda done, total, item: None
         return
     if _is_tty(sys.stderr):

@@ -33,7 +33,7 @@ WdOpt = Annotated[float, typer.Option("--weight-decay", rich_help_panel=T)]
 SeedOpt = Annotated[int, typer.Option("--seed", rich_help_panel=T)]
 DevOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | auto.", rich_help_panel=T)]
 SchedOpt = Annotated[str, typer.Option("--schedule", help="Learning rate after warm-up: constant | linear | cosine (both decay to 0).", rich_help_panel=T)]
-WarmOpt = Annotated[float, typer.Option("--warmup", help="Fraction of the optimizer steps spent warming up linearly from 0.", rich_help_panel=T)]
+WarmOpt = Annotated[float, typer.Option("--warmup", help="Fraction of the optimizer steps spent warming up linearly (step k of w at (k+1)/w of --lr).", rich_help_panel=T)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the state saved after the last finished epoch.", rich_help_panel=T)]
 
 
@@ -74,6 +74,7 @@ def attach_command(
                             allow_unmatched=allow_unmatched, progress=cb)
         for w in r.extra.get("warnings", []):
             log(f"warning: {w}", quiet)
+        _warn_dropped(r.fit, quiet)
         log(f"wrote {output}", quiet)
         print_json(r.to_json()) if json_out else render_attach(r)
 
@@ -103,8 +104,16 @@ def distill_command(
             r = distill_student(teacher, student, data, output, arch=arch, loss=loss, temperature=temperature,
                                 train_bias_norm=train_bias_norm, feature_loss=feature_loss, opts=opts, text_column=text_column, label_column=label_column,
                                 image_size=image_size, limit=limit, resume=resume, force=force, progress=cb)
+        _warn_dropped(r.fit, quiet)
         log(f"wrote {output}", quiet)
         print_json(r.to_json()) if json_out else render_distill(r)
+
+
+def _warn_dropped(fit: dict, quiet: bool) -> None:
+    n = fit.get("extra", {}).get("dropped_batches_per_epoch")
+    if n:
+        log(f"warning: {n} batch(es) per epoch were left out so that every process takes the same number of steps "
+            "(torchrun); a --batch-size that divides the training split evenly trains on all of it", quiet)
 
 
 def _history(fit: dict, metric: str) -> Table:
@@ -134,4 +143,7 @@ def render_distill(r: DistillResult) -> None:
     for k in r.after:
         con.print(f"{k}: {r.before[k]:.4f} -> {r.after[k]:.4f} (validation)")
     for k, v in (r.test or {}).items():
-        con.print(f"test {k}: {v:.4f}")
+        con.print(f"test {k}: {(r.test_before or {}).get(k, float('nan')):.4f} -> {v:.4f}")
+    best = r.fit["best_epoch"]
+    con.print(f"best epoch {best}" + (" (the starting student: no epoch validated better, the output equals the input)"
+                                      if best == 0 else ""))

@@ -500,7 +500,7 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             "fan_in_fan_out": any(t.fan_in_fan_out for t in ad.targets.values()),
             "modules_to_save": saved_modules or None,
             "bias": "none",
-            "lora_dropout": 0.0,
+            "lora_dropout": float(ad.config.get("lora_dropout") or 0.0),  # attach's --dropout (no effect on merging)
             "inference_mode": True,
             "init_lora_weights": True,
         }

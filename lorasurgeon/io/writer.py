@@ -595,8 +595,10 @@ def write_like_input(
     ck: Checkpoint, inp: Path, out: Path, specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str, Any], force: bool,
     final_metadata: Callable[[], dict[str, Any]] | None = None,
+    replace_files: dict[str, str] | None = None,
 ) -> None:
-    """A file in gives a file out; a model folder in gives a model folder out (other files copied)."""
+    """A file in gives a file out; a model folder in gives a model folder out (other files copied,
+    except those named in ``replace_files``, written with the text given there instead)."""
     if not inp.is_dir():
         write_safetensors(out, specs, tensors, meta, force=force, final_metadata=final_metadata)
         return
@@ -610,7 +612,10 @@ def write_like_input(
                 continue
             if f.is_dir():
                 (tmp / rel).mkdir(parents=True, exist_ok=True)
-            elif f.is_file():
+            elif f.is_file() and str(rel) not in (replace_files or {}):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, tmp / rel)
+        for rel_name, text in (replace_files or {}).items():
+            (tmp / rel_name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel_name).write_text(text, encoding="utf-8")
         write_safetensors(tmp / "model.safetensors", specs, tensors, meta, final_metadata=final_metadata)

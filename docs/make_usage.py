@@ -33,7 +33,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ]),
     ("distill", "Train a factorized student's factors to match its teacher.", [
         "lorasurgeon distill --teacher \"$DIGITS\" --student cnn-f.safetensors --arch lorasurgeon.zoo:digits_cnn "
-        "--data digits --epochs 2 --lr 0.003 --batch-size 64 -o cnn-d.safetensors",
+        "--data digits --epochs 2 --lr 0.0003 --batch-size 64 -o cnn-d.safetensors",
     ]),
     ("attach", "Attach LoRA adapters to a model and train them.", [
         "lorasurgeon attach \"$DIGITS\" --arch lorasurgeon.zoo:digits_cnn --data digits-inverted --rank 4 "

@@ -427,6 +427,16 @@ def _num_labels(path: str | Path | None, arch: str | None) -> int | None:
     return None
 
 
+def _adapter_head(adapters: Sequence[str | Path]) -> int | None:
+    """Outputs of a new sequence-classification head an adapter carries as modules_to_save."""
+    for a in adapters:
+        saved = read_adapter(a).modules_to_save
+        w = saved.get("classifier.weight", saved.get("score.weight"))
+        if w is not None and w.ndim == 2:
+            return int(w.shape[0])
+    return None
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """No "Loading weights" bars from transformers: our own log lines say what happens."""
@@ -444,12 +454,15 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def resolve(path: str | Path | None, arch: str | None) -> LoadedModel:
-    """Load the model for export: eager attention (the graph onnxruntime's optimizer fuses)."""
+def resolve(path: str | Path | None, arch: str | None, head: int | None = None) -> LoadedModel:
+    """Load the model for export: eager attention (the graph onnxruntime's optimizer fuses).
+    ``head``: the output count of a classification head that merged adapters bring to a bare
+    encoder folder (modules_to_save ``classifier.*``)."""
     torch.manual_seed(0)  # a factory's initialisation must not depend on the caller's RNG
     attn = "eager" if arch is None else None
     with _quiet_transformers():
-        lm = load_model(path, arch=arch, num_labels=_num_labels(path, arch), attn_implementation=attn)
+        lm = load_model(path, arch=arch, num_labels=_num_labels(path, arch) or (head if arch is None else None),
+                        attn_implementation=attn)
     lm.model.eval()
     return lm
 
@@ -1126,7 +1139,7 @@ def export_model(
     benchmark = benchmark or baseline is not None
 
     log("loading the model")
-    lm = resolve(model, arch)
+    lm = resolve(model, arch, None if separate_adapters else _adapter_head(adapters))
     read = _read_adapters(lm.model, adapters, allow_unmatched, log) if adapters else []
     if read and not separate_adapters:
         n = merge_into_model(lm.model, read)

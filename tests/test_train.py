@@ -461,3 +461,10 @@ def test_merging_a_new_head_makes_a_classifier_folder(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.allclose(merged(**x).logits, ref(**x).logits, atol=1e-5)
     assert load_model(tmp_path / "m").has_head
+    # export with the adapter merged on the fly builds the head too
+    ort = pytest.importorskip("onnxruntime")
+    out = run("export", str(enc), "--adapter", str(tmp_path / "ad"), "-o", str(tmp_path / "m.onnx"))
+    assert [o["name"] for o in out["outputs"]] == ["logits"]
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: x[i.name].numpy() for i in sess.get_inputs()}
+    assert np.allclose(sess.run(None, feed)[0], ref(**x).logits.detach().numpy(), atol=1e-5)

@@ -1135,7 +1135,7 @@ def export_model(
     for name, tol in (("--atol", atol), ("--rtol", rtol)):
         if not 0 <= tol < float("inf"):
             raise InvalidOptionError(f"{name} must be a number >= 0, got {tol:g}")
-    check_output(out, force)
+    check_output(out, force, [model, *adapters, baseline])
     benchmark = benchmark or baseline is not None
 
     log("loading the model")

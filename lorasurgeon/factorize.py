@@ -210,7 +210,7 @@ def factorize_checkpoint(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force, [inp, calibration.data if calibration else None])
+        check_output(out, force, [inp], data=calibration.data if calibration else None)
     try:
         return _factorize(inp, out, rule, budget, include, exclude, min_params, svd_method, fp64, seed, force,
                           dry_run, allow_unmatched, progress, calibration, arch)

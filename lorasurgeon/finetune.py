@@ -177,7 +177,7 @@ def attach_lora(
     out = Path(out)
     resume_file = out.parent / f".{out.name}.train-state.pt"
     if not resume:
-        check_output(out, force, [model_path, data])
+        check_output(out, force, [model_path], data=data)
     alpha = float(alpha if alpha is not None else rank)
     torch.manual_seed(opts.seed)  # LoRA and new-head initialisation depend on the seed only
     probe = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
@@ -359,7 +359,7 @@ def distill_student(
     out = Path(out)
     resume_file = out.parent / f".{out.name}.train-state.pt"
     if not resume:
-        check_output(out, force, [teacher, student, data])
+        check_output(out, force, [teacher, student], data=data)
     if temperature <= 0:
         raise InvalidOptionError(f"--temperature must be positive, got {temperature:g}")
     if not feature_loss >= 0:

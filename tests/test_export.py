@@ -379,7 +379,7 @@ def test_benchmark_with_baseline(tmp_path: Path, mlp_weights: Path) -> None:
 # --------------------------------------------------------------------------- errors
 def test_errors_are_one_line(tmp_path: Path, mlp_weights: Path) -> None:
     cases = [
-        (["export", str(tmp_path / "missing"), "-o", str(tmp_path / "o.onnx")], 1, "no such model folder"),
+        (["export", str(tmp_path / "missing"), "-o", str(tmp_path / "o.onnx")], 1, "no such file or folder"),
         (["export", "--arch", MLP, "--input-shape", "3,x", "-o", str(tmp_path / "o.onnx")], 1, "--input-shape"),
         (["export", "--arch", MLP, "--input-shape", "3,5", "-o", str(tmp_path / "o.onnx")], 1, "does not run"),
         (["export", "--arch", MLP, "--opset", "9", "-o", str(tmp_path / "o.onnx")], 1, "--opset"),

@@ -29,7 +29,7 @@ import torch
 
 from lorasurgeon._finite import json_safe
 from lorasurgeon._version import __version__
-from lorasurgeon.errors import InvalidOptionError, OutputExistsError, WriteError
+from lorasurgeon.errors import InputNotFoundError, InvalidOptionError, OutputExistsError, WriteError
 from lorasurgeon.io.checkpoint import Checkpoint, dtype_name
 
 METADATA_KEY = "lorasurgeon"
@@ -69,13 +69,19 @@ def _install_signal_handlers() -> None:
     _handlers_installed = True
 
 
-def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | None] = (),
+                 data: str | Path | None = None) -> Path:
     """Refuse an existing output unless ``force``; the parent folder must exist.
 
-    ``inputs``: the command's input paths. Replacing a folder deletes what it holds, so an
-    existing output folder that holds one of them (``-o .`` beside the inputs) is refused even
-    with ``force``; the output may be an input itself (in place).
+    ``inputs``: the command's input paths (None entries skipped); a missing one is reported
+    first, before anything about the output. Replacing a folder deletes what it holds, so an
+    existing output folder that holds one of them, or ``data`` (a dataset path, or a named set
+    that is not a path), is refused even with ``force`` (``-o .`` beside the inputs); the output
+    may be an input itself (in place).
     """
+    for i in inputs:
+        if i is not None and not Path(i).exists():
+            raise InputNotFoundError("no such file or folder", i)
     p = Path(path)
     if p.exists() and not force:
         raise OutputExistsError("output exists; pass --force to replace it", p)
@@ -83,8 +89,8 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
         raise WriteError("output folder does not exist", p.parent)
     if p.is_dir():
         root = os.path.realpath(p)
-        for i in inputs:
-            if i is None or not Path(i).exists():  # named sets ("digits"), absent options
+        for i in [*inputs, data]:
+            if i is None or not Path(i).exists():  # a named set ("digits"), an absent option
                 continue
             real = os.path.realpath(i)
             if real != root and os.path.commonpath([root, real]) == root:

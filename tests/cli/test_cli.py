@@ -105,3 +105,13 @@ def test_json_has_no_nan(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "NaN" not in res.stdout
     layer = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))["layers"][0]
     assert layer["rel_error"] is None and layer["rank"] == 2
+
+
+def test_a_missing_input_is_reported_before_an_existing_output(tmp_path: Path) -> None:
+    (tmp_path / "out.safetensors").write_bytes(b"x")
+    for argv in (["factorize", str(tmp_path / "nope.safetensors"), "--rank", "2"],
+                 ["merge", str(tmp_path / "nope.safetensors"), str(tmp_path / "ad")],
+                 ["convert", str(tmp_path / "ad"), "--to", "kohya"]):
+        res = runner.invoke(app, [*argv, "-o", str(tmp_path / "out.safetensors")])
+        assert res.exit_code == 1 and res.stderr.strip().endswith(": no such file or folder"), res.stderr
+        assert "output exists" not in res.stderr

@@ -21,12 +21,12 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
-from lorasurgeon.nn.targeting import matches, module_of, select
+from lorasurgeon.nn.targeting import EMBEDDINGS, matches, module_of, select
 from lorasurgeon.ops import ranks, svd
 
 SCHEMA = "lorasurgeon.factorize/1"
 ProgressFn = Callable[[int, int, str], None]
-DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*")
+DEFAULT_EXCLUDE = EMBEDDINGS
 RULE_OPTIONS = ("rank", "ratio", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "budget")
 
 

@@ -294,7 +294,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, adapters) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["weights", "method", "dora", "exists", "density", "rank_with_cat", "overflow"])
+@pytest.mark.parametrize("case", ["weights", "method", "dora", "exists", "density", "rank_with_cat", "overflow", "peft_file"])
 def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: str) -> None:
     paths, _ = adapters
     a, b = str(paths["a"]), str(paths["b"])
@@ -306,6 +306,7 @@ def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: 
         "rank_with_cat": [a, b, "--rank", "3", "-o", str(dest)],
         "exists": [a, b, "-o", str(dest)],
         "overflow": [a, b, "-w", "3e38", "-w", "1", "-o", str(dest)],  # finite, but times the scale past float32
+        "peft_file": [a, b, "-o", str(tmp_path / "out.safetensors")],  # a PEFT adapter is a folder
     }.get(case)
     if case == "dora":
         pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True, init_lora_weights=False))
@@ -320,7 +321,8 @@ def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: 
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     expect = {"weights": "1 --weight value(s) for 2 adapters", "method": "choose one of cat, svd, ties",
               "dora": "composing DoRA is ill-posed", "exists": "output exists", "density": "needs --density",
-              "rank_with_cat": "--rank does not apply", "overflow": "overflows float32"}[case]
+              "rank_with_cat": "--rank does not apply", "overflow": "overflows float32",
+              "peft_file": "a PEFT adapter is a folder, but -o out.safetensors names a file"}[case]
     assert expect in lines[0]
     if case == "exists":
         assert [p.name for p in dest.iterdir()] == ["keep.txt"]

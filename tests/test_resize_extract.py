@@ -206,3 +206,23 @@ def test_extract_from_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
     run("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "-o", str(tmp_path / "m"))
     ours = load_file(tmp_path / "m" / "model.safetensors")
     assert torch.allclose(ours["transformer.h.0.attn.c_attn.weight"], tsd["transformer.h.0.attn.c_attn.weight"], atol=1e-5)
+
+
+def test_extract_saves_embedding_tables_whole(tmp_path: Path) -> None:
+    """An embedding table is a lookup, not a matrix product: its change goes to modules_to_save
+    (with --save-other), not into a LoRA PEFT would refuse next to lora_bias."""
+    peft = pytest.importorskip("peft")
+    base, tuned = tiny_bert_pair(tmp_path)
+    with torch.no_grad():
+        tuned.embeddings.word_embeddings.weight += 0.01
+    tuned.save_pretrained(tmp_path / "tuned2")
+    out = run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned2"), "-o", str(tmp_path / "ad"),
+              "--ratio", "1.0", "--save-other", "--svd", "exact")
+    assert not any("embeddings" in x["module"] for x in out["layers"])
+    assert "embeddings.word_embeddings.weight" in out["saved_other"]
+    fresh = type(base)(base.config)
+    fresh.load_state_dict(base.state_dict())
+    merged = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload()
+    tsd = tuned.state_dict()
+    for k, v in merged.state_dict().items():
+        assert torch.allclose(v, tsd[k], atol=1e-5), k

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lorasurgeon._finite import all_finite
-from lorasurgeon.errors import FormatError, UnsupportedError
+from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.checkpoint import Checkpoint
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
@@ -551,6 +551,9 @@ def write_adapter(ad: Adapter, out: str | Path, fmt: str, *, provenance_meta: di
     file. kohya ss_*/modelspec.* metadata is kept."""
     from lorasurgeon.io.writer import METADATA_KEY, atomic_path, save_state_dict, write_json_atomic
 
+    if fmt == "peft" and Path(out).suffix.lower() in (".safetensors", ".bin", ".pt"):
+        raise InvalidOptionError(f"a PEFT adapter is a folder, but -o {Path(out).name} names a file: give a folder name, "
+                                 "or --format kohya / diffusers for a single file", out)
     state, config = adapter_state(ad, fmt)
     state = {k: v.contiguous() for k, v in state.items()}
     meta: dict[str, Any] = {}

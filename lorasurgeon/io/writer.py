@@ -162,9 +162,9 @@ def atomic_path(path: str | Path, force: bool = False, directory: bool = False) 
 
 
 def _swap_folder(tmp: Path, final: Path) -> None:
-    """Put the folder ``tmp`` in place of the existing ``final``: move the old one aside, move the
-    new one in, delete the old. If the second move fails the old folder goes back, and nothing
-    is left beside it."""
+    """Put the folder ``tmp`` in place of the existing ``final`` (``--force`` replaces the whole
+    output, as a fresh run would write it): move the old one aside, move the new one in, delete
+    the old. If the second move fails the old folder goes back, and nothing is left beside it."""
     trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
     old = trash / "old"
     try:

@@ -8,6 +8,10 @@ from fnmatch import fnmatchcase
 
 from lorasurgeon.errors import MatchError
 
+# Embedding tables by their usual names: not factorized or LoRA-extracted unless named by
+# --include (a lookup table, not a matrix product; PEFT holds embedding LoRA differently).
+EMBEDDINGS = ("*embed*", "*wte*", "*wpe*")
+
 
 def module_of(tensor_name: str) -> str:
     """``encoder.layer.0.attention.self.query.weight`` -> ``encoder.layer.0.attention.self.query``."""

@@ -126,8 +126,19 @@ def tiny_bert_pair(tmp_path: Path):
     return base, tuned
 
 
-def test_extract_then_peft_merge_recovers_tuned(tmp_path: Path) -> None:
+def assert_peft_merge_recovers(base: torch.nn.Module, tuned: torch.nn.Module, adapter: Path) -> None:
+    """PEFT loads the extracted adapter onto the base, and its merge equals the fine-tune."""
     peft = pytest.importorskip("peft")
+    fresh = type(base)(base.config)
+    fresh.load_state_dict(base.state_dict())
+    merged = peft.PeftModel.from_pretrained(fresh, str(adapter)).merge_and_unload()
+    tsd = tuned.state_dict()
+    for k, v in merged.state_dict().items():
+        assert torch.allclose(v, tsd[k], atol=1e-5), k
+
+
+def test_extract_then_peft_merge_recovers_tuned(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
     base, tuned = tiny_bert_pair(tmp_path)
     out = run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o", str(tmp_path / "ad"),
               "--ratio", "1.0", "--save-other", "--svd", "exact")
@@ -140,12 +151,7 @@ def test_extract_then_peft_merge_recovers_tuned(tmp_path: Path) -> None:
                                   "encoder.layer.0.output.LayerNorm.weight"]
     assert out["extra"]["lora_bias"] == ["encoder.layer.0.attention.self.query.bias"]
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["lora_bias"] is True
-    fresh = type(base)(base.config)
-    fresh.load_state_dict(base.state_dict())
-    merged = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload()
-    tsd = tuned.state_dict()
-    for k, v in merged.state_dict().items():
-        assert torch.allclose(v, tsd[k], atol=1e-5), k
+    assert_peft_merge_recovers(base, tuned, tmp_path / "ad")
 
 
 def test_extract_low_rank_error_and_kohya(tmp_path: Path) -> None:
@@ -211,7 +217,7 @@ def test_extract_from_gpt2_conv1d_loads_in_peft(tmp_path: Path) -> None:
 def test_extract_saves_embedding_tables_whole(tmp_path: Path) -> None:
     """An embedding table is a lookup, not a matrix product: its change goes to modules_to_save
     (with --save-other), not into a LoRA PEFT would refuse next to lora_bias."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     base, tuned = tiny_bert_pair(tmp_path)
     with torch.no_grad():
         tuned.embeddings.word_embeddings.weight += 0.01
@@ -220,9 +226,4 @@ def test_extract_saves_embedding_tables_whole(tmp_path: Path) -> None:
               "--ratio", "1.0", "--save-other", "--svd", "exact")
     assert not any("embeddings" in x["module"] for x in out["layers"])
     assert "embeddings.word_embeddings.weight" in out["saved_other"]
-    fresh = type(base)(base.config)
-    fresh.load_state_dict(base.state_dict())
-    merged = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload()
-    tsd = tuned.state_dict()
-    for k, v in merged.state_dict().items():
-        assert torch.allclose(v, tsd[k], atol=1e-5), k
+    assert_peft_merge_recovers(base, tuned, tmp_path / "ad")

@@ -202,7 +202,7 @@ def _compose_saved(
 
 def compose_adapters(
     inputs: Sequence[str | Path], out: str | Path | None, method: str, *, weights: Sequence[float] | None = None,
-    rank: int | None = None, density: float | None = None, seed: int = 0, fmt: str = "peft", fp64: bool = False,
+    rank: int | None = None, density: float | None = None, seed: int | None = None, fmt: str = "peft", fp64: bool = False,
     force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
 ) -> ComposeResult:
     """Compose LoRA adapters into one adapter at scale 1 (see ``ops.compose`` for the methods).
@@ -220,7 +220,8 @@ def compose_adapters(
         weights: one per input (default 1 each).
         rank: target rank of recompressing methods (default: the largest input rank per layer).
         density: fraction kept by ties / dare_* / magnitude_prune (required there).
-        seed: DARE's seed (per layer: sha256 of seed and module name).
+        seed: DARE's seed (per layer: sha256 of seed and module name); default 0. Refused by
+            methods that draw nothing at random.
         fmt: output layout, peft | kohya | diffusers.
         fp64: compute in fp64.
 
@@ -236,6 +237,10 @@ def compose_adapters(
     """
     m = ops.get_method(method)
     w = _check_options(m, len(inputs), weights, rank, density)
+    if seed is not None and not m.uses_seed:
+        uses = ", ".join(n for n, x in ops.COMPOSE_METHODS.items() if x.uses_seed)
+        raise InvalidOptionError(f"--seed does not apply to --method {m.name}, which draws nothing at random (it does to {uses})")
+    seed = 0 if seed is None else seed
     if fmt not in FORMATS:
         raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if out is None and not dry_run:

@@ -139,13 +139,14 @@ def _candidates(
 def make_rule(
     *, rank: int | None = None, ratio: float | None = None, energy: float | None = None,
     sv_ratio: float | None = None, sv_fro: float | None = None, sv_cumulative: float | None = None,
-    budget: float | None = None, max_rank: int | None = None,
+    budget: float | None = None, max_rank: int | None = None, allow_budget: bool = True,
 ) -> tuple[ranks.RankRule | None, float | None]:
-    """Exactly one rank option; returns (per-layer rule, None) or (None, budget fraction)."""
+    """Exactly one rank option; returns (per-layer rule, None) or (None, budget fraction).
+    ``allow_budget`` False for commands without --budget (resize, extract): not offered."""
     given = {k: v for k, v in dict(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
                                   sv_cumulative=sv_cumulative, budget=budget).items() if v is not None}
     if len(given) != 1:
-        names = ", ".join("--" + k.replace("_", "-") for k in RULE_OPTIONS)
+        names = ", ".join("--" + k.replace("_", "-") for k in RULE_OPTIONS if allow_budget or k != "budget")
         raise InvalidOptionError(f"give exactly one rank option of {names}" + (f"; got {len(given)}" if given else ""))
     (kind, value), = given.items()
     if kind == "budget":

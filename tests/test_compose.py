@@ -224,9 +224,9 @@ def test_dare_is_seeded_and_deterministic(tmp_path: Path, adapters) -> None:
     assert make("s1b", 1) == one
     assert (tmp_path / "s1" / "adapter_config.json").read_bytes() == (tmp_path / "s1b" / "adapter_config.json").read_bytes()
     assert make("s2", 2) != one
-    # ties does not depend on the seed at all
-    t1 = run("compose", *ins, "-m", "ties", "--density", "0.6", "--seed", "1", "-o", str(tmp_path / "t1"))
-    run("compose", *ins, "-m", "ties", "--density", "0.6", "--seed", "9", "-o", str(tmp_path / "t9"))
+    # ties draws nothing at random: no seed (a --seed for it is refused, see the errors test)
+    t1 = run("compose", *ins, "-m", "ties", "--density", "0.6", "-o", str(tmp_path / "t1"))
+    run("compose", *ins, "-m", "ties", "--density", "0.6", "-o", str(tmp_path / "t9"))
     assert t1["seed"] is None
     assert (tmp_path / "t1" / "adapter_model.safetensors").read_bytes() == (tmp_path / "t9" / "adapter_model.safetensors").read_bytes()
     # DARE at density 1 keeps everything: dare_linear at full rank is the exact weighted sum
@@ -294,7 +294,7 @@ def test_dry_run_writes_nothing(tmp_path: Path, adapters) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["weights", "method", "dora", "exists", "density", "rank_with_cat", "overflow", "peft_file"])
+@pytest.mark.parametrize("case", ["weights", "method", "dora", "exists", "density", "rank_with_cat", "overflow", "peft_file", "seed_unused"])
 def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: str) -> None:
     paths, _ = adapters
     a, b = str(paths["a"]), str(paths["b"])
@@ -307,6 +307,7 @@ def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: 
         "exists": [a, b, "-o", str(dest)],
         "overflow": [a, b, "-w", "3e38", "-w", "1", "-o", str(dest)],  # finite, but times the scale past float32
         "peft_file": [a, b, "-o", str(tmp_path / "out.safetensors")],  # a PEFT adapter is a folder
+        "seed_unused": [a, b, "-m", "svd", "--seed", "3", "-o", str(dest)],
     }.get(case)
     if case == "dora":
         pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], use_dora=True, init_lora_weights=False))
@@ -322,7 +323,8 @@ def test_errors_exit_1_one_line_nothing_written(tmp_path: Path, adapters, case: 
     expect = {"weights": "1 --weight value(s) for 2 adapters", "method": "choose one of cat, svd, ties",
               "dora": "composing DoRA is ill-posed", "exists": "output exists", "density": "needs --density",
               "rank_with_cat": "--rank does not apply", "overflow": "overflows float32",
-              "peft_file": "a PEFT adapter is a folder, but -o out.safetensors names a file"}[case]
+              "peft_file": "a PEFT adapter is a folder, but -o out.safetensors names a file",
+              "seed_unused": "--seed does not apply to --method svd, which draws nothing at random"}[case]
     assert expect in lines[0]
     if case == "exists":
         assert [p.name for p in dest.iterdir()] == ["keep.txt"]

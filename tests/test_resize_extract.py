@@ -227,3 +227,10 @@ def test_extract_saves_embedding_tables_whole(tmp_path: Path) -> None:
     assert not any("embeddings" in x["module"] for x in out["layers"])
     assert "embeddings.word_embeddings.weight" in out["saved_other"]
     assert_peft_merge_recovers(base, tuned, tmp_path / "ad")
+
+
+def test_resize_offers_only_its_own_rank_options(tmp_path: Path) -> None:
+    p, _ = kohya_file(tmp_path, rank=4)
+    res = runner.invoke(app, ["resize", str(p), "-o", str(tmp_path / "r.safetensors")])
+    assert res.exit_code == 1 and res.stderr.strip() == (
+        "error: give exactly one rank option of --rank, --ratio, --energy, --sv-ratio, --sv-fro, --sv-cumulative")

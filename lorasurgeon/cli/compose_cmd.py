@@ -27,7 +27,7 @@ def compose_command(
     weight: Annotated[list[float] | None, typer.Option("--weight", "-w", help="One weight per adapter, in order (default 1 each). Repeat the option.")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Output rank of svd, ties, dare_*, magnitude_prune (default: the largest input rank per layer).")] = None,
     density: Annotated[float | None, typer.Option("--density", help="Fraction of each delta's entries kept by ties, dare_*, magnitude_prune (0 < D <= 1).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of DARE's random masks (per layer: seed and module name).")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of DARE's random masks (per layer: seed and module name); default 0.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Output layout: peft | kohya | diffusers.")] = "peft",
     fp64: Annotated[bool, typer.Option("--fp64", help="Compute in fp64.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and print the plan (ranks, errors); write nothing.")] = False,

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
 def _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank):  # noqa: ANN001, ANN202
     rule, _ = make_rule(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
-                        sv_cumulative=sv_cumulative, max_rank=max_rank)
+                        sv_cumulative=sv_cumulative, max_rank=max_rank, allow_budget=False)
     assert rule is not None
     return rule
 

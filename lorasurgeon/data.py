@@ -262,20 +262,13 @@ def _image_folder(root: Path, image_size: int | None) -> Dataset:
                   if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")]
     if not files:
         raise FormatError("image folder holds no images", root)
-    # One channel when every image has one band (grayscale, e.g. MNIST-style digits), else RGB.
-    bands = set()
-    for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                bands.add(len(im.getbands()) if im.mode not in ("P", "PA") else 3)
-        except OSError as e:
-            raise FormatError(f"cannot read image ({e})", f) from None
-    mode = "L" if bands == {1} else "RGB"
+    # One channel when every image has one band (grayscale, e.g. MNIST-style digits), else RGB:
+    # each image is read once, in its own band count, and grey ones are repeated to RGB if any is colour.
     xs, ys = [], []
     for f, ci in files:
         try:
             with Image.open(f) as im:
-                im = im.convert(mode)
+                im = im.convert("L" if len(im.getbands()) == 1 and im.mode not in ("P", "PA") else "RGB")
                 if image_size:
                     im = im.resize((image_size, image_size))
                 a = np.asarray(im, dtype=np.float32)
@@ -283,6 +276,8 @@ def _image_folder(root: Path, image_size: int | None) -> Dataset:
         except OSError as e:
             raise FormatError(f"cannot read image ({e})", f) from None
         ys.append(ci)
+    if any(x.shape[0] == 3 for x in xs):
+        xs = [x.expand(3, -1, -1) if x.shape[0] == 1 else x for x in xs]
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) > 1:
         raise FormatError(f"images differ in size {sorted(shapes)[:3]}; pass --image-size", root)
@@ -324,8 +319,6 @@ def _tensor_file(p: Path) -> Dataset:
         if y.is_floating_point():
             if not all_finite(y) or not bool((y == y.round()).all()):
                 raise FormatError("'y' holds values that are not whole numbers; labels are class ids 0, 1, 2, ...", p)
-        elif y.dtype == torch.bool:
-            y = y.long()
         if len(y) and int(y.min()) < 0:
             raise FormatError(f"'y' holds a negative label ({int(y.min())}); labels are class ids 0, 1, 2, ...", p)
         y = y.long()

@@ -21,12 +21,11 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
-from lorasurgeon.nn.targeting import EMBEDDINGS, matches, module_of, select
+from lorasurgeon.nn.targeting import default_excluded, matches, module_of, select
 from lorasurgeon.ops import ranks, svd
 
 SCHEMA = "lorasurgeon.factorize/1"
 ProgressFn = Callable[[int, int, str], None]
-DEFAULT_EXCLUDE = EMBEDDINGS
 RULE_OPTIONS = ("rank", "ratio", "energy", "sv_ratio", "sv_fro", "sv_cumulative", "budget")
 
 
@@ -108,7 +107,7 @@ def _candidates(
         if info.dtype not in ("F16", "BF16", "F32", "F64"):
             skipped.append({"module": mod, "reason": f"dtype {info.dtype} is not floating point"})
             continue
-        if any(matches(n, p) for p in DEFAULT_EXCLUDE) and not any(matches(n, p) for p in (include or [])):
+        if default_excluded(n, include):
             skipped.append({"module": mod, "reason": "embedding (default exclude; name it with --include)"})
             continue
         shape = info.shape

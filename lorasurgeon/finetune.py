@@ -29,7 +29,7 @@ from lorasurgeon.io.writer import (
     write_safetensors,
 )
 from lorasurgeon.nn.layers import LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
-from lorasurgeon.nn.models import LoadedModel, load_model, model_outputs, prepare_inputs
+from lorasurgeon.nn.models import LoadedModel, classifier_head_size, load_model, model_outputs, prepare_inputs
 from lorasurgeon.train import (
     FitResult,
     TrainOptions,
@@ -115,20 +115,6 @@ def _ident(p: str | Path | None) -> str | None:
     return None if p is None else str(Path(p).resolve()) if Path(str(p)).exists() else str(p)
 
 
-def _hf_head_size(model_path: str | Path | None) -> int | None:
-    """The output count of a Hugging Face folder's own sequence-classification head, else None."""
-    cfg = Path(model_path) / "config.json" if model_path is not None else None
-    if cfg is None or not cfg.is_file():
-        return None
-    try:
-        c = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # load_model reports a broken config
-    if not any(str(a).endswith("ForSequenceClassification") for a in (c.get("architectures") or [])):
-        return None
-    return len(c["id2label"]) if isinstance(c.get("id2label"), dict) and c["id2label"] else int(c.get("num_labels", 2))
-
-
 def _default_heads(lm: LoadedModel) -> list[str]:
     return [h for h in ("classifier", "score") if lm.kind == "hf" and hasattr(lm.model, h)]
 
@@ -182,7 +168,7 @@ def attach_lora(
     torch.manual_seed(opts.seed)  # LoRA and new-head initialisation depend on the seed only
     probe = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
     num_labels = probe.num_classes
-    own_head = _hf_head_size(model_path) if arch is None else None
+    own_head = classifier_head_size(model_path) if arch is None else None
     if own_head is not None and num_labels is not None and own_head != num_labels:
         raise FormatError(f"the data has {num_labels} classes but the model's classification head has {own_head} outputs "
                           "(train from a model folder without a head to get a new one)", data)

@@ -16,6 +16,7 @@ from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_k
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, DeferredProvenance, TensorSpec, check_output, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
+from lorasurgeon.nn.models import head_size
 from lorasurgeon.ops import lora
 
 SCHEMA = "lorasurgeon.merge/1"
@@ -83,7 +84,7 @@ def _as_classifier_folder(base: Path, added: list[str], saved: dict[str, torch.T
     if not added or not heads <= {"classifier", "score"} or not (base / "config.json").is_file():
         return None
     config_dict = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    if any(str(a).endswith("ForSequenceClassification") for a in (config_dict.get("architectures") or [])):
+    if head_size(config_dict) is not None:
         return None
     weight = saved.get(f"{next(iter(heads))}.weight")
     if weight is None or weight.ndim != 2:

@@ -16,7 +16,7 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, Unsu
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
-from lorasurgeon.nn.targeting import EMBEDDINGS, matches, module_of, select
+from lorasurgeon.nn.targeting import default_excluded, module_of, select
 from lorasurgeon.ops import ranks, svd
 
 ProgressFn = Callable[[int, int, str], None]
@@ -213,8 +213,7 @@ def extract_adapter(
                 continue
             floating = ti.dtype in ("F16", "BF16", "F32", "F64")
             is_weight = n.endswith(".weight") and len(ti.shape) in (2, 4) and floating and min(ti.shape[0], ti.numel // ti.shape[0]) > 1
-            embedding = any(matches(n, p) for p in EMBEDDINGS) and not any(matches(n, p) for p in (include or []))
-            if not is_weight or embedding:  # (an embedding table's change is saved whole with --save-other)
+            if not is_weight or default_excluded(n, include):  # (an embedding table goes whole with --save-other)
                 other.append(n)
                 continue
             delta = t_new.to(torch.float64 if fp64 else torch.float32) - t_old.to(torch.float64 if fp64 else torch.float32)

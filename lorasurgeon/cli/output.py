@@ -48,8 +48,8 @@ def secondary_process() -> bool:
 
 def stdout_console() -> Console:
     tty = _is_tty(sys.stdout)
-    file = open(os.devnull, "w") if secondary_process() else _tolerant(sys.stdout)  # noqa: SIM115
-    return Console(file=file, width=None if tty else 160, soft_wrap=False, highlight=False)
+    return Console(file=_tolerant(sys.stdout), width=None if tty else 160, soft_wrap=False, highlight=False,
+                   quiet=secondary_process())
 
 
 def stderr_console() -> Console:

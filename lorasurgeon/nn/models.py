@@ -79,6 +79,27 @@ def _call_factory(fn: Any, num_labels: int | None) -> nn.Module:
     return model
 
 
+def head_size(config: dict[str, Any]) -> int | None:
+    """The output count of a Hugging Face config's own sequence-classification head (its
+    ``architectures`` name a ``*ForSequenceClassification``), else None."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in (config.get("architectures") or [])):
+        return None
+    id2label = config.get("id2label")
+    return len(id2label) if isinstance(id2label, dict) and id2label else int(config.get("num_labels") or 2)
+
+
+def classifier_head_size(path: str | Path | None) -> int | None:
+    """``head_size`` of a model folder's config.json; None for anything else (a file, no config,
+    a config that does not parse: loading the model reports that)."""
+    cfg = Path(path) / "config.json" if path is not None else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        return head_size(json.loads(cfg.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+
+
 def build_arch(arch: str, num_labels: int | None = None) -> nn.Module:
     """The module ``arch`` (``module:factory``) builds, with its fresh weights."""
     return _call_factory(import_factory(arch), num_labels)
@@ -164,8 +185,7 @@ def load_model(
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # A folder saved from a sequence classifier keeps its head (and its module names, e.g.
     # ``bert.encoder...``): loading it as a bare encoder would drop the head and the prefix.
-    classifier = any(str(a).endswith("ForSequenceClassification") for a in (config_dict.get("architectures") or []))
-    auto = (transformers.AutoModelForSequenceClassification if num_labels is not None or classifier
+    auto = (transformers.AutoModelForSequenceClassification if num_labels is not None or head_size(config_dict)
             else transformers.AutoModel)
     with Checkpoint.open(p) as ck:
         layers = factorized_layers(ck.metadata, ck.path)

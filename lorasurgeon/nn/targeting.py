@@ -13,6 +13,11 @@ from lorasurgeon.errors import MatchError
 EMBEDDINGS = ("*embed*", "*wte*", "*wpe*")
 
 
+def default_excluded(name: str, include: Sequence[str] | None) -> bool:
+    """An embedding table (``EMBEDDINGS``) that no --include pattern names."""
+    return any(matches(name, p) for p in EMBEDDINGS) and not any(matches(name, p) for p in (include or []))
+
+
 def module_of(tensor_name: str) -> str:
     """``encoder.layer.0.attention.self.query.weight`` -> ``encoder.layer.0.attention.self.query``."""
     return tensor_name.rsplit(".", 1)[0] if "." in tensor_name else tensor_name

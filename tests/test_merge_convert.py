@@ -318,6 +318,27 @@ def test_blockwise_merge_equals_whole_matrix_merge(monkeypatch: pytest.MonkeyPat
         lora.merge_weight_stats(W, parts, name="m.weight")
 
 
+@pytest.mark.parametrize("rows", [3, 16, 50, 47])
+def test_blockwise_merge_is_bit_identical_to_one_addmm(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Row blocks (forced to 16 rows of a 8192-wide weight) give the whole-matrix addmm bit for bit.
+
+    Blocks of fewer than 4 rows take a BLAS path that rounds differently; a short last block (50 = 3·16 + 2
+    rows) joins the block before it instead.
+    """
+    from lorasurgeon.io.adapters import LoraTarget
+    from lorasurgeon.ops import lora
+
+    monkeypatch.setattr(lora, "_BLOCK_ELEMS", 16 * 8192)
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(rows, 8192, generator=g).half()
+    t = LoraTarget(module="m", A=torch.randn(16, 8192, generator=g), B=torch.randn(rows, 16, generator=g),
+                   alpha=32.0, scale=2.0)
+    ref = W.float().addmm_(t.B, t.A, alpha=0.75 * t.scale).half()
+    got, _ = lora.merge_weight_stats(W, [(t, 0.75)], name="m.weight")
+    assert torch.equal(got, ref)
+
+
 def test_merge_provenance_hash_is_the_base_files_sha256(tmp_path: Path) -> None:
     """The header is planned with placeholder hashes and rewritten with the real ones at the end."""
     import hashlib

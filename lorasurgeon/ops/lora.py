@@ -57,10 +57,16 @@ class MergeStats:
     base_norm: float  # ||W||_F
 
 
-# Rows per block of the streamed merge: about 8 MB of fp32 for a 8192-wide weight. Measured on a
-# 4096x8192 fp16 weight: a whole-matrix .float() cost 74-101 ms CPU (fresh pages fault in), the
-# same conversion in 256-row blocks into a reused buffer 6-9 ms.
+# Elements per block of the streamed merge: about 8 MB of fp32 (256 rows of a 8192-wide weight).
+# Measured on a 4096x8192 fp16 weight: a whole-matrix .float() cost 74-101 ms CPU (fresh pages
+# fault in), the same conversion in 256-row blocks into a reused buffer 6-9 ms. L2-sized blocks
+# (512 KB) were tried and are slower here, alone and in the whole 2 GB merge
+# (benchmarks/merge_block.py; docs/benchmarks.md, merge section).
 _BLOCK_ELEMS = 1 << 21
+# Fewer rows than this take a different BLAS path (gemv-like) whose rounding differs by an ulp
+# from the whole-matrix product; at least this many rows per block keeps the blocks' results
+# equal to the whole-matrix computation for every row count measured (4 and up did).
+_MIN_BLOCK_ROWS = 8
 
 
 def merge_weight(
@@ -127,13 +133,15 @@ def merge_weight_stats(
         if t.fan_in_fan_out:  # the norm runs down the stored columns: not row-separable
             return _merge_whole(W, factors, t, acc_dtype)
         mag = t.magnitude.to(acc_dtype).reshape(-1, 1)
-    step = max(1, _BLOCK_ELEMS // max(1, cols))
-    buf = torch.empty(min(step, rows), cols, dtype=acc_dtype)
+    step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMS // max(1, cols))
+    # A last block shorter than _MIN_BLOCK_ROWS joins the one before it.
+    buf = torch.empty(min(rows, step + _MIN_BLOCK_ROWS - 1), cols, dtype=acc_dtype)
     orig = torch.empty_like(buf) if mag is not None else None
     upd2 = 0.0
     base2 = 0.0
-    for i in range(0, rows, step):
-        j = min(rows, i + step)
+    i = 0
+    while i < rows:
+        j = rows if rows - i < step + _MIN_BLOCK_ROWS else i + step
         blk = buf[: j - i]
         blk.copy_(src[i:j])
         nrm = float(torch.linalg.vector_norm(blk))  # a finite norm proves every entry finite
@@ -148,6 +156,7 @@ def merge_weight_stats(
             blk.mul_(mag[i:j] / blk.norm(dim=1, keepdim=True))
             upd2 += float(torch.linalg.vector_norm(orig[: j - i].sub_(blk))) ** 2
         dst[i:j].copy_(blk)
+        i = j
     if mag is None:
         upd2 = _stacked_norm2(factors)
     return out, MergeStats(upd2**0.5, base2**0.5)

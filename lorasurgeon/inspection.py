@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
-from lorasurgeon.io.adapters import Adapter, detect_layout, read_adapter
+import torch
+
+from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, MatchError
+from lorasurgeon.io.adapters import PEFT_PREFIX, Adapter, detect_layout, read_adapter
 from lorasurgeon.io.checkpoint import Checkpoint
-from lorasurgeon.nn.targeting import select
+from lorasurgeon.nn.targeting import matches, select
 from lorasurgeon.ops import svd
 
 SCHEMA = "lorasurgeon.inspect/1"
@@ -179,7 +183,12 @@ def inspect_checkpoint(
         raise InvalidOptionError("--rank needs --spectrum (it reports the energy kept at that rank)")
     with Checkpoint.open(p) as ck:
         kind = detect_kind(p, ck)
-        names = select(ck.names(), include, exclude, can_allow=False).selected
+        ad = read_adapter(p) if kind in ADAPTER_KINDS else None
+        if ad is None:
+            names = select(ck.names(), include, exclude, can_allow=False).selected
+            kept_modules = None
+        else:
+            names, kept_modules = _select_adapter(ck.names(), ad, include, exclude)
         rows: list[TensorRow] = []
         totals = Totals()
         by_dtype: dict[str, Totals] = {}
@@ -207,12 +216,76 @@ def inspect_checkpoint(
         )
         if kind == "factorized":
             result.factorized_layers = json.loads(ck.metadata["lorasurgeon"]).get("layers", {})
-        if spectrum:
+        if spectrum and ad is None:
             result.spectrum = _spectra(ck, names, rank, keep_singular_values, progress)
-            result.spectrum_rank = rank
-    if kind in ("peft", "kohya", "diffusers", "diffusers-legacy"):
-        result.adapter = summarize_adapter(read_adapter(p), include, exclude)
+    if ad is not None:
+        result.adapter = summarize_adapter(ad, kept_modules)
+        if spectrum:
+            result.spectrum = _adapter_spectra(ad, result.adapter, rank, keep_singular_values, progress, p)
+    if spectrum:
+        result.spectrum_rank = rank
     return result
+
+
+ADAPTER_KINDS = ("peft", "kohya", "diffusers", "diffusers-legacy")
+_LEGACY_PROCESSOR = re.compile(r"\.processor\.(to_[a-z_]+?)_lora\.")
+
+
+def adapter_tensor_owners(names: Sequence[str], ad: Adapter) -> dict[str, str | None]:
+    """The adapter module (a target, or a ``modules_to_save`` entry) each tensor name belongs to.
+
+    A target owns a tensor when the tensor's name, without PEFT's ``base_model.model.`` prefix
+    (and with the legacy diffusers ``processor.to_q_lora`` layout written as ``to_q``), starts
+    with the module's name and a dot; the longest such name wins. A ``modules_to_save`` entry owns
+    the tensor that holds it (PEFT's ``.modules_to_save.default.`` wrapper removed). Tensors
+    that belong to nothing (kohya's or diffusers' extra tensors) map to None.
+    """
+    saved = set(ad.modules_to_save)
+    targets = set(ad.targets)
+    owners: dict[str, str | None] = {}
+    for n in names:
+        key = n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n
+        plain = key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+        if plain in saved:
+            owners[n] = plain
+            continue
+        key = _LEGACY_PROCESSOR.sub(lambda m: ".to_out.0." if m.group(1) == "to_out" else f".{m.group(1)}.", key)
+        parts = key.split(".")
+        owners[n] = next((c for c in (".".join(parts[:j]) for j in range(len(parts) - 1, 0, -1)) if c in targets), None)
+    return owners
+
+
+def _select_adapter(
+    names: list[str], ad: Adapter, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> tuple[list[str], set[str]]:
+    """Tensors and modules of an adapter selected by globs over tensor names or module names.
+
+    A pattern may name a tensor (``*.lora_A.weight``) or a module as the adapter table prints it
+    (``encoder.layer.0.attention.self.query``); a tensor is kept when it or its module matches an
+    include (or there is none) and neither matches an exclude. A module is kept when one of its
+    tensors is.
+
+    Raises:
+        MatchError: a pattern matches no tensor and no module.
+    """
+    owners = adapter_tensor_owners(names, ad)
+    modules = sorted(set(ad.targets) | set(ad.modules_to_save))
+    unmatched = [
+        f"{flag} {pat!r}"
+        for flag, pats in (("--include", include or []), ("--exclude", exclude or []))
+        for pat in pats
+        if not any(matches(n, pat) for n in names) and not any(fnmatchcase(m, pat) for m in modules)
+    ]
+    if unmatched:
+        raise MatchError(f"{', '.join(unmatched)} matches no tensor or module; check the pattern "
+                         "(globs over tensor names or the module names of the adapter table, e.g. '*.attention.*')")
+
+    def hit(n: str, pats: Sequence[str]) -> bool:
+        o = owners[n]
+        return any(matches(n, pat) or (o is not None and fnmatchcase(o, pat)) for pat in pats)
+
+    kept = [n for n in names if (not include or hit(n, include)) and not hit(n, exclude or [])]
+    return kept, {o for n in kept if (o := owners[n]) is not None}
 
 
 def _config_summary(config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -222,9 +295,13 @@ def _config_summary(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: config[k] for k in keys if k in config}
 
 
-def summarize_adapter(ad: Adapter, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> AdapterSummary:
-    """Per target: rank, alpha, scale and ||s·B·A||_F computed from the factors (no dense delta)."""
-    keep = set(select(ad.targets, include, exclude, allow_unmatched=True).selected) if (include or exclude) else set(ad.targets)
+def summarize_adapter(ad: Adapter, keep: set[str] | None = None) -> AdapterSummary:
+    """Per target: rank, alpha, scale and ||s·B·A||_F computed from the factors (no dense delta).
+
+    ``keep``: the modules (targets and ``modules_to_save`` entries) to report; all when None.
+    """
+    if keep is None:
+        keep = set(ad.targets) | set(ad.modules_to_save)
     rows = []
     for mod in sorted(ad.targets):
         if mod not in keep:
@@ -251,7 +328,7 @@ def summarize_adapter(ad: Adapter, include: Sequence[str] | None = None, exclude
         ranks=sorted({r.rank for r in rows}),
         alphas=sorted({r.alpha for r in rows}),
         use_rslora=ad.use_rslora,
-        modules_to_save=sorted(ad.modules_to_save),
+        modules_to_save=sorted(m for m in ad.modules_to_save if m in keep),
         rows=rows,
     )
 
@@ -284,23 +361,52 @@ def _spectra(
             raise FormatError(e.message, e.path or ck.path) from None
         m, k = svd.as_matrix(w).shape
         del w
-        out.append(
-            SpectrumRow(
-                name=n,
-                shape=list(ck.info(n).shape),
-                full_rank=int(S.numel()),
-                effective_rank=round(svd.effective_rank(S), 4),
-                rank_90=svd.rank_for_energy(S, 0.90),
-                rank_95=svd.rank_for_energy(S, 0.95),
-                rank_99=svd.rank_for_energy(S, 0.99),
-                break_even=round(svd.break_even_rank(m, k), 2),
-                sigma_max=float(S[0].item()) if S.numel() else 0.0,
-                energy_at_rank=(float(svd.energy_curve(S)[min(rank, S.numel()) - 1].item()) if rank else None),
-                singular_values=[float(x) for x in S.tolist()] if keep_sv else None,
-            )
-        )
+        out.append(_spectrum_row(n, list(ck.info(n).shape), S, m, k, rank, keep_sv))
     if progress:
         progress(len(todo), len(todo), "")
+    return out
+
+
+def _spectrum_row(
+    name: str, shape: list[int], S: torch.Tensor, m: int, n: int, rank: int | None, keep_sv: bool
+) -> SpectrumRow:
+    """Statistics of the singular values S of an m × n matrix (S may hold fewer than min(m, n))."""
+    return SpectrumRow(
+        name=name,
+        shape=shape,
+        full_rank=int(S.numel()),
+        effective_rank=round(svd.effective_rank(S), 4),
+        rank_90=svd.rank_for_energy(S, 0.90),
+        rank_95=svd.rank_for_energy(S, 0.95),
+        rank_99=svd.rank_for_energy(S, 0.99),
+        break_even=round(svd.break_even_rank(m, n), 2),
+        sigma_max=float(S[0].item()) if S.numel() else 0.0,
+        energy_at_rank=(float(svd.energy_curve(S)[min(rank, S.numel()) - 1].item()) if rank and S.numel() else None),
+        singular_values=[float(x) for x in S.tolist()] if keep_sv else None,
+    )
+
+
+def _adapter_spectra(
+    ad: Adapter, summary: AdapterSummary, rank: int | None, keep_sv: bool, progress: ProgressFn | None, path: Path
+) -> list[SpectrumRow]:
+    """Spectra of each reported target's update s·B·A (as the out × in·kh·kw matrix), from the factors.
+
+    The singular values come from the QR of both factors and the SVD of the r × r core
+    (``svd.product_svd``, fp64), so there are at most ``rank`` of them and no dense delta is formed.
+    For a DoRA target this is the update of the direction before the magnitude rescaling.
+    """
+    if not summary.rows:
+        raise FormatError("no LoRA targets among the selected modules for --spectrum", path)
+    out = []
+    for i, row in enumerate(summary.rows):
+        if progress:
+            progress(i, len(summary.rows), row.module)
+        t = ad.targets[row.module]
+        S = svd.product_svd(t.B, t.A, fp64=True).S * abs(t.scale)
+        m, n = t.out_features, t.in_features * (math.prod(row.kernel) if row.kernel else 1)
+        out.append(_spectrum_row(row.module, [t.out_features, t.in_features, *(row.kernel or [])], S, m, n, rank, keep_sv))
+    if progress:
+        progress(len(summary.rows), len(summary.rows), "")
     return out
 
 

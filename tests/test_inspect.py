@@ -159,6 +159,66 @@ def test_kohya_file(tmp_path: Path) -> None:
     assert out["metadata"]["ss_network_dim"] == "4"
 
 
+def test_adapter_selection_by_module_name_and_spectrum_of_the_update(tmp_path: Path) -> None:
+    """-i/-x take the module names the adapter table prints; --spectrum is that of s·B·A, checked by numpy."""
+    peft = pytest.importorskip("peft")
+    model = tiny_bert(tmp_path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], rank_pattern={"value": 2},
+                          use_rslora=True, init_lora_weights=False, modules_to_save=["pooler"])
+    pm = peft.get_peft_model(model, cfg)
+    pm.save_pretrained(tmp_path / "ad")
+    q0 = "encoder.layer.0.attention.self.query"
+    out = run_json("inspect", str(tmp_path / "ad"), "-i", q0, "--spectrum", "--rank", "2")
+    assert [r["name"] for r in out["tensors"]] == [f"base_model.model.{q0}.lora_A.weight", f"base_model.model.{q0}.lora_B.weight"]
+    assert [r["module"] for r in out["adapter"]["rows"]] == [q0] and out["adapter"]["modules_to_save"] == []
+    (row,) = out["spectrum"]
+    layer = pm.base_model.model.encoder.layer[0].attention.self.query
+    dense = layer.get_delta_weight("default").detach().double().numpy()
+    s = np.linalg.svd(dense, compute_uv=False)[:4]
+    assert (row["name"], row["shape"], row["full_rank"]) == (q0, [16, 16], 4)
+    assert row["sigma_max"] == pytest.approx(s[0], rel=1e-6)
+    assert row["energy_at_rank"] == pytest.approx((s[:2] ** 2).sum() / (s**2).sum(), rel=1e-6)
+    assert row["rank_99"] == np_energy_rank(s, 0.99)
+    assert row["break_even"] == pytest.approx(8.0)
+    # exclude by module name drops that module's tensors; a glob over module names selects modules_to_save too
+    out = run_json("inspect", str(tmp_path / "ad"), "-i", "*.value", "-i", "pooler.*", "-x", "encoder.layer.1.*")
+    assert [r["module"] for r in out["adapter"]["rows"]] == ["encoder.layer.0.attention.self.value"]
+    assert out["adapter"]["modules_to_save"] == ["pooler.dense.bias", "pooler.dense.weight"]
+    v0 = "base_model.model.encoder.layer.0.attention.self.value"
+    assert [r["name"] for r in out["tensors"]] == [f"{v0}.lora_A.weight", f"{v0}.lora_B.weight",
+                                                   "base_model.model.pooler.dense.bias", "base_model.model.pooler.dense.weight"]
+    res = runner.invoke(app, ["inspect", str(tmp_path / "ad"), "-i", "encoder.layer.9.*"])
+    assert res.exit_code == 1
+    assert res.stderr.startswith("error: --include 'encoder.layer.9.*' matches no tensor or module")
+
+
+def test_kohya_conv_spectrum_is_that_of_the_scaled_update(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(3, 4, 3, 3, generator=g), torch.randn(6, 3, 1, 1, generator=g)
+    p = tmp_path / "k.safetensors"
+    save_file({"lora_unet_conv.lora_down.weight": down, "lora_unet_conv.lora_up.weight": up,
+               "lora_unet_conv.alpha": torch.tensor(1.5)}, p)
+    (row,) = run_json("inspect", str(p), "-i", "lora_unet_conv", "--spectrum")["spectrum"]
+    dense = 0.5 * up.reshape(6, 3).double().numpy() @ down.reshape(3, 36).double().numpy()
+    s = np.linalg.svd(dense, compute_uv=False)[:3]
+    assert (row["name"], row["shape"], row["full_rank"]) == ("lora_unet_conv", [6, 4, 3, 3], 3)
+    assert row["sigma_max"] == pytest.approx(s[0], rel=1e-6)
+    assert row["break_even"] == pytest.approx(6 * 36 / 42, abs=0.01)
+
+
+def test_legacy_diffusers_tensors_belong_to_their_modules(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    sd = {f"unet.mid.attn1.processor.{p}_lora.{w}.weight": torch.randn(*(2, 8) if w == "down" else (8, 2), generator=g)
+          for p in ("to_q", "to_out") for w in ("down", "up")}
+    p = tmp_path / "legacy.safetensors"
+    save_file(sd, p)
+    out = run_json("inspect", str(p), "-i", "unet.mid.attn1.to_out.0")
+    assert out["kind"] == "diffusers-legacy"
+    assert [r["module"] for r in out["adapter"]["rows"]] == ["unet.mid.attn1.to_out.0"]
+    assert [r["name"] for r in out["tensors"]] == ["unet.mid.attn1.processor.to_out_lora.down.weight",
+                                                   "unet.mid.attn1.processor.to_out_lora.up.weight"]
+
+
 def test_loha_is_named(tmp_path: Path) -> None:
     p = tmp_path / "loha.safetensors"
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}, p)

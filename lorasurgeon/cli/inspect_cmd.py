@@ -30,7 +30,8 @@ def inspect_command(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     spectrum: Annotated[
-        bool, typer.Option("--spectrum", help="Singular-value statistics of every 2-D and conv weight.")
+        bool, typer.Option("--spectrum", help="Singular-value statistics of every 2-D and conv weight (of an adapter: of each "
+                                 "target's update s·B·A, from the factors).")
     ] = False,
     rank: Annotated[
         int | None, typer.Option("--rank", help="With --spectrum: report the energy kept at this rank.")
@@ -112,12 +113,14 @@ def render(r: InspectResult, show_tensors: bool) -> None:
     if r.factorized_layers:
         con.print(f"factorized layers: {len(r.factorized_layers)}")
     if r.spectrum:
-        t = Table(title="Spectrum (energy = share of squared Frobenius norm)", title_justify="left")
-        cols = ["weight", "shape", "full", "eff. rank", "r@90%", "r@95%", "r@99%", "break-even", "σ_max"]
+        what = "of each target's update s·B·A " if r.adapter else ""
+        t = Table(title=f"Spectrum {what}(energy = share of squared Frobenius norm)", title_justify="left")
+        first = "module" if r.adapter else "weight"
+        cols = [first, "shape", "full", "eff. rank", "r@90%", "r@95%", "r@99%", "break-even", "σ_max"]
         if r.spectrum_rank:
             cols.append(f"energy@{r.spectrum_rank}")
         for c in cols:
-            t.add_column(c, justify="left" if c in ("weight", "shape") else "right")
+            t.add_column(c, justify="left" if c in (first, "shape") else "right")
         for s in r.spectrum:
             cells = [s.name, "×".join(map(str, s.shape)), str(s.full_rank), f"{s.effective_rank:.1f}",
                      str(s.rank_90), str(s.rank_95), str(s.rank_99), f"{s.break_even:.1f}", f"{s.sigma_max:.4g}"]

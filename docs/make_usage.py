@@ -53,7 +53,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ]),
     ("convert", "PEFT ↔ kohya ↔ diffusers, every delta checked before writing.", [
         "lorasurgeon convert inverted --to kohya -o inverted-kohya.safetensors",
-        "lorasurgeon convert inverted-kohya.safetensors --to peft --base \"$DIGITS\" -o inverted-back",
+        "lorasurgeon convert inverted-kohya.safetensors --to peft -o inverted-back",
     ]),
     ("export", "ONNX for onnxruntime, verified against PyTorch.", [
         "lorasurgeon export cnn-f.safetensors --arch lorasurgeon.zoo:digits_cnn -o cnn-f.onnx",

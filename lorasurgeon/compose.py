@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,14 @@ import torch
 from lorasurgeon._finite import all_finite
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
-from lorasurgeon.io.adapters import KOHYA_PREFIXES, Adapter, LoraTarget, read_adapter, write_adapter
+from lorasurgeon.io.adapters import (
+    Adapter,
+    LoraTarget,
+    is_kohya_stem,
+    kohya_name,
+    read_adapter,
+    write_adapter,
+)
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
 from lorasurgeon.ops import compose as ops
 from lorasurgeon.ops import lora
@@ -101,20 +108,37 @@ def _check_options(
     return w
 
 
-def _is_kohya_stem(name: str) -> bool:
-    return "." not in name and name.startswith(KOHYA_PREFIXES)
+def _unify_names(adapters: Sequence[Adapter], paths: Sequence[str | Path]) -> list[Adapter]:
+    """Name every input's targets alike when kohya stems meet dotted module names.
 
+    A kohya stem (``lora_unet_a_b``, the lossy '.' -> '_' form) takes the module name of another
+    input whose kohya stem it is. The union would otherwise hold one layer twice, under two names.
 
-def _check_naming(adapters: Sequence[Adapter], paths: Sequence[str | Path]) -> None:
-    """Refuse mixing kohya stems (whose module names need the base model to recover) with dotted
-    module names: the union would hold the same layer twice under two names."""
-    kinds = {p: all(_is_kohya_stem(m) for m in ad.targets) for ad, p in zip(adapters, paths, strict=True)}
-    if len(set(kinds.values())) > 1:
-        stems = next(p for p, k in kinds.items() if k)
-        raise UnsupportedError(
-            "cannot compose a kohya file (module names are lossy underscored stems) with adapters named by "
-            "module path; convert all inputs to one layout first", stems,
-        )
+    Raises:
+        UnsupportedError: a stem no other input names (its module name needs the base model:
+            ``convert --base`` first), or two module names with the same stem.
+    """
+    dotted = sorted({m for ad in adapters for m in ad.targets if not is_kohya_stem(m)})
+    stemmed = [i for i, ad in enumerate(adapters) if any(is_kohya_stem(m) for m in ad.targets)]
+    if not dotted or not stemmed:
+        return list(adapters)
+    known: dict[str, str] = {}
+    for m in dotted:
+        stem = kohya_name(m)
+        if known.setdefault(stem, m) != m:
+            raise UnsupportedError(f"modules {known[stem]!r} and {m!r} have the same kohya name {stem!r}; "
+                                   "compose them in a layout that keeps module names", paths[0])
+    out = list(adapters)
+    for i in stemmed:
+        ad = adapters[i]
+        unknown = sorted(m for m in ad.targets if is_kohya_stem(m) and m not in known)
+        if unknown:
+            raise UnsupportedError(
+                f"kohya name {unknown[0]!r} is a lossy underscored stem that no other input names, and the other "
+                "inputs use module paths; map it first: lorasurgeon convert FILE --to peft --base BASE", paths[i])
+        targets = {known.get(m, m): replace(t, module=known.get(m, m)) for m, t in ad.targets.items()}
+        out[i] = replace(ad, targets=dict(sorted(targets.items())))
+    return out
 
 
 def _layer_tasks(
@@ -258,7 +282,7 @@ def compose_adapters(
                 f"composing DoRA is ill-posed: its magnitude renormalises W+ΔW per row, so adapters do not add "
                 f"(module {dora[0]!r}); merge each into the base model instead", p,
             )
-    _check_naming(adapters, inputs)
+    adapters = _unify_names(adapters, inputs)
     modules = sorted({name for ad in adapters for name in ad.targets})
     targets: dict[str, LoraTarget] = {}
     layers: list[ComposeLayer] = []

@@ -57,8 +57,8 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
                     atol: float = 1e-6, force: bool = False) -> ConvertResult:
     """Rewrite an adapter in another layout without changing any layer's delta.
 
-    kohya names are lossy (``.`` → ``_``); leaving kohya needs ``base`` to map them back. A
-    diffusers adapter whose targets share one component (``unet.``) loses that prefix in PEFT.
+    kohya names are lossy (``.`` → ``_``); leaving kohya needs ``base`` to map them back, unless
+    the file records its module names (kohya files written by lorasurgeon do). A diffusers adapter whose targets share one component (``unet.``) loses that prefix in PEFT.
 
     Raises:
         InvalidOptionError: unknown format, or kohya → other without ``base``.
@@ -70,9 +70,11 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     ad = io_ad.read_adapter(inp)
     from_format = ad.format
     renamed: dict[str, str] = {}
-    if ad.format == "kohya" and to != "kohya":
+    stems = [m for m in ad.targets if io_ad.is_kohya_stem(m)]  # names a kohya file holds only as stems
+    if ad.format == "kohya" and to != "kohya" and (stems or base is not None):
         if base is None:
-            raise InvalidOptionError("kohya names are lossy ('.' became '_'); pass --base to map them to module names", inp)
+            raise InvalidOptionError(f"kohya names are lossy ('.' became '_', e.g. {stems[0]!r}); pass --base to map them "
+                                     "to module names", inp)
         with Checkpoint.open(base) as ck:
             mods = sorted({n.rsplit(".", 1)[0] for n in ck.names() if n.endswith(".weight")})
         ad, unmatched, renamed = io_ad.resolve_kohya_names(ad, mods)

@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, MatchError
-from lorasurgeon.io.adapters import PEFT_PREFIX, Adapter, detect_layout, read_adapter
+from lorasurgeon.io.adapters import (
+    PEFT_PREFIX,
+    Adapter,
+    detect_layout,
+    is_kohya_stem,
+    kohya_name,
+    read_adapter,
+)
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.targeting import matches, select
 from lorasurgeon.ops import svd
@@ -236,12 +243,14 @@ def adapter_tensor_owners(names: Sequence[str], ad: Adapter) -> dict[str, str | 
 
     A target owns a tensor when the tensor's name, without PEFT's ``base_model.model.`` prefix
     (and with the legacy diffusers ``processor.to_q_lora`` layout written as ``to_q``), starts
-    with the module's name and a dot; the longest such name wins. A ``modules_to_save`` entry owns
+    with the module's name (or, in a kohya file, its stem) and a dot; the longest such name wins. A ``modules_to_save`` entry owns
     the tensor that holds it (PEFT's ``.modules_to_save.default.`` wrapper removed). Tensors
     that belong to nothing (kohya's or diffusers' extra tensors) map to None.
     """
     saved = set(ad.modules_to_save)
-    targets = set(ad.targets)
+    targets = {m: m for m in ad.targets}
+    if ad.format == "kohya":  # targets named from recorded module names own the tensors of their stems
+        targets.update({kohya_name(m): m for m in ad.targets if not is_kohya_stem(m)})
     owners: dict[str, str | None] = {}
     for n in names:
         key = n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n
@@ -251,7 +260,8 @@ def adapter_tensor_owners(names: Sequence[str], ad: Adapter) -> dict[str, str | 
             continue
         key = _LEGACY_PROCESSOR.sub(lambda m: ".to_out.0." if m.group(1) == "to_out" else f".{m.group(1)}.", key)
         parts = key.split(".")
-        owners[n] = next((c for c in (".".join(parts[:j]) for j in range(len(parts) - 1, 0, -1)) if c in targets), None)
+        owner = next((c for c in (".".join(parts[:j]) for j in range(len(parts) - 1, 0, -1)) if c in targets), None)
+        owners[n] = targets[owner] if owner is not None else None
     return owners
 
 

@@ -339,3 +339,29 @@ def test_density_that_keeps_nothing_warns(tmp_path: Path, adapters) -> None:
     out = run("compose", str(paths["a"]), str(paths["b"]), "-m", "ties", "--density", "1e-9", "-o", str(tmp_path / "z"))
     assert out["warnings"] and out["warnings"][0].startswith("--density 1e-09 keeps nothing of ")
     assert all(not bool(t.B.any()) for t in read_adapter(tmp_path / "z").targets.values())
+
+
+def test_kohya_stems_take_the_module_names_of_the_other_inputs(tmp_path: Path, adapters) -> None:
+    """A kohya file another tool wrote (stems only) composes with PEFT adapters when they name its layers."""
+    from safetensors import safe_open
+
+    paths, deltas = adapters
+    run("convert", str(paths["c"]), "--to", "kohya", "-o", str(tmp_path / "c.safetensors"))
+    with safe_open(tmp_path / "c.safetensors", "pt") as f:  # drop the module names lorasurgeon records
+        save_file({k: f.get_tensor(k) for k in f.keys()}, tmp_path / "plain.safetensors")
+    assert all("." not in m for m in read_adapter(tmp_path / "plain.safetensors").targets)
+    # ours records its module names; the plain one takes them from the PEFT input that names every layer it has
+    for other, kohya in (("a", "c.safetensors"), ("c", "plain.safetensors")):
+        out = run("compose", str(paths[other]), str(tmp_path / kohya), "--method", "cat", "--weight", "0.5",
+                  "--weight", "2", "-o", str(tmp_path / f"{other}-{kohya[:-12]}"))
+        got = read_adapter(tmp_path / f"{other}-{kohya[:-12]}")
+        ref = weighted_sum(deltas, (other, "c"), (0.5, 2.0))
+        assert set(got.targets) == set(ref) and out["exact"] is True
+        assert max(amax(dense(got.targets[m]) - ref[m]) for m in ref) < 1e-6
+    # a stem that no other input names (key: only c targets it) cannot be mapped without the base
+    res = runner.invoke(app, ["compose", str(paths["a"]), str(tmp_path / "plain.safetensors"), "--method", "cat",
+                              "-o", str(tmp_path / "ac")])
+    assert res.exit_code == 1 and not (tmp_path / "ac").exists()
+    assert res.stderr.strip().endswith(
+        "kohya name 'lora_encoder_layer_0_attention_self_key' is a lossy underscored stem that no other input names, "
+        "and the other inputs use module paths; map it first: lorasurgeon convert FILE --to peft --base BASE")

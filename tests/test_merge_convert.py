@@ -164,16 +164,30 @@ def test_modules_to_save_replace_base(tmp_path: Path) -> None:
 def test_kohya_round_trip_and_merge(tmp_path: Path) -> None:
     make_base(tmp_path)
     ad = make_adapter(tmp_path, "ad", 1, r=4, lora_alpha=8, target_modules=["query", "dense"], rank_pattern={"dense": 2})
+    from safetensors import safe_open
+
     run("convert", str(ad), "--to", "kohya", "-o", str(tmp_path / "k.safetensors"))
-    assert fail("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "-o", str(tmp_path / "p")).endswith(
-        "kohya names are lossy ('.' became '_'); pass --base to map them to module names")
-    run("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", str(tmp_path / "base"), "-o", str(tmp_path / "p"))
-    a, b = read_adapter(ad), read_adapter(tmp_path / "p")
-    assert set(a.targets) == set(b.targets)
-    for m in a.targets:
-        da = a.targets[m].scale * a.targets[m].B @ a.targets[m].A
-        db = b.targets[m].scale * b.targets[m].B @ b.targets[m].A
-        assert torch.allclose(da, db, atol=1e-7)
+    with safe_open(tmp_path / "k.safetensors", "pt") as f:  # a file another tool wrote: no recorded module names
+        names = json.loads(f.metadata()["lorasurgeon.module_names"])
+        save_file({k: f.get_tensor(k) for k in f.keys()}, tmp_path / "plain.safetensors")
+    assert names["lora_encoder_layer_0_attention_self_query"] == "encoder.layer.0.attention.self.query"
+    assert fail("convert", str(tmp_path / "plain.safetensors"), "--to", "peft", "-o", str(tmp_path / "p")).endswith(
+        "kohya names are lossy ('.' became '_', e.g. 'lora_encoder_layer_0_attention_output_dense'); pass --base to map "
+        "them to module names")
+    run("convert", str(tmp_path / "plain.safetensors"), "--to", "peft", "--base", str(tmp_path / "base"), "-o", str(tmp_path / "p"))
+    run("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "-o", str(tmp_path / "p2"))  # our own: no base needed
+    shown = run("inspect", str(tmp_path / "k.safetensors"), "-i", "encoder.layer.0.attention.self.query")
+    assert [r["module"] for r in shown["adapter"]["rows"]] == ["encoder.layer.0.attention.self.query"]
+    assert [r["name"] for r in shown["tensors"]] == [f"lora_encoder_layer_0_attention_self_query.{k}"
+                                                     for k in ("alpha", "lora_down.weight", "lora_up.weight")]
+    a = read_adapter(ad)
+    for out in ("p", "p2"):
+        b = read_adapter(tmp_path / out)
+        assert set(a.targets) == set(b.targets)
+        for m in a.targets:
+            da = a.targets[m].scale * a.targets[m].B @ a.targets[m].A
+            db = b.targets[m].scale * b.targets[m].B @ b.targets[m].A
+            assert torch.allclose(da, db, atol=1e-7)
     run("merge", str(tmp_path / "base"), str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "mk"))
     assert_state_close(tmp_path / "mk", peft_merged(tmp_path, ad))
     # our PEFT output loads in peft and merges to the same weights

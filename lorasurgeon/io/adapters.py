@@ -313,17 +313,40 @@ def _read_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], path: 
             groups.setdefault(stem, {})["magnitude"] = t
         else:
             other[key] = t
+    names = _kohya_module_names(metadata, set(groups))
     targets: dict[str, LoraTarget] = {}
-    for mod, (A, B, parts) in _pair_up(groups, path).items():
+    for stem, (A, B, parts) in _pair_up(groups, path).items():
         rank = int(A.shape[0])
-        if mod in alphas and (alphas[mod].numel() != 1 or not bool(torch.isfinite(alphas[mod].float()).all())):
-            raise FormatError(f"module {mod!r}: alpha must be one finite number, got shape {list(alphas[mod].shape)}", path)
-        alpha = float(alphas[mod].float().item()) if mod in alphas else float(rank)
+        if stem in alphas and (alphas[stem].numel() != 1 or not bool(torch.isfinite(alphas[stem].float()).all())):
+            raise FormatError(f"module {stem!r}: alpha must be one finite number, got shape {list(alphas[stem].shape)}", path)
+        alpha = float(alphas[stem].float().item()) if stem in alphas else float(rank)
         mag = parts.get("magnitude")
+        mod = names.get(stem, stem)
         targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, False), mag.reshape(-1) if mag is not None else None)
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
-    return Adapter("kohya", targets, other, metadata, {}, False, str(path))
+    return Adapter("kohya", dict(sorted(targets.items())), other, metadata, {}, False, str(path))
+
+
+# Metadata key of the kohya files we write: {kohya stem: module name} for every target whose
+# module name we knew, so that reading the file back needs no base to undo the lossy '.' -> '_'.
+KOHYA_MODULES_KEY = "lorasurgeon.module_names"
+
+
+def _kohya_module_names(metadata: Mapping[str, str], stems: set[str]) -> dict[str, str]:
+    """The stem -> module names recorded in ``KOHYA_MODULES_KEY``, each checked to map back to its stem.
+
+    An entry whose module name does not give its stem (a file renamed or edited by another tool)
+    is ignored, and so is a malformed value: the names then come from a base as for any kohya file.
+    """
+    try:
+        recorded = json.loads(metadata.get(KOHYA_MODULES_KEY, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {stem: mod for stem, mod in recorded.items()
+            if isinstance(mod, str) and stem in stems and not is_kohya_stem(mod) and kohya_name(mod) == stem}
 
 
 def _diffusers_config(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -407,6 +430,11 @@ def kohya_name(module: str) -> str:
     return GENERIC_KOHYA_PREFIX + module.replace(".", "_")
 
 
+def is_kohya_stem(name: str) -> bool:
+    """A kohya key stem (``lora_unet_a_b``: prefix, no dot), as opposed to a module name."""
+    return "." not in name and name.startswith((*KOHYA_PREFIXES, GENERIC_KOHYA_PREFIX))
+
+
 def _strip_kohya_prefix(stem: str) -> str:
     for p in (*KOHYA_PREFIXES, GENERIC_KOHYA_PREFIX):
         if stem.startswith(p):
@@ -429,7 +457,7 @@ def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, 
     unmatched: list[str] = []
     renames: dict[str, str] = {}
     for stem, t in ad.targets.items():
-        if "." in stem:  # already a module name
+        if not is_kohya_stem(stem):  # already a module name
             targets[stem] = t
             continue
         cands = by_key.get(_strip_kohya_prefix(stem), [])
@@ -516,6 +544,9 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
                 state[f"{stem}.dora_scale"] = t.magnitude.reshape(-1, 1) if t.A.ndim == 2 else t.magnitude.reshape(-1, 1, 1, 1)
         for n, v in ad.modules_to_save.items():
             state[n] = v
+        known = {kohya_name(m): m for m in ad.targets if not is_kohya_stem(m)}
+        if known:
+            config = {KOHYA_MODULES_KEY: json.dumps(dict(sorted(known.items())))}
     elif fmt == "diffusers":
         per: dict[str, dict[str, Any]] = {}
         for m, t in ad.targets.items():

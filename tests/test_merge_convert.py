@@ -370,3 +370,87 @@ def test_merge_provenance_hash_is_the_base_files_sha256(tmp_path: Path) -> None:
     assert base_rec["sha256"] == hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     assert base_rec["files"] == len(files) and ad_rec["name"] == "ad" and ad_rec["sha256"] != "0" * 64
     assert_state_close(tmp_path / "out", peft_merged(tmp_path, ad))
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_bias_setting_merges_the_trained_biases_and_round_trips(tmp_path: Path, bias: str) -> None:
+    """PEFT's bias="lora_only"/"all" save LoRA'd modules' biases as <module>.base_layer.bias: they replace the bias."""
+    make_base(tmp_path)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(fresh(tmp_path), peft.LoraConfig(r=2, target_modules=["query", "value"], bias=bias,
+                                                               init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(torch.randn_like(p))  # "trained" biases
+    pm.save_pretrained(tmp_path / "ad")
+    assert any(k.endswith("query.base_layer.bias") for k in load_file(tmp_path / "ad" / "adapter_model.safetensors"))
+    ref = peft_merged(tmp_path, tmp_path / "ad")
+    out = run("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "-o", str(tmp_path / "m"))
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    assert set(got) == set(ref) and out["added"] == []
+    for k, v in ref.items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+    # what we write keeps PEFT's layout: resize to full rank (exact) loads in peft and merges the same
+    run("resize", str(tmp_path / "ad"), "--rank", "2", "-o", str(tmp_path / "rs"))
+    assert json.loads((tmp_path / "rs" / "adapter_config.json").read_text())["bias"] == bias
+    again = peft_merged(tmp_path, tmp_path / "rs")
+    for k, v in ref.items():
+        assert torch.allclose(again[k], v, atol=1e-5), k
+
+
+def test_peft_trainable_tokens_are_refused_by_name(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    pm = peft.get_peft_model(fresh(tmp_path), peft.LoraConfig(r=2, target_modules=["query"],
+                                                              trainable_token_indices={"word_embeddings": [1, 2]}))
+    pm.save_pretrained(tmp_path / "ad")
+    msg = fail("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "-o", str(tmp_path / "m"))
+    assert msg.endswith("PEFT trainable tokens (trainable_token_indices) are not supported: their rows replace embedding "
+                        "rows, which is not a LoRA update")
+    assert not (tmp_path / "m").exists()
+
+
+class _Conv(nn.Module):
+    def __init__(self, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8 if groups == 1 else 4, 3, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_conv_dora_round_trip_through_kohya_loads_in_peft(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = _Conv()
+    save_file(net.state_dict(), tmp_path / "c.safetensors")
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["conv"], use_dora=True, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    run("convert", str(tmp_path / "ad"), "--to", "kohya", "-o", str(tmp_path / "k.safetensors"))
+    run("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "-o", str(tmp_path / "back"))
+    mag = load_file(tmp_path / "back" / "adapter_model.safetensors")["base_model.model.conv.lora_magnitude_vector"]
+    assert mag.shape == (1, 8, 1, 1)  # PEFT's conv DoRA shape
+    x = torch.randn(2, 4, 6, 6)
+    ref = pm.eval()(x)
+    back = _Conv()
+    back.load_state_dict(load_file(tmp_path / "c.safetensors"))
+    got = peft.PeftModel.from_pretrained(back, str(tmp_path / "back")).eval()(x)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_grouped_conv_lora_is_named(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = _Conv(groups=4)
+    save_file(net.state_dict(), tmp_path / "c.safetensors")
+    peft.get_peft_model(net, peft.LoraConfig(r=4, target_modules=["conv"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "ad")
+    msg = fail("merge", str(tmp_path / "c.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "m.safetensors"))
+    assert "look like a grouped-convolution LoRA (4 groups); merging grouped or depthwise conv LoRA is not supported" in msg
+
+
+def test_named_adapter_subfolders_are_pointed_at(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    pm = peft.get_peft_model(fresh(tmp_path), peft.LoraConfig(r=2, target_modules=["query"]), adapter_name="styleA")
+    pm.save_pretrained(tmp_path / "ads")
+    msg = fail("inspect", str(tmp_path / "ads"))
+    assert msg.endswith("folder holds PEFT adapters in subfolders (styleA); give one of them")
+    run("inspect", str(tmp_path / "ads" / "styleA"))

@@ -25,7 +25,7 @@ import torch
 
 from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
-from lorasurgeon.io.checkpoint import Checkpoint
+from lorasurgeon.io.checkpoint import Checkpoint, named_adapter_subfolders
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior", "decoder")
@@ -170,6 +170,10 @@ def read_adapter(path: str | Path) -> Adapter:
     if p.is_dir():
         cfg = p / "adapter_config.json"
         if not cfg.is_file():
+            named = named_adapter_subfolders(p)
+            if named:  # PEFT saves adapters not called "default" in subfolders
+                raise FormatError(f"folder holds PEFT adapters in subfolders ({', '.join(named[:5])}"
+                                  f"{', ...' if len(named) > 5 else ''}); give one of them", p)
             raise FormatError("folder has no adapter_config.json; not a PEFT adapter", p)
         try:
             config = json.loads(cfg.read_text(encoding="utf-8"))
@@ -239,6 +243,11 @@ def _pair_up(
             raise FormatError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)}: only Linear (2-D) and Conv2d (4-D) "
                 "LoRA factors are supported (a 3-D factor is a Conv1d or Conv3d LoRA)", path)
+        if A.ndim == 4 and B.ndim == 4 and B.shape[1] < A.shape[0] and A.shape[0] % B.shape[1] == 0:
+            raise UnsupportedError(
+                f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} look like a grouped-convolution LoRA "
+                f"({A.shape[0] // B.shape[1]} groups); merging grouped or depthwise conv LoRA is not supported "
+                "(PEFT's merge refuses it too)", path)
         if A.shape[0] != B.shape[1]:
             raise FormatError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} do not chain (ranks differ)", path
@@ -260,13 +269,19 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     rx = re.compile(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.(?!weight$|bias$)([^.]+))?(?:\.(weight|bias))?$")
+    if config.get("trainable_token_indices") or any(".token_adapter." in k for k in state):
+        raise UnsupportedError("PEFT trainable tokens (trainable_token_indices) are not supported: their rows replace "
+                               "embedding rows, which is not a LoRA update", path)
     for key, t in state.items():
         m = rx.match(key)
         if not m or (".lora_embedding_" in key):
             if ".lora_embedding_" in key:
                 raise UnsupportedError("embedding LoRA (lora_embedding_A/B) is not supported yet", path)
             name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-            saved[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")] = t
+            # modules_to_save wrappers, and the base_layer of a LoRA'd module whose bias PEFT saved
+            # (bias="lora_only" / "all"): the tensor replaces the base model's tensor of that name
+            saved[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+                  .replace(".base_layer.", ".")] = t
             continue
         mod, kind, _adapter_name, wb = m.groups()
         g = groups.setdefault(mod, {})
@@ -289,8 +304,10 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
             raise FormatError(
                 f"module {mod!r} has rank {rank} but adapter_config.json says r={expected_r}", path
             )
+        mag = parts.get("magnitude")  # PEFT stores a conv's as (1, out, 1, 1)
         targets[mod] = LoraTarget(
-            mod, A, B, alpha, lora_scale(alpha, rank, rslora), parts.get("magnitude"), parts.get("bias"), fifo
+            mod, A, B, alpha, lora_scale(alpha, rank, rslora), mag.reshape(-1) if mag is not None else None,
+            parts.get("bias"), fifo
         )
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
@@ -508,11 +525,15 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             state[f"{PEFT_PREFIX}{m}.lora_B.weight"] = t.B
             if any_bias:  # lora_bias is one switch for every target in PEFT: the others get zero biases
                 state[f"{PEFT_PREFIX}{m}.lora_B.bias"] = t.bias if t.bias is not None else t.B.new_zeros(t.B.shape[0])
-            if t.magnitude is not None:
-                state[f"{PEFT_PREFIX}{m}.lora_magnitude_vector"] = t.magnitude
+            if t.magnitude is not None:  # PEFT's shapes: (out,) for Linear, (1, out, 1, 1) for Conv2d
+                state[f"{PEFT_PREFIX}{m}.lora_magnitude_vector"] = (
+                    t.magnitude.reshape(1, -1, 1, 1) if t.is_conv else t.magnitude.reshape(-1))
+        biases = peft_bias_tensors(ad)
         for n, v in ad.modules_to_save.items():
-            state[f"{PEFT_PREFIX}{n}"] = v
-        saved_modules = sorted({n.rsplit(".", 1)[0] for n in ad.modules_to_save})
+            mod = n.rsplit(".", 1)[0]
+            # a LoRA'd module's own bias lives in PEFT's wrapper as <module>.base_layer.bias
+            state[f"{PEFT_PREFIX}{mod}.base_layer.bias" if n in biases and mod in ad.targets else f"{PEFT_PREFIX}{n}"] = v
+        saved_modules = sorted({n.rsplit(".", 1)[0] for n in ad.modules_to_save if n not in biases})
         config = {
             "peft_type": "LORA",
             "task_type": ad.config.get("task_type"),
@@ -527,7 +548,8 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             "lora_bias": any(t.bias is not None for t in ad.targets.values()),
             "fan_in_fan_out": any(t.fan_in_fan_out for t in ad.targets.values()),
             "modules_to_save": saved_modules or None,
-            "bias": "none",
+            "bias": ("none" if not biases else "lora_only" if all(n.rsplit(".", 1)[0] in ad.targets for n in biases)
+                     else "all"),
             "lora_dropout": float(ad.config.get("lora_dropout") or 0.0),  # attach's --dropout (no effect on merging)
             "inference_mode": True,
             "init_lora_weights": True,
@@ -573,6 +595,18 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
     else:
         raise UnsupportedError(f"unknown adapter format {fmt!r}; choose peft, kohya or diffusers")
     return state, config
+
+
+def peft_bias_tensors(ad: Adapter) -> set[str]:
+    """The saved tensors that PEFT's ``bias`` setting ("lora_only" / "all") saves, not modules_to_save.
+
+    A module of which only ``.bias`` is saved (a trained bias, its weight the base's) is one;
+    a module saved whole (weight and bias: a new head) is a ``modules_to_save`` module.
+    """
+    by_module: dict[str, list[str]] = {}
+    for n in ad.modules_to_save:
+        by_module.setdefault(n.rsplit(".", 1)[0], []).append(n)
+    return {names[0] for names in by_module.values() if len(names) == 1 and names[0].endswith(".bias")}
 
 
 def write_adapter(ad: Adapter, out: str | Path, fmt: str, *, provenance_meta: dict[str, Any] | None = None,

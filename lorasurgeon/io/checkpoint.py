@@ -272,6 +272,14 @@ def _is_zip_pickle(path: Path) -> bool:
         return False
 
 
+def named_adapter_subfolders(folder: Path) -> list[str]:
+    """Subfolders holding an adapter_config.json (PEFT's layout for adapters not called "default")."""
+    try:
+        return sorted(d.name for d in folder.iterdir() if (d / "adapter_config.json").is_file())
+    except OSError:
+        return []
+
+
 class Checkpoint:
     """A lazy, read-only view of the tensors in a checkpoint.
 
@@ -359,6 +367,10 @@ class Checkpoint:
                     folder,
                 )
         if chosen is None:
+            named = named_adapter_subfolders(folder)
+            if named:  # PEFT saves adapters not called "default" in subfolders
+                raise FormatError(f"folder holds PEFT adapters in subfolders ({', '.join(named[:5])}"
+                                  f"{', ...' if len(named) > 5 else ''}); give one of them", folder)
             raise FormatError("folder holds no weights (no *.safetensors, index or pytorch_model.bin)", folder)
         ck = cls.open(chosen)
         ck.path = folder

@@ -1,4 +1,4 @@
-from lorasurgeon.cli.app import main
+from lorasurgeon.cli.entry import main
 
 if __name__ == "__main__":
     main()

@@ -261,7 +261,7 @@ def fit(
                      "history": [asdict(h) for h in history], "best_metric": best[0], "best_epoch": best[1],
                      "best_params": best[2]}
             try:
-                with atomic_path(resume_file, force=True) as tmp:
+                with atomic_path(resume_file, force=True, pickle_name_ok=True) as tmp:
                     torch.save(state, tmp)
             except OSError as e:
                 raise WriteError(f"cannot save the training state ({e})", resume_file) from e

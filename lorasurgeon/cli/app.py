@@ -9,7 +9,7 @@ import traceback
 import typer
 
 from lorasurgeon._version import __version__
-from lorasurgeon.cli.output import exit_broken_pipe
+from lorasurgeon.cli.output import EXIT_BROKEN_PIPE, exit_broken_pipe
 from lorasurgeon.errors import EXIT_ERROR
 
 app = typer.Typer(
@@ -61,8 +61,19 @@ def main() -> None:
     from lorasurgeon._malloc import limit_heap_retention
 
     limit_heap_retention()  # bounded memory when streaming large checkpoints (see _malloc)
+    # rich (our tables, and typer's --help) answers a closed stdout with exit 1 and no message;
+    # the contract is a quiet 141, as with --json (docs/recipes.md, exit codes)
+    from rich.console import Console
+
+    Console.on_broken_pipe = lambda self: exit_broken_pipe()  # type: ignore[method-assign]
     try:
         app(prog_name="lorasurgeon")
+    except SystemExit as e:
+        # click's own answer to a closed stdout (e.g. --help | true) is exit 1, after wrapping stdout
+        # in its PacifyFlushWrapper (typer vendors click: match the class by name)
+        if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            sys.exit(EXIT_BROKEN_PIPE)
+        raise
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)

@@ -17,10 +17,10 @@ def register(app: typer.Typer) -> None:
 
 
 def convert_command(
-    adapter: Annotated[Path, typer.Argument(help="A PEFT folder or file, kohya/LoCon file, or diffusers LoRA file.")],
+    adapter: Annotated[Path, typer.Argument(readable=False, help="A PEFT folder or file, kohya/LoCon file, or diffusers LoRA file.")],
     to: Annotated[str, typer.Option("--to", help="peft | kohya | diffusers.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output (a folder for peft, a .safetensors file otherwise).")],
-    base: Annotated[Path | None, typer.Option("--base", help="Base checkpoint: maps kohya's lossy names back to modules (kohya files lorasurgeon wrote record them).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output (a folder for peft, a .safetensors file otherwise).")],
+    base: Annotated[Path | None, typer.Option("--base", readable=False, help="Base checkpoint: maps kohya's lossy names back to modules (kohya files lorasurgeon wrote record them).")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,

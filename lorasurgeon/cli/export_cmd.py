@@ -22,10 +22,10 @@ def register(app: typer.Typer) -> None:
 
 
 def export_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
-    model: Annotated[Path | None, typer.Argument(help="A Hugging Face model folder (dense or factorized), or the weights for --arch.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="The .onnx file to write.")],
+    model: Annotated[Path | None, typer.Argument(readable=False, help="A Hugging Face model folder (dense or factorized), or the weights for --arch.")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="module:factory building the model for a checkpoint (e.g. lorasurgeon.zoo:mlp).")] = None,
-    adapter: Annotated[list[Path] | None, typer.Option("--adapter", "-a", help="LoRA adapter merged into the weights before export (repeatable).")] = None,
+    adapter: Annotated[list[Path] | None, typer.Option("--adapter", "-a", readable=False, help="LoRA adapter merged into the weights before export (repeatable).")] = None,
     separate_adapters: Annotated[bool, typer.Option("--separate-adapters", help="Keep adapters apart: one onnxruntime .onnx_adapter per adapter beside the output, switchable at run time.")] = False,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Adapter targets that match no module become a warning.")] = False,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help="One sample's shape without the batch axis, e.g. 1,8,8 (tensor inputs; inferred when omitted).")] = None,
@@ -37,7 +37,7 @@ def export_command(
     rtol: Annotated[float | None, typer.Option("--rtol", help="Allowed |ONNX - PyTorch| relative to the batch's largest |output| (default 0 fp32, 5e-3 fp16).", rich_help_panel=PANEL_VERIFY)] = None,
     min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="Gate for --quantize: mean cosine (embeddings, default 0.99) or top-1 agreement (logits, default 0.98).", rich_help_panel=PANEL_VERIFY)] = None,
     benchmark: Annotated[bool, typer.Option("--benchmark", help="Time PyTorch eager and onnxruntime (median, p90).", rich_help_panel=PANEL_BENCH)] = False,
-    baseline: Annotated[Path | None, typer.Option("--baseline", help="A (dense) model exported and timed in the same run; reports the speedup. Implies --benchmark.", rich_help_panel=PANEL_BENCH)] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", readable=False, help="A (dense) model exported and timed in the same run; reports the speedup. Implies --benchmark.", rich_help_panel=PANEL_BENCH)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Benchmark batch size.", rich_help_panel=PANEL_BENCH)] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Benchmark sequence length (text models).", rich_help_panel=PANEL_BENCH)] = 128,
     threads: Annotated[int, typer.Option("--threads", help="Intra-op threads for onnxruntime and PyTorch.", rich_help_panel=PANEL_BENCH)] = 2,

@@ -37,7 +37,7 @@ def inspect_command(
         int | None, typer.Option("--rank", help="With --spectrum: report the energy kept at this rank.")
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Draw the normalised spectra to this PNG (implies --spectrum).")
+        Path | None, typer.Option("--plot", readable=False, help="Draw the normalised spectra to this PNG (implies --spectrum).")
     ] = None,
     tensors: Annotated[
         bool | None,

@@ -20,5 +20,6 @@ ExcludeOpt = Annotated[
 ]
 InputPath = Annotated[
     Path,
-    typer.Argument(help="A .safetensors file, sharded folder or index, .pt/.bin/.pth state dict, model folder or adapter."),
+    # readable=False: an unreadable input is our one-line error (exit 1, JSON with --json), not a parser error
+    typer.Argument(readable=False, help="A .safetensors file, sharded folder or index, .pt/.bin/.pth state dict, model folder or adapter."),
 ]

@@ -43,8 +43,8 @@ def register(app: typer.Typer) -> None:
 
 
 def attach_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output PEFT adapter folder (a model with --full).")],
-    model: Annotated[Path | None, typer.Argument(help="Hugging Face model folder, or the weights for --arch.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output PEFT adapter folder (a model with --full).")],
+    model: Annotated[Path | None, typer.Argument(readable=False, help="Hugging Face model folder, or the weights for --arch.")] = None,
     data: DataOpt = "digits",
     arch: ArchOpt = None,
     target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Glob over module names to adapt (repeatable; default: every Linear/Conv2d but the head).")] = None,
@@ -80,9 +80,9 @@ def attach_command(
 
 
 def distill_command(
-    teacher: Annotated[Path, typer.Option("--teacher", help="The original model (folder, or weights for --arch).")],
-    student: Annotated[Path, typer.Option("--student", help="Its factorized checkpoint or folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output factorized checkpoint (folder for a folder student).")],
+    teacher: Annotated[Path, typer.Option("--teacher", readable=False, help="The original model (folder, or weights for --arch).")],
+    student: Annotated[Path, typer.Option("--student", readable=False, help="Its factorized checkpoint or folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="Output factorized checkpoint (folder for a folder student).")],
     data: DataOpt = "digits",
     arch: ArchOpt = None,
     loss: Annotated[str, typer.Option("--loss", help="auto | kl | mse | cosine (auto: kl for classifiers, cosine for encoders).")] = "auto",

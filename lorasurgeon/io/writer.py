@@ -69,9 +69,15 @@ def _install_signal_handlers() -> None:
     _handlers_installed = True
 
 
+# Output names that every reader (ours, torch, transformers) takes for pickled state dicts.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
 def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | None] = (),
-                 data: str | Path | None = None) -> Path:
-    """Refuse an existing output unless ``force``; the parent folder must exist.
+                 data: str | Path | None = None, *, pickle_name_ok: bool = False) -> Path:
+    """Refuse an existing output unless ``force``; the parent folder must exist and be writable,
+    and the name must not say "pickle" (``.pt``, ``.bin``, ...: we write safetensors) unless
+    ``pickle_name_ok`` (train's own resume state, written with torch.save).
 
     ``inputs``: the command's input paths (None entries skipped); a missing one is reported
     first, before anything about the output. Replacing a folder deletes what it holds, so an
@@ -83,10 +89,15 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
         if i is not None and not Path(i).exists():
             raise InputNotFoundError("no such file or folder", i)
     p = Path(path)
+    if p.suffix.lower() in PICKLE_SUFFIXES and not pickle_name_ok:
+        raise InvalidOptionError(f"lorasurgeon writes safetensors, never PyTorch pickles, and later steps read {p.suffix} "
+                                 "files as pickles: name the output .safetensors (or a folder)", p)
     if p.exists() and not force:
         raise OutputExistsError("output exists; pass --force to replace it", p)
     if not p.parent.exists():
         raise WriteError("output folder does not exist", p.parent)
+    if not os.access(os.path.dirname(os.path.abspath(p)), os.W_OK | os.X_OK):  # before hours of work, not after
+        raise WriteError("output folder is not writable", p.parent)
     if p.is_dir():
         root = os.path.realpath(p)
         for i in [*inputs, data]:
@@ -100,19 +111,21 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, force: bool = False, directory: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, force: bool = False, directory: bool = False, *,
+                pickle_name_ok: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync and rename it into place.
 
     Args:
         path: the final output (a file, or a folder when ``directory``).
         force: replace an existing output.
         directory: the output is a folder; the temporary is a folder filled by the caller.
+        pickle_name_ok: allow a ``.pt`` name (see ``check_output``).
 
     Raises:
         OutputExistsError: ``path`` exists and not ``force``.
         WriteError: the write or the rename failed (disk full, permissions).
     """
-    shown = check_output(path, force)  # errors name the output as the user gave it
+    shown = check_output(path, force, pickle_name_ok=pickle_name_ok)  # errors name the output as the user gave it
     # The mechanics work on the absolute path: "-o ." has no name and is its own parent.
     final = Path(os.path.abspath(shown))
     _install_signal_handlers()

@@ -93,6 +93,37 @@ def test_closed_stdout_ends_quietly_with_141(tmp_path: Path) -> None:
     assert proc.wait() == 141 and err == ""
 
 
+@pytest.mark.parametrize("args", [["inspect", "{p}"], ["inspect", "--help"], ["factorize", "{p}", "--rank", "2", "-o", "{out}"]],
+                         ids=["table", "help", "factorize-log"])
+def test_closed_stdout_without_json_is_141_too(tmp_path: Path, args: list[str]) -> None:
+    """rich (tables) and click (--help) answer EPIPE with exit 1 and no message; ours is the quiet 141."""
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(64, 64)}, p)
+    cmd = [a.format(p=p, out=tmp_path / "o.safetensors") for a in args]
+    proc = subprocess.Popen([*LS, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "error" not in err
+
+
+def test_sigint_during_start_up_is_a_quiet_130(tmp_path: Path) -> None:
+    """Ctrl-C while the imports run (before any command code): exit 130, no traceback."""
+    import signal
+    import time
+
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(8, 8)}, p)
+    for delay in (0.15, 0.4):
+        proc = subprocess.Popen([*LS, "inspect", str(p)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate()
+        if proc.returncode == 0:  # finished before the signal (a fast machine): nothing to check
+            continue
+        assert proc.returncode == 130 and b"Traceback" not in err, (delay, err[-300:])
+
+
 def test_json_has_no_nan(tmp_path: Path) -> None:
     """Python writes NaN as a bare token, which strict JSON parsers reject: not-measured figures are null."""
     from lorasurgeon._finite import json_safe
@@ -115,3 +146,53 @@ def test_a_missing_input_is_reported_before_an_existing_output(tmp_path: Path) -
         res = runner.invoke(app, [*argv, "-o", str(tmp_path / "out.safetensors")])
         assert res.exit_code == 1 and res.stderr.strip().endswith(": no such file or folder"), res.stderr
         assert "output exists" not in res.stderr
+
+
+def test_package_names_load_on_first_use() -> None:
+    """`import lorasurgeon` loads no torch (PEP 562); every name in __all__ resolves on use."""
+    code = ("import sys, lorasurgeon as L; assert 'torch' not in sys.modules, 'torch at import'; "
+            "assert set(L.__all__) == set(L._EXPORTS) | {'__version__'}; "
+            "[getattr(L, n) for n in L.__all__]; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_unreadable_inputs_are_not_parser_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """click refuses an existing path it cannot read with exit 2 and a usage block; the contract is our
+    one-line error (exit 1, JSON with --json). Root can read everything, so the refusal is simulated."""
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(8, 8)}, p)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if mode & os.R_OK else real_access(path, mode, *a, **k))
+    for args in (["inspect", str(p)], ["factorize", str(p), "--rank", "2", "-o", str(tmp_path / "f.safetensors")],
+                 ["merge", str(p), str(p), "-o", str(tmp_path / "m2.safetensors")], ["convert", str(p), "--to", "peft", "-o", str(tmp_path / "c")],
+                 ["resize", str(p), "--rank", "1", "-o", str(tmp_path / "r")], ["compose", str(p), "--method", "cat", "-o", str(tmp_path / "k")],
+                 ["extract", "--base", str(p), "--tuned", str(p), "--rank", "1", "-o", str(tmp_path / "e")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code != 2 and "not readable" not in res.output, (args, res.output)
+
+
+@pytest.mark.parametrize("name", ["out.pt", "out.bin", "out.ckpt", "out.PTH"])
+def test_outputs_named_like_pickles_are_refused(tmp_path: Path, name: str) -> None:
+    """We write safetensors; a .pt/.bin name would make every later reader (ours included) unpickle it."""
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(8, 8)}, p)
+    res = runner.invoke(app, ["factorize", str(p), "--rank", "2", "-o", str(tmp_path / name)])
+    assert res.exit_code == 1 and not (tmp_path / name).exists()
+    assert res.stderr.strip().endswith("lorasurgeon writes safetensors, never PyTorch pickles, and later steps read "
+                                       f"{Path(name).suffix} files as pickles: name the output .safetensors (or a folder)")
+
+
+def test_unwritable_output_folder_is_refused_before_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(8, 8)}, p)
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    ro = str(tmp_path / "ro")
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if str(path) == ro and mode & os.W_OK
+                        else real_access(path, mode, *a, **k))
+    import lorasurgeon.factorize as fz
+
+    monkeypatch.setattr(fz, "factorize_weight", lambda *a, **k: pytest.fail("work started before the output check"))
+    res = runner.invoke(app, ["factorize", str(p), "--rank", "2", "-o", str(tmp_path / "ro" / "f.safetensors")])
+    assert res.exit_code == 1 and res.stderr.strip() == f"error: {ro}: output folder is not writable"

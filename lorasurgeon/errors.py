@@ -14,6 +14,12 @@ EXIT_USAGE = 2
 EXIT_VERIFICATION = 3
 
 
+def _escape_controls(text: str) -> str:
+    """A file name with a newline (or another control character) would break the one-line error:
+    write those characters as Python escapes (``\\n``)."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c for c in text)
+
+
 class LorasurgeonError(Exception):
     """Base class. ``kind`` is a stable machine-readable name, ``path`` the file concerned."""
 
@@ -28,7 +34,7 @@ class LorasurgeonError(Exception):
     def one_line(self) -> str:
         """The message as a single line, prefixed with the path when there is one."""
         msg = " ".join(self.message.split())
-        return f"{self.path}: {msg}" if self.path else msg
+        return f"{_escape_controls(self.path)}: {msg}" if self.path else msg
 
     def to_json(self) -> dict[str, str | None]:
         return {"kind": self.kind, "message": " ".join(self.message.split()), "path": self.path}

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from lorasurgeon._threads import torch_threads
+from lorasurgeon._units import human_bytes
 from lorasurgeon.errors import (
     InvalidOptionError,
     LorasurgeonError,
@@ -1177,7 +1178,7 @@ def export_model(
         shutil.rmtree(stage_dir, ignore_errors=True)
         if alias_dir is not None:
             shutil.rmtree(alias_dir, ignore_errors=True)
-    log(f"wrote {out} ({size / 1e6:.1f} MB)")
+    log(f"wrote {out} ({human_bytes(size)})")
     ver = built.verification
     return ExportResult(
         schema=SCHEMA, model=None if model is None else str(model), arch=arch, kind=built.spec.kind, output=str(out),

@@ -242,6 +242,7 @@ def attach_lora(
     metrics = {k: v for k, v in result.to_json().items() if k not in ("output",)}
     for h in metrics["fit"]["history"]:
         h.pop("samples_per_s", None)  # timings vary run to run; the files must not
+    metrics["fit"].pop("resumed_from", None)  # a resumed run's files equal an uninterrupted run's (--json keeps it)
     files = {"metrics.json": json.dumps(json_safe(metrics), indent=2, sort_keys=True, allow_nan=False) + "\n"}
     if full:
         _save_full(lm, model, out, prov, force or resume, files)

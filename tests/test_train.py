@@ -149,8 +149,10 @@ def test_attach_is_byte_identical_and_resumable(tmp_path: Path) -> None:
                                                  r"\(differing: alpha, train\.epochs\)"):
         attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=3, lr=0.01, batch_size=128), resume=True,
                     **{**kw, "alpha": 4.0})
-    attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), resume=True, **kw)
-    assert (tmp_path / "c" / "adapter_model.safetensors").read_bytes() == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    res = attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128), resume=True, **kw)
+    assert res.fit["resumed_from"] == 1  # the result says so; the files are those of an uninterrupted run
+    for f in ("adapter_model.safetensors", "adapter_config.json", "metrics.json"):
+        assert (tmp_path / "c" / f).read_bytes() == (tmp_path / "a" / f).read_bytes(), f
     assert not (tmp_path / ".c.train-state.pt").exists()
 
 

@@ -196,3 +196,9 @@ def test_unwritable_output_folder_is_refused_before_the_work(tmp_path: Path, mon
     monkeypatch.setattr(fz, "factorize_weight", lambda *a, **k: pytest.fail("work started before the output check"))
     res = runner.invoke(app, ["factorize", str(p), "--rank", "2", "-o", str(tmp_path / "ro" / "f.safetensors")])
     assert res.exit_code == 1 and res.stderr.strip() == f"error: {ro}: output folder is not writable"
+
+
+def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["inspect", str(tmp_path / "no\nsuch.safetensors")])
+    assert res.exit_code == 1
+    assert res.stderr == f"error: {tmp_path}/no\\nsuch.safetensors: no such file or folder\n"

@@ -37,6 +37,7 @@ _EXPORTS = {
     "convert_adapter": "lorasurgeon.convert",
     "densify_checkpoint": "lorasurgeon.factorize",
     "distill_student": "lorasurgeon.finetune",
+    "export_model": "lorasurgeon.export",
     "extract_adapter": "lorasurgeon.resize",
     "factorize_checkpoint": "lorasurgeon.factorize",
     "inspect_checkpoint": "lorasurgeon.inspection",
@@ -75,6 +76,7 @@ __all__ = [
     "convert_adapter",
     "densify_checkpoint",
     "distill_student",
+    "export_model",
     "extract_adapter",
     "factorize_checkpoint",
     "inspect_checkpoint",
@@ -119,6 +121,7 @@ if TYPE_CHECKING:
         VerificationError,
         WriteError,
     )
+    from lorasurgeon.export import export_model
     from lorasurgeon.factorize import densify_checkpoint, factorize_checkpoint, make_rule
     from lorasurgeon.finetune import attach_lora, distill_student
     from lorasurgeon.inspection import inspect_checkpoint

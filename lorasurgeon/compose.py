@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from lorasurgeon._finite import all_finite
+from lorasurgeon._args import one_or_many
+from lorasurgeon._finite import all_finite, json_safe
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import (
@@ -74,7 +75,7 @@ class ComposeResult:
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def _check_options(
@@ -259,6 +260,8 @@ def compose_adapters(
         FormatError: the adapters disagree on a module's shape.
         OutputExistsError: the output exists and not ``force``.
     """
+    inputs = one_or_many(inputs) or []
+    weights = one_or_many(weights)
     m = ops.get_method(method)
     w = _check_options(m, len(inputs), weights, rank, density)
     if seed is not None and not m.uses_seed:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._finite import json_safe
 from lorasurgeon.errors import FormatError, InvalidOptionError, VerificationError
 from lorasurgeon.io import adapters as io_ad
 from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter, LoraTarget
@@ -30,7 +31,7 @@ class ConvertResult:
     renamed: dict[str, str]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def _strip_component(ad: Adapter) -> tuple[Adapter, dict[str, str]]:

@@ -33,6 +33,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorasurgeon._args import one_or_many
+from lorasurgeon._finite import json_safe
 from lorasurgeon._threads import torch_threads
 from lorasurgeon._units import human_bytes
 from lorasurgeon.errors import (
@@ -213,7 +216,7 @@ class ExportResult:
     adapter_verification: list[Verification] = field(default_factory=list)  # one per .onnx_adapter
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -443,9 +446,10 @@ def resolve(path: str | Path | None, arch: str | None, head: int | None = None) 
     """Load the model for export: eager attention (the graph onnxruntime's optimizer fuses).
     ``head``: the output count of a classification head that merged adapters bring to a bare
     encoder folder (modules_to_save ``classifier.*``)."""
-    torch.manual_seed(0)  # a factory's initialisation must not depend on the caller's RNG
     attn = "eager" if arch is None else None
-    with _quiet_transformers():
+    # a factory's initialisation: seed 0, never the caller's RNG, which is left as it was
+    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         # a classifier folder keeps its own head (load_model reads its config); a bare encoder
         # gets the head that merged adapters bring
         new_head = head if arch is None and classifier_head_size(path) is None else None
@@ -583,6 +587,9 @@ def _install_switchable(model: nn.Module, modules: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- ONNX steps
+_EXPORT_LOCK = threading.Lock()
+
+
 def _torch_export(module: nn.Module, feed: dict[str, torch.Tensor], spec: InputSpec, output: str,
                   path: Path, opset: int) -> None:
     """The TorchScript exporter: deterministic, and the graph onnxruntime's BERT fusions expect."""
@@ -590,7 +597,10 @@ def _torch_export(module: nn.Module, feed: dict[str, torch.Tensor], spec: InputS
     # The exporter puts the module back in the mode it found it in: a new wrapper is in training
     # mode, which would switch dropout on in the model it wraps.
     module.eval()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+    # torch's exporter keeps global state (one export at a time per process), and stdout and the
+    # warning filters are process-wide too: concurrent calls take turns
+    with _EXPORT_LOCK, open(os.devnull, "w") as devnull, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(devnull):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, str(path), input_names=list(spec.names), output_names=[output],
@@ -1095,6 +1105,7 @@ def export_model(
         InputNotFoundError, FormatError, InvalidOptionError, MatchError, UnsupportedError;
         VerificationError (exit 3) when onnxruntime and PyTorch disagree, nothing written.
     """
+    adapters = one_or_many(adapters) or []
     log = log or (lambda m: None)
     out = Path(out)
     if dtype not in DEFAULT_ATOL:

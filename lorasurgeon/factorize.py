@@ -9,12 +9,14 @@ The output is the factorized format of GUIDE §3: ``P.weight`` becomes ``P.weigh
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorasurgeon._args import one_or_many
+from lorasurgeon._finite import json_safe
 from lorasurgeon.calibrate import CalibrationOptions
 from lorasurgeon.calibrate import CalibrationSession as _Calibrated
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
@@ -70,7 +72,7 @@ class FactorizeResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 @dataclass
@@ -193,7 +195,7 @@ def factorize_checkpoint(
         seed: for the randomized SVD.
         force, dry_run, allow_unmatched, progress: as the CLI options.
         calibration: data-aware factorization (svd-llm, asvd, fwsvd) and the fidelity gate; needs
-            a runnable model (a Hugging Face folder, or ``calibration.arch``).
+            a runnable model (a Hugging Face folder, or ``calibration.arch``, which defaults to ``arch``).
 
     Returns:
         FactorizeResult with per-layer rank, parameters, relative error and energy kept.
@@ -204,6 +206,11 @@ def factorize_checkpoint(
     """
     if (rule is None) == (budget is None):
         raise InvalidOptionError("give exactly one of a rank rule or --budget")
+    if rule is not None:
+        ranks.check_rule(rule)
+    include, exclude = one_or_many(include), one_or_many(exclude)
+    if calibration is not None and calibration.arch is None and arch is not None:
+        calibration = replace(calibration, arch=arch)  # one arch for both (the CLI passes it to both)
     if svd_method not in svd.SVD_METHODS:
         raise InvalidOptionError(f"--svd must be one of {', '.join(svd.SVD_METHODS)}, got {svd_method!r}")
     inp = Path(inp)
@@ -425,7 +432,7 @@ class DensifyResult:
     params_after: int
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from lorasurgeon.train import (
     fit,
     is_main_process,
     kd_loss,
+    keeps_caller_rng,
     mean_cosine,
     predict,
     resolve_device,
@@ -78,7 +79,7 @@ class AttachResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], rank: int, alpha: float,
@@ -119,6 +120,7 @@ def _default_heads(lm: LoadedModel) -> list[str]:
     return [h for h in ("classifier", "score") if lm.kind == "hf" and hasattr(lm.model, h)]
 
 
+@keeps_caller_rng
 def attach_lora(
     model_path: str | Path | None,
     data: str | Path,
@@ -151,7 +153,7 @@ def attach_lora(
     Raises:
         InvalidOptionError, MatchError, FormatError, OutputExistsError.
     """
-    opts = opts or TrainOptions()
+    opts = replace(opts) if opts is not None else TrainOptions()  # a copy: the caller's options stay as given
     opts.validate()
     opts.device = resolve_device(opts.device)
     if rank < 1:
@@ -293,7 +295,7 @@ class DistillResult:
     test_before: dict[str, float] | None = None  # the starting student on the same test split
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def _fidelity(kind: str, s_out: torch.Tensor, t_out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
@@ -306,6 +308,7 @@ def _fidelity(kind: str, s_out: torch.Tensor, t_out: torch.Tensor, labels: torch
     return {"mean_cosine": round(mean_cosine(s_out, t_out), 6)}
 
 
+@keeps_caller_rng
 def distill_student(
     teacher: str | Path,
     student: str | Path,
@@ -340,7 +343,7 @@ def distill_student(
     Raises:
         FormatError: the student is not a factorized checkpoint.
     """
-    opts = opts or TrainOptions()
+    opts = replace(opts) if opts is not None else TrainOptions()  # a copy: the caller's options stay as given
     opts.validate()
     opts.device = resolve_device(opts.device)
     out = Path(out)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._args import one_or_many
+from lorasurgeon._finite import json_safe
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, MatchError
 from lorasurgeon.io.adapters import (
     PEFT_PREFIX,
@@ -122,7 +124,7 @@ class InspectResult:
         if d.get("spectrum") and not include_singular_values:
             for row in d["spectrum"]:
                 row.pop("singular_values", None)
-        return d
+        return json_safe(d)
 
 
 _DIGITS = re.compile(r"^\d+$")
@@ -181,6 +183,7 @@ def inspect_checkpoint(
     Raises:
         InputNotFoundError, FormatError, MatchError, InvalidOptionError.
     """
+    include, exclude = one_or_many(include), one_or_many(exclude)
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError("no such file or folder", p)

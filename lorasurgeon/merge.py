@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from lorasurgeon._args import one_or_many
+from lorasurgeon._finite import json_safe
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_kohya_names
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
@@ -48,7 +50,7 @@ class MergeResult:
     extra: dict[str, Any] = field(default_factory=dict)  # "config": the class the output folder became
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def _candidates(name: str) -> list[str]:
@@ -147,6 +149,8 @@ def merge_adapters(
         MatchError: targets that match no base weight, or whose shape differs (listed), nothing written.
         UnsupportedError: DoRA weighting/unmerging/combining, LoHa/LoKr/OFT inputs, a factorized base.
     """
+    adapters = one_or_many(adapters) or []
+    weights = one_or_many(weights)
     if not adapters:
         raise InvalidOptionError("give at least one adapter")
     w = [1.0] * len(adapters) if not weights else [float(x) for x in weights]

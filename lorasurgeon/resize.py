@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from lorasurgeon._finite import all_finite
+from lorasurgeon._args import one_or_many
+from lorasurgeon._finite import all_finite, json_safe
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
@@ -47,7 +48,7 @@ class ResizeResult:
     params_after: int
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def _rule_json(rule: ranks.RankRule) -> dict[str, Any]:
@@ -97,9 +98,20 @@ def resize_adapter(
 ) -> ResizeResult:
     """Re-rank every target of a LoRA adapter by the rule, exactly (see ``resize_target``).
 
+    Args:
+        fmt: the output layout (peft, kohya or diffusers); None keeps the input's.
+
+    Returns:
+        ResizeResult with each layer's old and new rank and the energy kept.
+
     Raises:
+        InvalidOptionError: a bad ``fmt`` or ``rule``, no ``out`` without ``dry_run``.
         UnsupportedError: DoRA adapters (the magnitude depends on the base weight).
+        FormatError, OutputExistsError, WriteError.
     """
+    if fmt is not None and fmt not in ("peft", "kohya", "diffusers"):
+        raise InvalidOptionError(f"--format must be peft, kohya or diffusers, got {fmt!r}")
+    ranks.check_rule(rule)
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
@@ -160,7 +172,7 @@ class ExtractResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
 
 
 def extract_adapter(
@@ -178,6 +190,8 @@ def extract_adapter(
         FormatError: shapes differ between base and tuned; NaN/Inf in a delta.
         MatchError: no weight differs, or a pattern matches nothing.
     """
+    include, exclude = one_or_many(include), one_or_many(exclude)
+    ranks.check_rule(rule)
     if fmt not in ("peft", "kohya", "diffusers"):
         raise InvalidOptionError(f"--format must be peft, kohya or diffusers, got {fmt!r}")
     if out is None and not dry_run:

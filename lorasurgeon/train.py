@@ -12,6 +12,7 @@ statistics (no SyncBatchNorm).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,15 +20,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorasurgeon._finite import json_safe
 from lorasurgeon.data import Dataset
 from lorasurgeon.errors import InvalidOptionError, WriteError
 from lorasurgeon.io.writer import atomic_path
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -100,7 +105,20 @@ class FitResult:
     initial_metric: float | None = None  # the starting parameters' validation metric (epoch 0)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return json_safe(asdict(self))
+
+
+def keeps_caller_rng(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` on a fork of torch's random state: it may seed and draw (its results depend on
+    its own seed only), and the caller's generators (CPU and CUDA) are as they were after it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def resolve_device(device: str) -> str:

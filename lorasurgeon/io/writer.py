@@ -53,20 +53,20 @@ def _cleanup_temps() -> None:
 
 def _install_signal_handlers() -> None:
     """On SIGTERM, remove live temporaries before dying (SIGINT raises KeyboardInterrupt,
-    which the writers' own cleanup handles)."""
+    which the writers' own cleanup handles). Installed once, from the main thread, and only over
+    the default action: an ignored SIGTERM, or a handler the caller installed, is left alone."""
     global _handlers_installed
     if _handlers_installed or threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.getsignal(signal.SIGTERM)
+    _handlers_installed = True
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # ignored, or the caller's own handler: what SIGTERM does is the caller's choice
 
     def on_term(signum: int, frame: Any) -> None:
         _cleanup_temps()
-        if callable(previous):
-            previous(signum, frame)
-        raise SystemExit(128 + signum)
+        raise SystemExit(128 + signum)  # the default action (exit), after the clean-up
 
     signal.signal(signal.SIGTERM, on_term)
-    _handlers_installed = True
 
 
 # Output names that every reader (ours, torch, transformers) takes for pickled state dicts.

@@ -35,6 +35,9 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int) -> LowRankLinear:
+        """An uninitialised LowRankLinear of ``layer``'s shape, dtype and device (the factors are
+        random: load factors into it, e.g. ``load_factorized``; ``factorize.factorize_weight``
+        computes them from a weight)."""
         return cls(layer.in_features, layer.out_features, rank, layer.bias is not None,
                    device=layer.weight.device, dtype=layer.weight.dtype)
 

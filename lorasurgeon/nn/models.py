@@ -3,10 +3,12 @@ factorized checkpoint or folder (rebuilt from its metadata, no flags)."""
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import importlib.util
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import apply_factorization, factorized_layers
+from lorasurgeon.train import resolve_device
 
 if TYPE_CHECKING:
     from lorasurgeon.data import Dataset
@@ -150,10 +153,12 @@ def load_model(
         num_labels: for a Hugging Face folder, add a sequence-classification head (new when the
             folder has none; then it is untrained).
         attn_implementation: transformers' attention ("eager" for ONNX export), default theirs.
+        device: cpu, cuda[:N] or auto.
 
     Raises:
-        InputNotFoundError, FormatError, InvalidOptionError.
+        InputNotFoundError, FormatError, InvalidOptionError (also: a device that is not there).
     """
+    device = resolve_device(device)
     if arch is not None:
         model = _call_factory(import_factory(arch), num_labels)
         layers: dict[str, Any] = {}
@@ -171,13 +176,37 @@ def load_model(
         raise InputNotFoundError("no such model folder", p)
     if not (p.is_dir() and (p / "config.json").is_file()):
         raise InvalidOptionError("a checkpoint file needs --arch module:factory to build its model; a Hugging Face folder needs config.json", p)
-    try:
-        import transformers
-    except ImportError:
-        raise InvalidOptionError("Hugging Face folders need transformers: pip install 'lorasurgeon[hf]'") from None
+    if importlib.util.find_spec("transformers") is None:
+        raise InvalidOptionError("Hugging Face folders need transformers: pip install 'lorasurgeon[hf]'")
+    with _local_quiet_transformers():
+        return _load_hf(p, num_labels, attn_implementation, device)
+
+
+@contextlib.contextmanager
+def _local_quiet_transformers() -> Iterator[None]:
+    """transformers for a local folder: offline, no progress bars (ours go to stderr; --quiet means
+    quiet), errors only. The caller's environment and transformers settings are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    env = os.environ.get("HF_HUB_OFFLINE")
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.utils.logging.disable_progress_bar()  # our own progress goes to stderr; --quiet means quiet
-    transformers.utils.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_hf(p: Path, num_labels: int | None, attn_implementation: str | None, device: str) -> LoadedModel:
+    import transformers
+
     config_dict = json.loads((p / "config.json").read_text(encoding="utf-8"))
     config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
     if num_labels is not None:
@@ -192,8 +221,9 @@ def load_model(
         if layers or num_labels is not None:
             # From the config, then our own strict load: works for dense and factorized folders,
             # with or without a head already in the weights.
-            torch.manual_seed(0)  # a new head's initialisation must not depend on the caller's RNG
-            model = auto.from_config(config, **attn)
+            with torch.random.fork_rng(devices=[]):  # a new head's initialisation: seed 0, caller's RNG untouched
+                torch.manual_seed(0)
+                model = auto.from_config(config, **attn)
             if layers:
                 prefix = getattr(model, "base_model_prefix", "")
                 keys_have_prefix = any(k.startswith(prefix + ".") for k in ck.names()) if prefix else True

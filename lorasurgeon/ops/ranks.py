@@ -152,6 +152,13 @@ def _kohya_index(s: torch.Tensor, kind: str, t: float) -> int:
     return max(1, min(i, n - 1))
 
 
+def check_rule(rule: object) -> None:
+    """A library caller's ``rule`` must be a RankRule (``make_rule`` returns ``(rule, budget)``)."""
+    if not isinstance(rule, RankRule):
+        raise InvalidOptionError(f"rule must be a RankRule, got {type(rule).__name__} (make_rule returns a "
+                                 "(rule, budget) pair: pass its first item, or the budget as budget=)")
+
+
 def select_rank(S: torch.Tensor, rule: RankRule) -> int:
     """The number of singular values a rule keeps.
 

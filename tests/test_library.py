@@ -1,0 +1,96 @@
+"""The library as a Python caller uses it: results, and the caller's state left as it was."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorasurgeon as ls
+from lorasurgeon.errors import InvalidOptionError
+from lorasurgeon.ops.ranks import RankRule
+from lorasurgeon.zoo import digits_cnn_weights
+
+ARCH = "lorasurgeon.zoo:digits_cnn"
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_bert_folder(tmp_path: Path) -> Path:
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+def _next_draw(seed: int, call) -> float:
+    torch.manual_seed(seed)
+    call()
+    return float(torch.rand(1))
+
+
+def test_calls_leave_the_callers_random_state_alone(tmp_path: Path) -> None:
+    bert = _tiny_bert_folder(tmp_path)
+    calls = {
+        "load_model with a new head": lambda: ls.load_model(bert, num_labels=3),
+        "export_model": lambda: ls.export_model(digits_cnn_weights(), tmp_path / "e.onnx", arch=ARCH, force=True),
+        "attach_lora": lambda: ls.attach_lora(digits_cnn_weights(), "digits", tmp_path / "a", arch=ARCH, rank=2, limit=64,
+                                              opts=ls.TrainOptions(epochs=1, batch_size=32), force=True),
+    }
+    for name, call in calls.items():
+        torch.manual_seed(1)
+        expected = float(torch.rand(1))
+        assert _next_draw(1, call) == expected, name  # the caller's stream continues as if nothing ran
+
+
+def test_load_model_restores_transformers_settings_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.utils import logging as hf_logging
+
+    bert = _tiny_bert_folder(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    ls.load_model(bert)
+    assert "HF_HUB_OFFLINE" not in os.environ
+    assert hf_logging.get_verbosity() == hf_logging.WARNING and hf_logging.is_progress_bar_enabled()
+
+
+def test_train_options_and_an_ignored_sigterm_stay_as_given(tmp_path: Path) -> None:
+    opts = ls.TrainOptions(epochs=1, batch_size=32, device="auto")
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ls.attach_lora(digits_cnn_weights(), "digits", tmp_path / "a", arch=ARCH, rank=2, limit=64, opts=opts)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert opts.device == "auto"
+
+
+def test_to_json_is_the_cli_json(tmp_path: Path) -> None:
+    """Figures not measured (a dry run's errors) are None, as the CLI prints null: strict JSON."""
+    res = ls.factorize_checkpoint(digits_cnn_weights(), None, rule=RankRule("rank", 2), include=["conv*"], dry_run=True)
+    assert math.isnan(res.layers[0].rel_error)  # the dataclass keeps NaN (a float field) ...
+    d = res.to_json()
+    json.dumps(d, allow_nan=False)
+    assert d["layers"][0]["rel_error"] is None and d["layers"][0]["energy_kept"] is None  # ... its JSON says null
+
+
+def test_library_argument_shapes(tmp_path: Path) -> None:
+    w = digits_cnn_weights()
+    # a single pattern is one pattern, not its characters
+    out = ls.inspect_checkpoint(w, include="conv*")
+    assert out.tensors and all(t.name.startswith("conv") for t in out.tensors)
+    with pytest.raises(InvalidOptionError, match="rule must be a RankRule, got tuple"):
+        ls.factorize_checkpoint(w, None, rule=ls.make_rule(rank=2), dry_run=True)
+    with pytest.raises(InvalidOptionError, match="--format must be peft, kohya or diffusers, got 'bogus'"):
+        ls.resize_adapter(tmp_path / "nothing", None, RankRule("rank", 1), fmt="bogus", dry_run=True)
+    # arch given once serves the calibration too
+    res = ls.factorize_checkpoint(w, None, rule=RankRule("rank", 4), include=["conv*"], arch=ARCH, dry_run=True,
+                                  calibration=ls.CalibrationOptions(data="digits", samples=32, heldout=0))
+    assert res.layers
+    with pytest.raises(InvalidOptionError, match="--device must be cpu, cuda or auto, got 'bogus'"):
+        ls.load_model(w, arch=ARCH, device="bogus")

@@ -40,11 +40,13 @@ _EXPORTS = {
     "export_model": "lorasurgeon.export",
     "extract_adapter": "lorasurgeon.resize",
     "factorize_checkpoint": "lorasurgeon.factorize",
+    "factorize_module": "lorasurgeon.factorize",
     "inspect_checkpoint": "lorasurgeon.inspection",
     "load_factorized": "lorasurgeon.nn.layers",
     "load_model": "lorasurgeon.nn.models",
     "make_rule": "lorasurgeon.factorize",
     "merge_adapters": "lorasurgeon.merge",
+    "merge_state_dict": "lorasurgeon.merge",
     "read_adapter": "lorasurgeon.io.adapters",
     "resize_adapter": "lorasurgeon.resize",
     "write_adapter": "lorasurgeon.io.adapters",
@@ -79,11 +81,13 @@ __all__ = [
     "export_model",
     "extract_adapter",
     "factorize_checkpoint",
+    "factorize_module",
     "inspect_checkpoint",
     "load_factorized",
     "load_model",
     "make_rule",
     "merge_adapters",
+    "merge_state_dict",
     "read_adapter",
     "resize_adapter",
     "write_adapter",
@@ -122,13 +126,13 @@ if TYPE_CHECKING:
         WriteError,
     )
     from lorasurgeon.export import export_model
-    from lorasurgeon.factorize import densify_checkpoint, factorize_checkpoint, make_rule
+    from lorasurgeon.factorize import densify_checkpoint, factorize_checkpoint, factorize_module, make_rule
     from lorasurgeon.finetune import attach_lora, distill_student
     from lorasurgeon.inspection import inspect_checkpoint
     from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
     from lorasurgeon.io.checkpoint import Checkpoint
     from lorasurgeon.io.writer import write_safetensors
-    from lorasurgeon.merge import merge_adapters
+    from lorasurgeon.merge import merge_adapters, merge_state_dict
     from lorasurgeon.nn.layers import LowRankConv2d, LowRankLinear, load_factorized
     from lorasurgeon.nn.models import load_model
     from lorasurgeon.ops.ranks import RankRule

@@ -8,12 +8,14 @@ The output is the factorized format of GUIDE §3: ``P.weight`` becomes ``P.weigh
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import json_safe
@@ -488,3 +490,70 @@ def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,
         before = ck.total_params
     after = sum(_numel(s.shape) for s in specs)
     return DensifyResult("lorasurgeon.densify/1", str(inp), str(out), len(layers), before, after)
+
+
+def factorize_module(
+    model: nn.Module,
+    rule: ranks.RankRule,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    min_params: int = 0,
+    svd_method: str = "auto",
+    fp64: bool = False,
+    seed: int = 0,
+) -> tuple[nn.Module, list[LayerReport]]:
+    """Factorize a model you hold: a copy whose selected layers are low-rank twins, in memory.
+
+    The in-memory ``factorize_checkpoint``: every ``nn.Linear`` and ``nn.Conv2d`` with groups 1
+    (grouped convs cannot be factorized) whose weight name matches ``include`` (all when None)
+    and no ``exclude`` becomes a ``LowRankLinear`` / ``LowRankConv2d`` holding the truncated
+    SVD's balanced factors, cast back to the layer's dtype once; biases are copied. The rule
+    decides each rank as in ``factorize``; a rank that would not save parameters (at or above
+    the break-even rank) leaves the layer dense. ``model`` itself is not changed.
+
+    Returns:
+        (the factorized copy, one LayerReport per selected layer: rank, parameters, relative
+        error, energy kept; status "dense: a rank that saves parameters does not meet the rule", as factorize).
+
+    Raises:
+        InvalidOptionError: not a RankRule, a bad ``svd_method``; MatchError: a pattern matches
+            no layer; FormatError: NaN/Inf in a weight.
+    """
+    from lorasurgeon.nn.layers import LowRankConv2d, LowRankLinear
+
+    ranks.check_rule(rule)
+    if svd_method not in svd.SVD_METHODS:
+        raise InvalidOptionError(f"--svd must be one of {', '.join(svd.SVD_METHODS)}, got {svd_method!r}")
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
+    chosen = select([f"{n}.weight" for n in layers], one_or_many(include), one_or_many(exclude), can_allow=False,
+                    what="Linear or Conv2d (groups 1) weight").selected
+    out = copy.deepcopy(model)
+    reports: list[LayerReport] = []
+    for tensor in chosen:
+        name = tensor[: -len(".weight")]
+        old = layers[name]
+        w = old.weight.detach()
+        m, n = w.shape[0], w[0].numel()
+        if m * n < min_params:
+            continue
+        S = svd.singular_values(w, fp64=fp64, name=tensor) if rule.kind not in ("rank", "ratio") else torch.ones(min(m, n))
+        k = ranks.choose_layer_rank(S, m, n, rule)
+        if k is None:
+            kind = "conv2d" if w.ndim == 4 else "linear"
+            reports.append(LayerReport(name, kind, list(w.shape), None, "dense: a rank that saves parameters does not meet the rule", m * n, m * n,
+                                       0.0, 1.0))
+            continue
+        u, v, rep = factorize_weight(w, k, None, svd_method, fp64, seed, name=tensor)
+        new: nn.Module = LowRankLinear.from_linear(old, k) if isinstance(old, nn.Linear) else LowRankConv2d(old, k)
+        with torch.no_grad():
+            new.weight_u.copy_(u)
+            new.weight_v.copy_(v)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        new.train(old.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
+        reports.append(rep)
+    return out, reports

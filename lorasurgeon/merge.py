@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,3 +298,78 @@ def merge_adapters(
             result.extra["config"] = head[2]
     layers.sort(key=lambda x: x.module)
     return result
+
+
+def merge_state_dict(
+    state: Mapping[str, torch.Tensor],
+    adapters: Sequence[Adapter | str | Path] | Adapter | str | Path,
+    *,
+    weights: Sequence[float] | float | None = None,
+    unmerge: bool = False,
+    allow_unmatched: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Merge adapters into a state dict you hold: the in-memory ``merge_adapters``.
+
+    The same arithmetic (W' = W ± Σ w_i s_i B_i A_i in fp32, fp64 for fp64 weights, cast back
+    once; LoRA biases; DoRA; ``modules_to_save`` replace or add tensors) and the same name
+    matching (an adapter's module ``m`` fits ``m.weight``, or the name without its first part).
+    Nothing is written and ``state`` is not changed: the result is a new dict whose untouched
+    entries are the caller's tensors (not copies). Load it with ``model.load_state_dict``.
+
+    Args:
+        state: tensor name -> tensor (e.g. ``model.state_dict()``).
+        adapters: ``Adapter`` objects or adapter paths (one, or a sequence).
+        weights: one per adapter (default 1).
+
+    Returns:
+        The merged state dict.
+
+    Raises:
+        MatchError: a target matches no tensor (unless ``allow_unmatched``; none matching is always
+            an error) or does not fit its shape. UnsupportedError: the DoRA cases of merge.
+        InvalidOptionError: the weight count, or non-finite weights.
+    """
+    ads = [a if isinstance(a, Adapter) else read_adapter(a) for a in one_or_many(adapters) or []]
+    if not ads:
+        raise InvalidOptionError("give at least one adapter")
+    w = [1.0] * len(ads) if weights is None else [float(x) for x in one_or_many(weights) or []]
+    if len(w) != len(ads):
+        raise InvalidOptionError(f"give one weight per adapter: {len(ads)} adapters, {len(w)} weights")
+    if not all(math.isfinite(x) and abs(x) <= lora.FP32_MAX for x in w):
+        raise InvalidOptionError(f"weights must be finite numbers within float32's range, got {w}")
+    names = set(state)
+    base_weights = {n for n in names if n.endswith(".weight")}
+    per_weight: dict[str, list[tuple[LoraTarget, float]]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    unmatched: list[str] = []
+    for ad, wi in zip(ads, w):
+        if ad.format == "kohya":
+            ad, _, _ = resolve_kohya_names(ad, sorted(n[: -len(".weight")] for n in base_weights))
+        if unmerge and ad.modules_to_save:
+            raise UnsupportedError("unmerging cannot restore tensors an adapter replaced (modules_to_save)", ad.source)
+        tmap, smap, miss = _match(ad, base_weights, names)
+        unmatched += miss
+        for m, wname in tmap.items():
+            t = ad.targets[m]
+            if tuple(t.delta_shape()) != tuple(state[wname].shape):
+                problems.append(f"{m} (adapter {list(t.delta_shape())} vs {list(state[wname].shape)})")
+                continue
+            per_weight.setdefault(wname, []).append((t, wi))
+        for n, bn in smap.items():
+            saved[bn] = ad.modules_to_save[n]
+    if problems:
+        raise MatchError(f"{len(problems)} adapter target(s) do not fit the state dict: " + "; ".join(problems[:10]))
+    if not per_weight and not saved:
+        raise MatchError("no adapter target matches a tensor of the state dict: the adapters are not for this model")
+    if unmatched and not allow_unmatched:
+        raise MatchError(f"{len(unmatched)} adapter target(s) match no tensor: " + ", ".join(unmatched[:10])
+                         + " (pass allow_unmatched=True to skip them)")
+    out = dict(state)
+    for wname, parts in per_weight.items():
+        out[wname] = lora.merge_weight(state[wname], parts, unmerge=unmerge, name=wname)
+        bname = wname[: -len(".weight")] + ".bias"
+        if any(t.bias is not None for t, _ in parts) and bname in state:
+            out[bname] = lora.merge_bias(state[bname], parts, unmerge=unmerge)
+    out.update(saved)
+    return out

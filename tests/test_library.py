@@ -94,3 +94,55 @@ def test_library_argument_shapes(tmp_path: Path) -> None:
     assert res.layers
     with pytest.raises(InvalidOptionError, match="--device must be cpu, cuda or auto, got 'bogus'"):
         ls.load_model(w, arch=ARCH, device="bogus")
+
+
+def test_factorize_module_equals_factorize_on_the_file(tmp_path: Path) -> None:
+    from lorasurgeon.nn.layers import LowRankConv2d
+
+    model = ls.load_model(digits_cnn_weights(), arch=ARCH).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    low, reports = ls.factorize_module(model, RankRule("rank", 8), include="conv*")
+    ls.factorize_checkpoint(digits_cnn_weights(), tmp_path / "f.safetensors", rule=RankRule("rank", 8), include=["conv*"],
+                            arch=ARCH)
+    ref = ls.load_model(tmp_path / "f.safetensors", arch=ARCH).model.state_dict()
+    got = low.state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert isinstance(low.conv2, LowRankConv2d) and not isinstance(model.conv2, LowRankConv2d)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+    conv1 = next(r for r in reports if r.module == "conv1")  # 32×9: rank 8 saves nothing, stays dense
+    assert conv1.rank is None and conv1.status.startswith("dense")
+
+
+def test_merge_state_dict_equals_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    bert = _tiny_bert_folder(tmp_path)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(transformers.BertModel.from_pretrained(bert),
+                             peft.LoraConfig(r=2, lora_alpha=6, target_modules=["query", "value"], lora_bias=True,
+                                             init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    ref = pm.merge_and_unload().state_dict()
+    base = transformers.BertModel.from_pretrained(bert).state_dict()
+    before = {k: v.clone() for k, v in base.items()}
+    got = ls.merge_state_dict(base, ls.read_adapter(tmp_path / "ad"))
+    assert set(got) == set(ref)
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+    assert all(torch.equal(base[k], before[k]) for k in base)
+    half = ls.merge_state_dict(base, tmp_path / "ad", weights=0.5)  # a path, and one weight, work too
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(half[q] - base[q], 0.5 * (got[q] - base[q]), atol=1e-6)
+
+
+def test_the_library_page_runs(tmp_path: Path) -> None:
+    """docs/library.md's example runs as written."""
+    import re
+    import subprocess
+    import sys
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "library.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"<!-- runnable-python -->\s*```python\n(.*?)```", page, re.S)
+    assert blocks
+    for code in blocks:
+        p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "MatchError: --include 'decoder.*' matches no tensor" in p.stdout

@@ -246,9 +246,10 @@ def adapter_tensor_owners(names: Sequence[str], ad: Adapter) -> dict[str, str | 
 
     A target owns a tensor when the tensor's name, without PEFT's ``base_model.model.`` prefix
     (and with the legacy diffusers ``processor.to_q_lora`` layout written as ``to_q``), starts
-    with the module's name (or, in a kohya file, its stem) and a dot; the longest such name wins. A ``modules_to_save`` entry owns
-    the tensor that holds it (PEFT's ``.modules_to_save.default.`` wrapper removed). Tensors
-    that belong to nothing (kohya's or diffusers' extra tensors) map to None.
+    with the module's name (or, in a kohya file, its stem) and a dot; the longest such name
+    wins. A ``modules_to_save`` entry owns the tensor that holds it (PEFT's
+    ``.modules_to_save.default.`` and ``.base_layer.`` wrappers removed). Tensors that belong to
+    nothing (kohya's or diffusers' extra tensors) map to None.
     """
     saved = set(ad.modules_to_save)
     targets = {m: m for m in ad.targets}
@@ -257,7 +258,8 @@ def adapter_tensor_owners(names: Sequence[str], ad: Adapter) -> dict[str, str | 
     owners: dict[str, str | None] = {}
     for n in names:
         key = n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n
-        plain = key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+        plain = (key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+                 .replace(".base_layer.", "."))  # as io/adapters.py names the saved tensors
         if plain in saved:
             owners[n] = plain
             continue

@@ -36,7 +36,10 @@ METADATA_KEY = "lorasurgeon"
 FORMAT_VERSION = 1
 
 _live_temps: set[Path] = set()
-_live_lock = threading.Lock()
+# Re-entrant: the SIGTERM handler runs in the main thread between two bytecodes, possibly while
+# that thread holds the lock (registering a temporary); a plain Lock would deadlock there (seen
+# once under load: a SIGTERM'd factorize that never exited).
+_live_lock = threading.RLock()
 _handlers_installed = False
 
 

@@ -374,3 +374,19 @@ def test_export_failure_at_the_last_rename_leaves_nothing(valid: Valid, tmp_path
     res = invoke(WRITER_BY_ID["export-separate-adapters"].argv(valid, out_dir / "e.onnx"))
     assert res.code == 1
     assert listing(out_dir) == [], listing(out_dir)
+
+
+def test_sigterm_while_the_temp_registry_is_locked_does_not_deadlock() -> None:
+    """The SIGTERM handler takes the lock of the live-temporaries registry; the signal can arrive
+    while the main thread holds it (registering a temporary). A plain Lock hung there forever."""
+    code = ("import os, signal, sys\n"
+            "from lorasurgeon.io import writer\n"
+            "writer._install_signal_handlers()\n"
+            "try:\n"
+            "    with writer._live_lock:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        sum(range(100000))\n"
+            "except SystemExit as e:\n"
+            "    print('exit', e.code)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "exit 143", out.stderr

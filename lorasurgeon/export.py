@@ -1148,7 +1148,8 @@ def export_model(
     inputs = ([model] if model is not None else []) + list(adapters)
     meta = provenance("export", opts, inputs, extra={"format": "onnx"})
 
-    writer._install_signal_handlers()  # SIGTERM still runs the finally below
+    term = contextlib.ExitStack()  # SIGTERM runs the finally below (then the default comes back)
+    term.enter_context(writer.sigterm_exits())
     # Staged under ASCII names: torch.onnx's and onnxruntime's C++ bindings take UTF-8 paths
     # only, and a POSIX file name need not be UTF-8. Each file gets its real name at commit.
     staged = out.name if is_utf8(out.name) else "model.onnx"
@@ -1189,6 +1190,7 @@ def export_model(
         shutil.rmtree(stage_dir, ignore_errors=True)
         if alias_dir is not None:
             shutil.rmtree(alias_dir, ignore_errors=True)
+        term.close()
     log(f"wrote {out} ({human_bytes(size)})")
     ver = built.verification
     return ExportResult(

@@ -357,7 +357,11 @@ def merge_state_dict(
                 continue
             per_weight.setdefault(wname, []).append((t, wi))
         for n, bn in smap.items():
-            saved[bn] = ad.modules_to_save[n]
+            new = ad.modules_to_save[n]
+            if bn in saved and not (saved[bn].shape == new.shape and torch.equal(saved[bn], new)):
+                raise UnsupportedError(f"two adapters replace {bn!r} (modules_to_save) with different tensors; a merge "
+                                       "cannot add replacements: merge one of them, or compose them first", ad.source)
+            saved[bn] = new
     if problems:
         raise MatchError(f"{len(problems)} adapter target(s) do not fit the state dict: " + "; ".join(problems[:10]))
     if not per_weight and not saved:

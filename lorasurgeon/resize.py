@@ -17,6 +17,7 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, Unsu
 from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
+from lorasurgeon.nn.layers import factorized_layers
 from lorasurgeon.nn.targeting import default_excluded, module_of, select
 from lorasurgeon.ops import ranks, svd
 
@@ -202,6 +203,9 @@ def extract_adapter(
 
     conv1d = conv1d_modules(tuned) | conv1d_modules(base)  # GPT-2 style: weights stored in×out
     with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
+        for ck, what in ((cb, base), (ct, tuned)):
+            if factorized_layers(ck.metadata, ck.path):  # its weights are factors: no dense delta to take
+                raise UnsupportedError("is a factorized checkpoint; densify it first (factorize --densify)", what)
         names = select(ct.names(), include, exclude, what="tensor", can_allow=False).selected
         targets: dict[str, LoraTarget] = {}
         layers: list[ExtractLayer] = []

@@ -65,6 +65,9 @@ def test_train_options_and_an_ignored_sigterm_stay_as_given(tmp_path: Path) -> N
     try:
         ls.attach_lora(digits_cnn_weights(), "digits", tmp_path / "a", arch=ARCH, rank=2, limit=64, opts=opts)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the default: a handler only while writing, then back
+        ls.attach_lora(digits_cnn_weights(), "digits", tmp_path / "b", arch=ARCH, rank=2, limit=64, opts=opts)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert opts.device == "auto"
@@ -146,3 +149,17 @@ def test_the_library_page_runs(tmp_path: Path) -> None:
         p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         assert "MatchError: --include 'decoder.*' matches no tensor" in p.stdout
+
+
+def test_merge_state_dict_refuses_two_different_replacements(tmp_path: Path) -> None:
+    from lorasurgeon.errors import UnsupportedError
+    from lorasurgeon.io.adapters import Adapter, LoraTarget
+
+    g = torch.Generator().manual_seed(0)
+    state = {"l.weight": torch.randn(4, 4, generator=g), "head.weight": torch.zeros(2, 4)}
+    t = LoraTarget("l", torch.randn(1, 4, generator=g), torch.randn(4, 1, generator=g), 1.0, 1.0)
+    a = Adapter("peft", {"l": t}, {"head.weight": torch.ones(2, 4)})
+    b = Adapter("peft", {"l": t}, {"head.weight": torch.full((2, 4), 2.0)})
+    assert torch.equal(ls.merge_state_dict(state, [a, a])["head.weight"], torch.ones(2, 4))  # the same tensor twice: fine
+    with pytest.raises(UnsupportedError, match="two adapters replace 'head.weight' \\(modules_to_save\\) with different"):
+        ls.merge_state_dict(state, [a, b])

@@ -234,3 +234,13 @@ def test_resize_offers_only_its_own_rank_options(tmp_path: Path) -> None:
     res = runner.invoke(app, ["resize", str(p), "-o", str(tmp_path / "r.safetensors")])
     assert res.exit_code == 1 and res.stderr.strip() == (
         "error: give exactly one rank option of --rank, --ratio, --energy, --sv-ratio, --sv-fro, --sv-cumulative")
+
+
+def test_extract_from_a_factorized_checkpoint_says_so(tmp_path: Path) -> None:
+    from lorasurgeon.zoo import digits_cnn_weights
+
+    f = tmp_path / "f.safetensors"
+    assert runner.invoke(app, ["factorize", digits_cnn_weights(), "--rank", "4", "--include", "conv*", "-o", str(f)]).exit_code == 0
+    res = runner.invoke(app, ["extract", "--base", digits_cnn_weights(), "--tuned", str(f), "--rank", "2", "-o", str(tmp_path / "e")])
+    assert res.exit_code == 1 and not (tmp_path / "e").exists()
+    assert res.stderr.strip() == f"error: {f}: is a factorized checkpoint; densify it first (factorize --densify)"

@@ -11,6 +11,7 @@ import typer
 from lorasurgeon._version import __version__
 from lorasurgeon.cli.output import EXIT_BROKEN_PIPE, exit_broken_pipe
 from lorasurgeon.errors import EXIT_ERROR
+from lorasurgeon.io.writer import install_cli_sigterm
 
 app = typer.Typer(
     name="lorasurgeon",
@@ -61,6 +62,7 @@ def main() -> None:
     from lorasurgeon._malloc import limit_heap_retention
 
     limit_heap_retention()  # bounded memory when streaming large checkpoints (see _malloc)
+    install_cli_sigterm()  # SIGTERM: clean up, exit 143 silently, whenever it comes
     # rich (our tables, and typer's --help) answers a closed stdout with exit 1 and no message;
     # the contract is a quiet 141, as with --json (docs/recipes.md, exit codes)
     from rich.console import Console
@@ -74,8 +76,7 @@ def main() -> None:
         if e.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
             sys.exit(EXIT_BROKEN_PIPE)
         raise
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+    except KeyboardInterrupt:  # outside a command's own handling (typer's exit path): silent, as inside
         sys.exit(130)
     except BrokenPipeError:  # stdout closed outside a command's own handler (e.g. --help | head)
         try:

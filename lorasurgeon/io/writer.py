@@ -40,7 +40,6 @@ _live_temps: set[Path] = set()
 # that thread holds the lock (registering a temporary); a plain Lock would deadlock there (seen
 # once under load: a SIGTERM'd factorize that never exited).
 _live_lock = threading.RLock()
-_handlers_installed = False
 
 
 def _cleanup_temps() -> None:
@@ -54,22 +53,31 @@ def _cleanup_temps() -> None:
         _live_temps.clear()
 
 
-def _install_signal_handlers() -> None:
-    """On SIGTERM, remove live temporaries before dying (SIGINT raises KeyboardInterrupt,
-    which the writers' own cleanup handles). Installed once, from the main thread, and only over
-    the default action: an ignored SIGTERM, or a handler the caller installed, is left alone."""
-    global _handlers_installed
-    if _handlers_installed or threading.current_thread() is not threading.main_thread():
-        return
-    _handlers_installed = True
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return  # ignored, or the caller's own handler: what SIGTERM does is the caller's choice
+def _on_term(signum: int, frame: Any) -> None:
+    _cleanup_temps()
+    raise SystemExit(128 + signum)  # the default action (exit), after the clean-up; finally blocks run
 
-    def on_term(signum: int, frame: Any) -> None:
-        _cleanup_temps()
-        raise SystemExit(128 + signum)  # the default action (exit), after the clean-up
 
-    signal.signal(signal.SIGTERM, on_term)
+def install_cli_sigterm() -> None:
+    """The CLI, for the whole process: SIGTERM removes live temporaries and exits 143 (silently,
+    like SIGINT's 130). Only over the default action, and from the main thread."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_term)
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While a library call writes: SIGTERM at its default action removes live temporaries and
+    raises SystemExit(143), so ``finally`` blocks run; the default is restored afterwards. An
+    ignored SIGTERM, a caller's own handler, or a worker thread: nothing changes."""
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, _on_term)
+    try:
+        yield
+    finally:
+        if ours and signal.getsignal(signal.SIGTERM) is _on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # Output names that every reader (ours, torch, transformers) takes for pickled state dicts.
@@ -93,8 +101,8 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
             raise InputNotFoundError("no such file or folder", i)
     p = Path(path)
     if p.suffix.lower() in PICKLE_SUFFIXES and not pickle_name_ok:
-        raise InvalidOptionError(f"lorasurgeon writes safetensors, never PyTorch pickles, and later steps read {p.suffix} "
-                                 "files as pickles: name the output .safetensors (or a folder)", p)
+        raise InvalidOptionError(f"lorasurgeon never writes PyTorch pickles, and later steps read {p.suffix} files as "
+                                 "pickles: name the output .safetensors (.onnx for export), or a folder", p)
     if p.exists() and not force:
         raise OutputExistsError("output exists; pass --force to replace it", p)
     if not p.parent.exists():
@@ -129,9 +137,14 @@ def atomic_path(path: str | Path, force: bool = False, directory: bool = False, 
         WriteError: the write or the rename failed (disk full, permissions).
     """
     shown = check_output(path, force, pickle_name_ok=pickle_name_ok)  # errors name the output as the user gave it
+    with sigterm_exits(), _atomic_path(shown, force, directory) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_path(shown: Path, force: bool, directory: bool) -> Iterator[Path]:
     # The mechanics work on the absolute path: "-o ." has no name and is its own parent.
     final = Path(os.path.abspath(shown))
-    _install_signal_handlers()
     parent = final.parent
     prefix = f".{final.name}.tmp-"
     try:

@@ -179,8 +179,8 @@ def test_outputs_named_like_pickles_are_refused(tmp_path: Path, name: str) -> No
     save_file({"l.weight": torch.randn(8, 8)}, p)
     res = runner.invoke(app, ["factorize", str(p), "--rank", "2", "-o", str(tmp_path / name)])
     assert res.exit_code == 1 and not (tmp_path / name).exists()
-    assert res.stderr.strip().endswith("lorasurgeon writes safetensors, never PyTorch pickles, and later steps read "
-                                       f"{Path(name).suffix} files as pickles: name the output .safetensors (or a folder)")
+    assert res.stderr.strip().endswith(f"lorasurgeon never writes PyTorch pickles, and later steps read {Path(name).suffix} "
+                                       "files as pickles: name the output .safetensors (.onnx for export), or a folder")
 
 
 def test_unwritable_output_folder_is_refused_before_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

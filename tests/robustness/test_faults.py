@@ -381,7 +381,7 @@ def test_sigterm_while_the_temp_registry_is_locked_does_not_deadlock() -> None:
     while the main thread holds it (registering a temporary). A plain Lock hung there forever."""
     code = ("import os, signal, sys\n"
             "from lorasurgeon.io import writer\n"
-            "writer._install_signal_handlers()\n"
+            "writer.install_cli_sigterm()\n"
             "try:\n"
             "    with writer._live_lock:\n"
             "        os.kill(os.getpid(), signal.SIGTERM)\n"

@@ -21,10 +21,11 @@ from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import json_safe
 from lorasurgeon.calibrate import CalibrationOptions
 from lorasurgeon.calibrate import CalibrationSession as _Calibrated
-from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError
+from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
+from lorasurgeon.nn.models import folder_module_kinds
 from lorasurgeon.nn.targeting import default_excluded, matches, module_of, select
 from lorasurgeon.ops import ranks, svd
 
@@ -94,10 +95,20 @@ def _candidates(
     min_params: int,
     allow_unmatched: bool,
     conv_groups: dict[str, int] | None = None,
+    kinds: dict[str, str] | None = None,
 ) -> tuple[list[_Candidate], list[dict[str, str]]]:
     """The weights to factorize. A 4-D weight needs groups = 1, which a state dict cannot show:
-    it qualifies when the model confirms it (``conv_groups`` from a loaded model) or when an
-    --include pattern names it."""
+    it qualifies when the model confirms it (``conv_groups`` from a loaded model, or ``kinds``
+    from a model folder's config) or when an --include pattern names it.
+
+    ``kinds`` (``nn.models.folder_module_kinds``): a model folder's module types. With them,
+    embeddings are known by type, not name, and a weight whose module a factorized folder could
+    not rebuild (a GPT-2 Conv1D, or a name the model does not have because transformers renames
+    the checkpoint's tensors on load) is refused here, not found unloadable later.
+
+    Raises:
+        MatchError: nothing to factorize. UnsupportedError: such a weight is selected.
+    """
     weights = [n for n in ck.names() if n.endswith(".weight") and len(ck.info(n).shape) in (2, 4)]
     sel = select(ck.names(), include, exclude, allow_unmatched=allow_unmatched, what="tensor")
     chosen = set(sel.selected)
@@ -111,15 +122,36 @@ def _candidates(
         if info.dtype not in ("F16", "BF16", "F32", "F64"):
             skipped.append({"module": mod, "reason": f"dtype {info.dtype} is not floating point"})
             continue
-        if default_excluded(n, include):
+        kind_here = kinds.get(mod) if kinds is not None else None
+        if kinds is not None:
+            if kind_here == "embedding":
+                skipped.append({"module": mod, "reason": "an nn.Embedding (a lookup table): not factorized"})
+                continue
+            if kind_here == "other":
+                skipped.append({"module": mod, "reason": "not a Linear or Conv2d in the model"})
+                continue
+            if kind_here == "conv1d":
+                conv1d = sorted(c for c in {module_of(w) for w in weights if w in chosen} if kinds.get(c) == "conv1d")
+                raise UnsupportedError(
+                    f"{len(conv1d)} selected weight(s) are GPT-2 style Conv1D layers (e.g. {conv1d[0]!r}); a factorized "
+                    "folder holds Linear and Conv2d layers, so nothing could load it: exclude them (-x)", ck.path)
+            if kind_here is None:
+                raise UnsupportedError(
+                    f"the folder's tensor {n!r} has no module of that name in its model (this transformers version "
+                    "renames the model's checkpoint names on load), so a factorized folder could not be loaded: "
+                    "not supported for this model type", ck.path)
+        elif default_excluded(n, include):
             skipped.append({"module": mod, "reason": "embedding (default exclude; name it with --include)"})
             continue
         shape = info.shape
         if len(shape) == 4:
             named = bool(include) and any(matches(n, p) and p not in ("*",) for p in include)
             groups = (conv_groups or {}).get(mod)
+            if groups is None and kind_here in ("conv2d", "conv2d-grouped"):
+                groups = 1 if kind_here == "conv2d" else 0  # 0: grouped, count unknown here
             if groups is not None and groups != 1:
-                skipped.append({"module": mod, "reason": f"grouped conv (groups={groups}) stays dense"})
+                skipped.append({"module": mod, "reason": "grouped conv stays dense" if groups == 0
+                                else f"grouped conv (groups={groups}) stays dense"})
                 continue
             if not named and groups is None:
                 skipped.append({"module": mod, "reason": "conv: groups unknown from a state dict; name it with --include"})
@@ -250,7 +282,8 @@ def _factorize(
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
         groups = cal.conv_groups if cal else (_conv_groups(arch) if arch else None)
-        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, groups)
+        kinds = folder_module_kinds(inp) if arch is None else None
+        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, groups, kinds)
         if cal is not None and not (cal.opts.sequential and rule is not None and rule.kind in ("rank", "ratio")):
             # (sequential with a shape-only rule: its own passes give every layer's statistics)
             cal.collect([c.module for c in cands], progress)

@@ -117,7 +117,13 @@ def _ident(p: str | Path | None) -> str | None:
 
 
 def _default_heads(lm: LoadedModel) -> list[str]:
-    return [h for h in ("classifier", "score") if lm.kind == "hf" and hasattr(lm.model, h)]
+    """A Hugging Face classifier's head: every child module with parameters but the base model
+    (``classifier``; DistilBERT's ``pre_classifier`` and ``classifier``; BART's
+    ``classification_head``; Llama's ``score``)."""
+    if lm.kind != "hf" or not type(lm.model).__name__.endswith("ForSequenceClassification"):
+        return []
+    prefix = getattr(lm.model, "base_model_prefix", "")
+    return [n for n, m in lm.model.named_children() if n != prefix and any(True for _ in m.parameters())]
 
 
 @keeps_caller_rng
@@ -255,7 +261,8 @@ def attach_lora(
             targets_out[n] = LoraTarget(n, layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(),
                                         alpha, layer.scaling)
         saved = {f"{h}.{k}": v.detach().clone() for h in head_names for k, v in model.get_submodule(h).state_dict().items()}
-        cfg = {"task_type": "SEQ_CLS" if lm.kind == "hf" and head_names else None, "lora_dropout": dropout}
+        cfg = {"task_type": "SEQ_CLS" if lm.kind == "hf" and head_names else None, "lora_dropout": dropout,
+               "modules_to_save": head_names or None}
         ad = Adapter("peft", targets_out, saved, {}, cfg, rslora, None)
         write_adapter(ad, out, "peft", provenance_meta=prov, force=force or resume, extra_files=files)
     resume_file.unlink(missing_ok=True)

@@ -83,13 +83,16 @@ def _as_classifier_folder(base: Path, added: list[str], saved: dict[str, torch.T
     encoder's tensors the classifier's prefix, the classifier's config.json, its class name).
     None otherwise, or when transformers cannot build that classifier."""
     heads = {n.split(".", 1)[0] for n in added}
-    if not added or not heads <= {"classifier", "score"} or not (base / "config.json").is_file():
+    if (not added or not heads <= {"classifier", "score", "pre_classifier", "classification_head"}
+            or not (base / "config.json").is_file()):
         return None
     config_dict = json.loads((base / "config.json").read_text(encoding="utf-8"))
     if head_size(config_dict) is not None:
         return None
-    weight = saved.get(f"{next(iter(heads))}.weight")
-    if weight is None or weight.ndim != 2:
+    # the head's output layer: its narrowest matrix (classifier.weight; RoBERTa's and BART's out_proj)
+    mats = [saved[n] for n in added if n.endswith(".weight") and saved[n].ndim == 2]
+    weight = min(mats, key=lambda t: int(t.shape[0])) if mats else None
+    if weight is None:
         return None
     try:
         import transformers

@@ -534,6 +534,12 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             # a LoRA'd module's own bias lives in PEFT's wrapper as <module>.base_layer.bias
             state[f"{PEFT_PREFIX}{mod}.base_layer.bias" if n in biases and mod in ad.targets else f"{PEFT_PREFIX}{n}"] = v
         saved_modules = sorted({n.rsplit(".", 1)[0] for n in ad.modules_to_save if n not in biases})
+        # the modules the adapter came with (a whole head such as RoBERTa's ``classifier``, which
+        # holds ``dense`` and ``out_proj``): peft wraps those, and loads the tensors beneath them
+        stated = ad.config.get("modules_to_save")
+        if (isinstance(stated, list) and stated and all(isinstance(m, str) for m in stated)
+                and all(any(n.startswith(m + ".") for m in stated) for n in ad.modules_to_save if n not in biases)):
+            saved_modules = sorted(stated)
         config = {
             "peft_type": "LORA",
             "task_type": ad.config.get("task_type"),

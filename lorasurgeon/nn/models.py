@@ -108,6 +108,14 @@ def build_arch(arch: str, num_labels: int | None = None) -> nn.Module:
     return _call_factory(import_factory(arch), num_labels)
 
 
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter name, the other names of the same tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    return {n: [o for o in g if o != n] for g in groups.values() if len(g) > 1 for n in g}
+
+
 def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> None:
     state = {n: ck.get(n) for n in ck.names()}
     target = model
@@ -127,8 +135,13 @@ def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> N
     missing, unexpected = target.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith(IGNORABLE)]
     unexpected = [u for u in unexpected if not u.endswith(IGNORABLE)]
+    # tied parameters (BART's and T5's embed_tokens are their `shared` table): one stored copy fills all
+    tied = _tied_names(target)
+    missing = [m for m in missing if not any(o in state for o in tied.get(m, ()))]
     if target is not model or not strict_head:
-        missing = [m for m in missing if not m.startswith(("classifier", "score", "pooler"))]
+        missing = [m for m in missing if not m.startswith(("classifier", "score", "pooler", "pre_classifier"))]
+        # a bare encoder's pooler, which its classifier does without (RoBERTa, DistilBERT)
+        unexpected = [u for u in unexpected if not u.startswith("pooler.")]
     if missing or unexpected:
         raise FormatError(
             f"weights do not fit the model: {len(missing)} missing (e.g. {missing[:2]}), "
@@ -214,8 +227,12 @@ def _load_hf(p: Path, num_labels: int | None, attn_implementation: str | None, d
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # A folder saved from a sequence classifier keeps its head (and its module names, e.g.
     # ``bert.encoder...``): loading it as a bare encoder would drop the head and the prefix.
-    auto = (transformers.AutoModelForSequenceClassification if num_labels is not None or head_size(config_dict)
-            else transformers.AutoModel)
+    # An encoder-only class the config names (T5EncoderModel): AutoModel would build the whole
+    # encoder-decoder, with a decoder the folder does not hold and a forward that needs its inputs.
+    encoder_only = next((getattr(transformers, a) for a in (config_dict.get("architectures") or [])
+                         if isinstance(a, str) and a.endswith("EncoderModel") and hasattr(transformers, a)), None)
+    auto: Any = (transformers.AutoModelForSequenceClassification if num_labels is not None or head_size(config_dict)
+                 else encoder_only or transformers.AutoModel)
     with Checkpoint.open(p) as ck:
         layers = factorized_layers(ck.metadata, ck.path)
         if layers or num_labels is not None:
@@ -223,7 +240,7 @@ def _load_hf(p: Path, num_labels: int | None, attn_implementation: str | None, d
             # with or without a head already in the weights.
             with torch.random.fork_rng(devices=[]):  # a new head's initialisation: seed 0, caller's RNG untouched
                 torch.manual_seed(0)
-                model = auto.from_config(config, **attn)
+                model = (auto.from_config if hasattr(auto, "from_config") else auto._from_config)(config, **attn)
             if layers:
                 prefix = getattr(model, "base_model_prefix", "")
                 keys_have_prefix = any(k.startswith(prefix + ".") for k in ck.names()) if prefix else True
@@ -291,28 +308,49 @@ def prepare_inputs(lm: LoadedModel, ds: Dataset, data: str | Path, max_length: i
     return ds
 
 
-def conv1d_modules(path: str | Path) -> set[str]:
-    """Names of the GPT-2 style ``Conv1D`` modules (weight stored in×out) of a Hugging Face model
-    folder, as its checkpoint names them; empty for anything else. A state dict cannot show it
-    (a Conv1D weight is 2-D like a Linear's), the folder's config can: the model is built on the
-    meta device (no memory, no weights) and its modules are looked at."""
+def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
+    """What each module of a Hugging Face model folder is, by the names its checkpoint uses:
+    ``linear``, ``conv2d`` (groups 1), ``conv2d-grouped``, ``conv1d`` (GPT-2's Conv1D, weight
+    stored in×out), ``embedding`` or ``other``. None for anything but a model folder, or when
+    transformers cannot build it. A state dict cannot show these; the folder's config can: the
+    model is built on the meta device (no memory, no weights) and its modules are looked at."""
     p = Path(path)
     if not (p.is_dir() and (p / "config.json").is_file()):
-        return set()
+        return None
     try:
         import transformers
         from transformers.pytorch_utils import Conv1D
     except ImportError:
-        return set()
+        return None
     try:
-        config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
-        archs = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
-        cls = next((a for a in archs if a is not None), None)
-        with torch.device("meta"):
-            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    except Exception:  # noqa: BLE001 - an exotic config: no Conv1D knowledge, as for a state dict
-        return set()
-    names = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}
+        with _local_quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
+            archs = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+            cls = next((a for a in archs if a is not None), None)
+            with torch.device("meta"):
+                model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 - an exotic config: no knowledge, as for a state dict
+        return None
+    kinds: dict[str, str] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, Conv1D):
+            kinds[n] = "conv1d"
+        elif isinstance(m, nn.Linear):
+            kinds[n] = "linear"
+        elif isinstance(m, nn.Conv2d):
+            kinds[n] = "conv2d" if m.groups == 1 else "conv2d-grouped"
+        elif isinstance(m, nn.Embedding):
+            kinds[n] = "embedding"
+        elif any(True for _ in m.parameters(recurse=False)):
+            kinds[n] = "other"
     prefix = getattr(model, "base_model_prefix", "")
     # the checkpoint may hold the bare model's names (no "transformer." prefix) or the full ones
-    return names | {n[len(prefix) + 1:] for n in names if prefix and n.startswith(prefix + ".")}
+    if prefix:
+        kinds.update({n[len(prefix) + 1:]: k for n, k in list(kinds.items()) if n.startswith(prefix + ".")})
+    return kinds
+
+
+def conv1d_modules(path: str | Path) -> set[str]:
+    """Names of the GPT-2 style ``Conv1D`` modules of a Hugging Face model folder, as its
+    checkpoint names them; empty for anything else (see ``folder_module_kinds``)."""
+    return {n for n, k in (folder_module_kinds(path) or {}).items() if k == "conv1d"}

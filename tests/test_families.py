@@ -1,0 +1,95 @@
+"""Model families other than BERT (found by a new-user trial): tied embeddings, encoder-only
+classes, classifier heads of several modules, and weights a factorized folder cannot rebuild."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lorasurgeon.cli.app import app
+from lorasurgeon.nn.models import load_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+runner = CliRunner()
+SMALL = dict(vocab_size=8)
+
+
+def _save(tmp_path: Path, name: str, model) -> Path:
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]))
+    tok = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def _csv(tmp_path: Path) -> Path:
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\n" + "".join(f"{'a b' if i % 2 else 'c a'},{'xy'[i % 2]}\n" for i in range(24)))
+    return p
+
+
+def _run(*args: str) -> dict:
+    res = runner.invoke(app, [*args, "--json", "--quiet"])
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_bart_tied_embeddings_load_attach_and_factorize(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(**SMALL, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                                  pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)
+    bart = _save(tmp_path, "bart", transformers.BartModel(cfg))
+    out = _run("attach", str(bart), "--data", str(_csv(tmp_path)), "--epochs", "1", "-o", str(tmp_path / "a"))
+    assert out["heads"] == ["classification_head"]  # the whole new head is trained and saved, not LoRA'd
+    assert not any(m.startswith("classification_head") for m in out["targets"])
+    _run("factorize", str(bart), "--ratio", "0.5", "-o", str(tmp_path / "f"))  # `shared` is an nn.Embedding: skipped
+    assert "shared.weight" in load_file(tmp_path / "f" / "model.safetensors")
+    load_model(tmp_path / "f")  # tied embed_tokens filled from `shared` by our strict loader
+
+
+def test_t5_encoder_folder_loads_as_its_encoder_class(tmp_path: Path) -> None:
+    cfg = transformers.T5Config(**SMALL, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
+    t5 = _save(tmp_path, "t5", transformers.T5EncoderModel(cfg))
+    assert type(load_model(t5).model).__name__ == "T5EncoderModel"
+    out = _run("factorize", str(t5), "--ratio", "0.5", "-o", str(tmp_path / "f"))
+    skipped = {s["module"] for s in out["skipped"]}
+    assert {"shared", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"} <= skipped
+    assert type(load_model(tmp_path / "f").model).__name__ == "T5EncoderModel"
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_classifier_heads_of_other_encoders(tmp_path: Path, family: str) -> None:
+    torch.manual_seed(0)
+    if family == "roberta":  # its classifier has no pooler, the bare folder has one
+        cfg = transformers.RobertaConfig(**SMALL, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=40, pad_token_id=0)
+        model, heads = transformers.RobertaModel(cfg), ["classifier"]
+    else:  # pre_classifier and classifier are both new
+        cfg = transformers.DistilBertConfig(**SMALL, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32)
+        model, heads = transformers.DistilBertModel(cfg), ["pre_classifier", "classifier"]
+    base = _save(tmp_path, family, model)
+    out = _run("attach", str(base), "--data", str(_csv(tmp_path)), "--epochs", "1", "-o", str(tmp_path / "a"))
+    assert sorted(out["heads"]) == sorted(heads)
+    # peft loads it on the classifier and gives what our merged classifier folder gives
+    cls = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    pm = peft.PeftModel.from_pretrained(cls, str(tmp_path / "a")).eval()
+    _run("merge", str(base), str(tmp_path / "a"), "-o", str(tmp_path / "m"))
+    merged = load_model(tmp_path / "m").model
+    ids = torch.tensor([[2, 5, 6, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
+
+
+def test_weights_a_factorized_folder_could_not_rebuild_are_refused_up_front(tmp_path: Path) -> None:
+    cfg = transformers.GPT2Config(**SMALL, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    gpt2 = _save(tmp_path, "gpt2", transformers.GPT2Model(cfg))
+    res = runner.invoke(app, ["factorize", str(gpt2), "--ratio", "0.5", "-o", str(tmp_path / "f")])
+    assert res.exit_code == 1 and not (tmp_path / "f").exists()
+    assert "selected weight(s) are GPT-2 style Conv1D layers (e.g. 'h.0.attn.c_attn')" in res.stderr

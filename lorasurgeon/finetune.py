@@ -97,8 +97,11 @@ def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], 
     for p in patterns:
         hit = [n for n in adaptable if fnmatchcase(n, p)]
         if not hit and not allow_unmatched:
-            raise MatchError(f"--target {p!r} matches no Linear or Conv2d module; modules look like: "
-                             + ", ".join(list(adaptable)[:5]))
+            conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+            raise MatchError(f"--target {p!r} matches no Linear or Conv2d module; " + (
+                f"modules look like: {', '.join(list(adaptable)[:5])}" if adaptable else
+                f"the model has none (GPT-2 style Conv1D layers such as {conv1d[0]!r} are not adapted yet)" if conv1d
+                else "the model has none"))
         chosen += [n for n in hit if n not in chosen]
     if not chosen:
         raise MatchError("no module to adapt")

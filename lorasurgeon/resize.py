@@ -199,9 +199,10 @@ def extract_adapter(
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
         check_output(out, force, [base, tuned])
-    from lorasurgeon.nn.models import conv1d_modules
+    from lorasurgeon.nn.models import conv1d_modules, folder_module_kinds
 
     conv1d = conv1d_modules(tuned) | conv1d_modules(base)  # GPT-2 style: weights stored in×out
+    kinds = folder_module_kinds(tuned) or folder_module_kinds(base)  # a model folder's module names and types
     with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
         for ck, what in ((cb, base), (ct, tuned)):
             if factorized_layers(ck.metadata, ck.path):  # its weights are factors: no dense delta to take
@@ -237,6 +238,14 @@ def extract_adapter(
             delta = t_new.to(torch.float64 if fp64 else torch.float32) - t_old.to(torch.float64 if fp64 else torch.float32)
             del t_new, t_old
             m = module_of(n)
+            if kinds is not None and m not in kinds:
+                # PEFT finds LoRA targets by module name: one the model does not have would be ignored
+                raise UnsupportedError(
+                    f"the tensor {n!r} has no module of that name in the folder's model (this transformers version "
+                    "renames the model's checkpoint names on load): an adapter for it would not load", tuned)
+            if kinds is not None and kinds[m] not in ("linear", "conv2d", "conv1d"):  # an embedding (T5's `shared`)...
+                other.append(n)  # ... goes whole with --save-other, as named embeddings do
+                continue
             fifo = m in conv1d and delta.ndim == 2
             if fifo:  # PEFT's fan_in_fan_out: B @ A is the (out×in) transpose of the stored delta
                 delta = delta.T

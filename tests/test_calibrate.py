@@ -352,7 +352,8 @@ def test_calibration_data_the_model_cannot_take(tmp_path: Path) -> None:
     r = runner.invoke(app, ["factorize", str(tmp_path / "bert"), "-o", str(tmp_path / "f"), "--ratio", "0.5",
                             "--calibration", "digits", "--method", "svd-llm"])
     assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'bert'}: calibration set 'digits' holds images but the model is a text model"]
+        f"error: {tmp_path / 'bert'}: calibration set 'digits' holds images, but Hugging Face model folders are run on "
+        "text (token ids) only; for a vision or audio model use --arch module:factory with its weights"]
     # a tensor file whose rows the MLP cannot take (63 features instead of 64): named, one line
     base = tmp_path / "mlp.safetensors"
     save_file({k: v.contiguous() for k, v in mlp().state_dict().items()}, base)

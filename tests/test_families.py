@@ -93,3 +93,35 @@ def test_weights_a_factorized_folder_could_not_rebuild_are_refused_up_front(tmp_
     res = runner.invoke(app, ["factorize", str(gpt2), "--ratio", "0.5", "-o", str(tmp_path / "f")])
     assert res.exit_code == 1 and not (tmp_path / "f").exists()
     assert "selected weight(s) are GPT-2 style Conv1D layers (e.g. 'h.0.attn.c_attn')" in res.stderr
+
+
+def test_vision_folders_and_gpt2_attach_are_refused_clearly(tmp_path: Path) -> None:
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=8, patch_size=4, num_channels=1, num_labels=3)
+    vit = tmp_path / "vitcls"
+    transformers.ViTForImageClassification(cfg).save_pretrained(vit)
+    res = runner.invoke(app, ["export", str(vit), "-o", str(tmp_path / "v.onnx"), "--quiet"])
+    assert res.exit_code == 1 and res.stderr.strip() == (
+        f"error: {vit}: the folder holds a ViTForImageClassification: only sequence-classification heads are loaded "
+        "with their model; its head would be dropped")
+    res = runner.invoke(app, ["attach", str(vit), "--data", "digits", "-o", str(tmp_path / "a")])
+    assert res.exit_code == 1 and "transformers has no sequence-classification model for 'vit' folders" in res.stderr
+    gpt2 = _save(tmp_path, "gpt2", transformers.GPT2Model(transformers.GPT2Config(**SMALL, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
+                                                                                   n_positions=16)))
+    res = runner.invoke(app, ["attach", str(gpt2), "--data", str(_csv(tmp_path)), "-o", str(tmp_path / "g")])
+    assert res.exit_code == 1 and res.stderr.strip().endswith(
+        "the model has none (GPT-2 style Conv1D layers such as 'transformer.h.0.attn.c_attn' are not adapted yet)")
+
+
+def test_extract_leaves_an_embedding_named_otherwise_to_save_other(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(**SMALL, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
+    model = transformers.T5EncoderModel(cfg)
+    base = _save(tmp_path, "base", model)
+    with torch.no_grad():
+        model.shared.weight.add_(0.1)
+        model.encoder.block[0].layer[1].DenseReluDense.wi.weight.add_(0.1)
+    tuned = _save(tmp_path, "tuned", model)
+    out = _run("extract", "--base", str(base), "--tuned", str(tuned), "--rank", "1", "-o", str(tmp_path / "e"))
+    assert [x["module"] for x in out["layers"]] == ["encoder.block.0.layer.1.DenseReluDense.wi"]
+    assert "shared.weight" in out["other_changed"]

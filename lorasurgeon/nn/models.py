@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorasurgeon._finite import all_finite
-from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError
+from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import apply_factorization, factorized_layers
 from lorasurgeon.train import resolve_device
@@ -233,6 +233,21 @@ def _load_hf(p: Path, num_labels: int | None, attn_implementation: str | None, d
                          if isinstance(a, str) and a.endswith("EncoderModel") and hasattr(transformers, a)), None)
     auto: Any = (transformers.AutoModelForSequenceClassification if num_labels is not None or head_size(config_dict)
                  else encoder_only or transformers.AutoModel)
+    archs = [a for a in (config_dict.get("architectures") or []) if isinstance(a, str)]
+    other_head = next((a for a in archs if a.endswith(("ForImageClassification", "ForAudioClassification"))), None)
+    if other_head and auto is not transformers.AutoModelForSequenceClassification:
+        # loaded as the bare model, its classifier would be dropped without a word (export: no logits)
+        raise UnsupportedError(f"the folder holds a {other_head}: only sequence-classification heads are loaded "
+                               "with their model; its head would be dropped", p)
+    if auto is transformers.AutoModelForSequenceClassification:
+        try:
+            transformers.AutoModelForSequenceClassification._model_mapping[type(config)]
+        except AttributeError:  # transformers' internals moved: let from_config say it
+            pass
+        except KeyError:
+            raise UnsupportedError(f"transformers has no sequence-classification model for "
+                                   f"{config_dict.get('model_type', type(config).__name__)!r} folders; attach and "
+                                   "classification take text models (or --arch module:factory)", p) from None
     with Checkpoint.open(p) as ck:
         layers = factorized_layers(ck.metadata, ck.path)
         if layers or num_labels is not None:
@@ -294,7 +309,11 @@ def prepare_inputs(lm: LoadedModel, ds: Dataset, data: str | Path, max_length: i
             raise InvalidOptionError(f"a text {what} needs a model folder with a tokenizer", lm.source)
         ds = tokenize(ds, lm.tokenizer, max_length)
     elif lm.kind == "hf":
-        raise InvalidOptionError(f"{what} {ds.name!r} holds {ds.kind}s but the model is a text model", lm.source)
+        # Hugging Face folders are fed token ids here; vision and audio models (pixel_values,
+        # input_features) take their data through --arch for now
+        raise InvalidOptionError(f"{what} {ds.name!r} holds {ds.kind}s, but Hugging Face model folders are run on text "
+                                 "(token ids) only; for a vision or audio model use --arch module:factory with its "
+                                 "weights", lm.source)
     if len(ds):
         first = {k: v[:2].to(next(lm.model.parameters(), torch.empty(0)).device) for k, v in ds.inputs.items()}
         try:

@@ -137,9 +137,10 @@ def _candidates(
                     "folder holds Linear and Conv2d layers, so nothing could load it: exclude them (-x)", ck.path)
             if kind_here is None:
                 raise UnsupportedError(
-                    f"the folder's tensor {n!r} has no module of that name in its model (this transformers version "
-                    "renames the model's checkpoint names on load), so a factorized folder could not be loaded: "
-                    "not supported for this model type", ck.path)
+                    f"the folder's tensor {n!r} has no module of that name in the model its config.json builds "
+                    "(transformers renames some models' tensors on load, e.g. ViT in transformers 5; or the weights "
+                    "come from another class), so a factorized folder could not be loaded: exclude it (-x), or "
+                    "factorize the weights with --arch", ck.path)
         elif default_excluded(n, include):
             skipped.append({"module": mod, "reason": "embedding (default exclude; name it with --include)"})
             continue

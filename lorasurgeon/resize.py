@@ -241,8 +241,9 @@ def extract_adapter(
             if kinds is not None and m not in kinds:
                 # PEFT finds LoRA targets by module name: one the model does not have would be ignored
                 raise UnsupportedError(
-                    f"the tensor {n!r} has no module of that name in the folder's model (this transformers version "
-                    "renames the model's checkpoint names on load): an adapter for it would not load", tuned)
+                    f"the tensor {n!r} has no module of that name in the model the folder's config.json builds "
+                    "(transformers renames some models' tensors on load, e.g. ViT in transformers 5): an adapter "
+                    "for it would not load (exclude it with -x)", tuned)
             if kinds is not None and kinds[m] not in ("linear", "conv2d", "conv1d"):  # an embedding (T5's `shared`)...
                 other.append(n)  # ... goes whole with --save-other, as named embeddings do
                 continue

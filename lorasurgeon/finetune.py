@@ -28,7 +28,7 @@ from lorasurgeon.io.writer import (
     write_like_input,
     write_safetensors,
 )
-from lorasurgeon.nn.layers import LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear
+from lorasurgeon.nn.layers import LoRAConv1D, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, is_conv1d
 from lorasurgeon.nn.models import LoadedModel, classifier_head_size, load_model, model_outputs, prepare_inputs
 from lorasurgeon.train import (
     FitResult,
@@ -91,25 +91,27 @@ def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], 
         MatchError: a pattern matches no adaptable module (unless allow_unmatched), or none at all.
     """
     adaptable = {n: m for n, m in model.named_modules()
-                 if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
+                 if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1) or is_conv1d(m))
                  and not any(n == s or n.startswith(s + ".") for s in skip)}
     chosen: list[str] = []
     for p in patterns:
         hit = [n for n in adaptable if fnmatchcase(n, p)]
         if not hit and not allow_unmatched:
-            conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-            raise MatchError(f"--target {p!r} matches no Linear or Conv2d module; " + (
-                f"modules look like: {', '.join(list(adaptable)[:5])}" if adaptable else
-                f"the model has none (GPT-2 style Conv1D layers such as {conv1d[0]!r} are not adapted yet)" if conv1d
-                else "the model has none"))
+            raise MatchError(f"--target {p!r} matches no Linear, Conv2d or Conv1D module; " + (
+                f"modules look like: {', '.join(list(adaptable)[:5])}" if adaptable else "the model has none"))
         chosen += [n for n in hit if n not in chosen]
     if not chosen:
         raise MatchError("no module to adapt")
+    conv1d = sorted(n for n in chosen if is_conv1d(adaptable[n]))
+    if conv1d and len(conv1d) != len(chosen):  # PEFT's fan_in_fan_out is one flag for the whole adapter
+        other = sorted(set(chosen) - set(conv1d))
+        raise MatchError(f"the targets mix GPT-2 style Conv1D layers ({conv1d[0]!r}) with Linear/Conv2d ones ({other[0]!r}); "
+                         "a PEFT adapter holds one kind (fan_in_fan_out is one flag): choose one with --target")
     for n in sorted(chosen):
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        cls = LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
+        cls = LoRAConv1D if is_conv1d(base) else LoRALinear if isinstance(base, nn.Linear) else LoRAConv2d
         setattr(parent, child, cls(base, rank, alpha, dropout, rslora))
     return sorted(chosen)
 
@@ -262,7 +264,7 @@ def attach_lora(
         for n in matched:
             layer = model.get_submodule(n)
             targets_out[n] = LoraTarget(n, layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone(),
-                                        alpha, layer.scaling)
+                                        alpha, layer.scaling, fan_in_fan_out=isinstance(layer, LoRAConv1D))
         saved = {f"{h}.{k}": v.detach().clone() for h in head_names for k, v in model.get_submodule(h).state_dict().items()}
         cfg = {"task_type": "SEQ_CLS" if lm.kind == "hf" and head_names else None, "lora_dropout": dropout,
                "modules_to_save": head_names or None}

@@ -95,7 +95,7 @@ def test_weights_a_factorized_folder_could_not_rebuild_are_refused_up_front(tmp_
     assert "selected weight(s) are GPT-2 style Conv1D layers (e.g. 'h.0.attn.c_attn')" in res.stderr
 
 
-def test_vision_folders_and_gpt2_attach_are_refused_clearly(tmp_path: Path) -> None:
+def test_vision_folders_are_refused_clearly(tmp_path: Path) -> None:
     cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                  image_size=8, patch_size=4, num_channels=1, num_labels=3)
     vit = tmp_path / "vitcls"
@@ -106,11 +106,6 @@ def test_vision_folders_and_gpt2_attach_are_refused_clearly(tmp_path: Path) -> N
         "with their model; its head would be dropped")
     res = runner.invoke(app, ["attach", str(vit), "--data", "digits", "-o", str(tmp_path / "a")])
     assert res.exit_code == 1 and "transformers has no sequence-classification model for 'vit' folders" in res.stderr
-    gpt2 = _save(tmp_path, "gpt2", transformers.GPT2Model(transformers.GPT2Config(**SMALL, n_embd=16, n_layer=1, n_head=2, pad_token_id=0,
-                                                                                   n_positions=16)))
-    res = runner.invoke(app, ["attach", str(gpt2), "--data", str(_csv(tmp_path)), "-o", str(tmp_path / "g")])
-    assert res.exit_code == 1 and res.stderr.strip().endswith(
-        "the model has none (GPT-2 style Conv1D layers such as 'transformer.h.0.attn.c_attn' are not adapted yet)")
 
 
 def test_extract_leaves_an_embedding_named_otherwise_to_save_other(tmp_path: Path) -> None:
@@ -125,3 +120,27 @@ def test_extract_leaves_an_embedding_named_otherwise_to_save_other(tmp_path: Pat
     out = _run("extract", "--base", str(base), "--tuned", str(tuned), "--rank", "1", "-o", str(tmp_path / "e"))
     assert [x["module"] for x in out["layers"]] == ["encoder.block.0.layer.1.DenseReluDense.wi"]
     assert "shared.weight" in out["other_changed"]
+
+
+def test_gpt2_conv1d_attach_loads_in_peft(tmp_path: Path) -> None:
+    """LoRA on GPT-2's Conv1D layers: saved with fan_in_fan_out; peft's model gives our merged folder's logits."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(**SMALL, n_embd=16, n_layer=1, n_head=2, n_positions=16, pad_token_id=0)
+    base = _save(tmp_path, "gpt2", transformers.GPT2Model(cfg))
+    out = _run("attach", str(base), "--data", str(_csv(tmp_path)), "--epochs", "2", "--lr", "0.05", "-o", str(tmp_path / "a"))
+    assert "h.0.attn.c_attn" in {t.rpartition("transformer.")[2] for t in out["targets"]} and out["heads"] == ["score"]
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    # a tiny run may keep epoch 0 (B = 0): give B values so that the comparison sees the LoRA path
+    from safetensors.torch import save_file
+
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(1)
+    state = {k: (torch.randn(v.shape, generator=g) * 0.1 if k.endswith("lora_B.weight") else v) for k, v in load_file(f).items()}
+    save_file(state, f, metadata={"format": "pt"})
+    cls = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    pm = peft.PeftModel.from_pretrained(cls, str(tmp_path / "a")).eval()
+    _run("merge", str(base), str(tmp_path / "a"), "-o", str(tmp_path / "m"))
+    merged = load_model(tmp_path / "m").model
+    ids = torch.tensor([[5, 6, 7, 5]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)

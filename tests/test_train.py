@@ -159,7 +159,7 @@ def test_attach_is_byte_identical_and_resumable(tmp_path: Path) -> None:
 def test_attach_errors(tmp_path: Path) -> None:
     base = _base(tmp_path)
     res = runner.invoke(app, ["attach", str(base), "--arch", ARCH, "--data", "digits", "-o", str(tmp_path / "x"), "--target", "conv*"])
-    assert res.exit_code == 1 and "--target 'conv*' matches no Linear or Conv2d module" in res.stderr
+    assert res.exit_code == 1 and "--target 'conv*' matches no Linear, Conv2d or Conv1D module" in res.stderr
     res = runner.invoke(app, ["attach", str(base), "--arch", "nope.module:f", "--data", "digits", "-o", str(tmp_path / "x")])
     assert res.exit_code == 1 and "cannot import 'nope.module'" in res.stderr
     assert not (tmp_path / "x").exists()

@@ -201,6 +201,29 @@ class LoRALinear(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
+class LoRAConv1D(LoRALinear):
+    """LoRA on a GPT-2 style ``Conv1D`` (y = x @ W + b, W stored in×out): the same factors as
+    LoRALinear (``lora_A`` in→r, ``lora_B`` r→out); PEFT saves them with ``fan_in_fan_out``."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / (rank**0.5) if rslora else alpha / rank
+        w = base_layer.weight
+        kw = {"device": w.device, "dtype": w.dtype}
+        self.lora_A = nn.Linear(int(w.shape[0]), rank, bias=False, **kw)
+        self.lora_B = nn.Linear(rank, int(w.shape[1]), bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2
+
+
 class LoRAConv2d(nn.Module):
     """Conv2d + s · (1×1 conv B)∘(k×k conv A), A with the base's stride/padding/dilation."""
 

@@ -47,7 +47,7 @@ def attach_command(
     model: Annotated[Path | None, typer.Argument(readable=False, help="Hugging Face model folder, or the weights for --arch.")] = None,
     data: DataOpt = "digits",
     arch: ArchOpt = None,
-    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Glob over module names to adapt (repeatable; default: every Linear/Conv2d but the head).")] = None,
+    target: Annotated[list[str] | None, typer.Option("--target", "-t", help="Glob over module names to adapt (repeatable; default: every Linear, Conv2d or GPT-2 Conv1D but the head).")] = None,
     rank: Annotated[int, typer.Option("--rank", "-r")] = 8,
     alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA alpha (default: the rank).")] = None,
     dropout: Annotated[float, typer.Option("--dropout")] = 0.0,

@@ -34,6 +34,17 @@ def _csv(tmp_path: Path) -> Path:
     return p
 
 
+def _assert_peft_equals_our_merge(tmp_path: Path, base: Path, ids: list[list[int]]) -> None:
+    """peft loads the adapter in tmp_path/a on the folder's classifier and gives what our merged classifier folder gives."""
+    cls = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    pm = peft.PeftModel.from_pretrained(cls, str(tmp_path / "a")).eval()
+    _run("merge", str(base), str(tmp_path / "a"), "-o", str(tmp_path / "m"))
+    merged = load_model(tmp_path / "m").model
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-5)
+
+
 def _run(*args: str) -> dict:
     res = runner.invoke(app, [*args, "--json", "--quiet"])
     assert res.exit_code == 0, res.stderr
@@ -77,14 +88,7 @@ def test_classifier_heads_of_other_encoders(tmp_path: Path, family: str) -> None
     base = _save(tmp_path, family, model)
     out = _run("attach", str(base), "--data", str(_csv(tmp_path)), "--epochs", "1", "-o", str(tmp_path / "a"))
     assert sorted(out["heads"]) == sorted(heads)
-    # peft loads it on the classifier and gives what our merged classifier folder gives
-    cls = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
-    pm = peft.PeftModel.from_pretrained(cls, str(tmp_path / "a")).eval()
-    _run("merge", str(base), str(tmp_path / "a"), "-o", str(tmp_path / "m"))
-    merged = load_model(tmp_path / "m").model
-    ids = torch.tensor([[2, 5, 6, 3]])
-    with torch.no_grad():
-        assert torch.allclose(merged(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
+    _assert_peft_equals_our_merge(tmp_path, base, [[2, 5, 6, 3]])
 
 
 def test_weights_a_factorized_folder_could_not_rebuild_are_refused_up_front(tmp_path: Path) -> None:
@@ -137,10 +141,4 @@ def test_gpt2_conv1d_attach_loads_in_peft(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     state = {k: (torch.randn(v.shape, generator=g) * 0.1 if k.endswith("lora_B.weight") else v) for k, v in load_file(f).items()}
     save_file(state, f, metadata={"format": "pt"})
-    cls = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
-    pm = peft.PeftModel.from_pretrained(cls, str(tmp_path / "a")).eval()
-    _run("merge", str(base), str(tmp_path / "a"), "-o", str(tmp_path / "m"))
-    merged = load_model(tmp_path / "m").model
-    ids = torch.tensor([[5, 6, 7, 5]])
-    with torch.no_grad():
-        assert torch.allclose(merged(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
+    _assert_peft_equals_our_merge(tmp_path, base, [[5, 6, 7, 5]])

@@ -11,7 +11,7 @@ median of 5 runs after one warm-up, and checks each result bit for bit against o
 Like the other scripts it sets ``OMP_WAIT_POLICY=PASSIVE`` (``--spin-wait`` keeps the default).
 The 32x column is one weight's time times the 32 layers of the 2 GiB merge benchmark in
 ``benchmarks/adapters.py``. On this 2-core machine the 8 MB default was fastest; L2-sized blocks
-(512 KB) were not, here or in the whole merge (docs/benchmarks.md, merge section).
+(512 KB) were not (docs/benchmarks.md, merge section).
 """
 
 from __future__ import annotations

@@ -425,30 +425,13 @@ def _adapter_head(adapters: Sequence[str | Path]) -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" bars from transformers: our own log lines say what happens."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def resolve(path: str | Path | None, arch: str | None, head: int | None = None) -> LoadedModel:
     """Load the model for export: eager attention (the graph onnxruntime's optimizer fuses).
     ``head``: the output count of a classification head that merged adapters bring to a bare
     encoder folder (modules_to_save ``classifier.*``)."""
     attn = "eager" if arch is None else None
     # a factory's initialisation: seed 0, never the caller's RNG, which is left as it was
-    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # (load_model keeps transformers quiet itself)
         torch.manual_seed(0)
         # a classifier folder keeps its own head (load_model reads its config); a bare encoder
         # gets the head that merged adapters bring

@@ -22,6 +22,7 @@ from lorasurgeon.io.adapters import (
     detect_layout,
     is_kohya_stem,
     kohya_name,
+    peft_saved_name,
     read_adapter,
 )
 from lorasurgeon.io.checkpoint import Checkpoint
@@ -258,8 +259,7 @@ def adapter_tensor_owners(names: Sequence[str], ad: Adapter) -> dict[str, str | 
     owners: dict[str, str | None] = {}
     for n in names:
         key = n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n
-        plain = (key.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-                 .replace(".base_layer.", "."))  # as io/adapters.py names the saved tensors
+        plain = peft_saved_name(n)  # as the reader names the saved tensors
         if plain in saved:
             owners[n] = plain
             continue

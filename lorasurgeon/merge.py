@@ -125,6 +125,93 @@ def _class_names(adapters: Sequence[str | Path], n: int) -> list[str]:
     return [f"LABEL_{i}" for i in range(n)]
 
 
+def _check_weights(n: int, weights: Sequence[float] | float | None) -> list[float]:
+    """One finite weight per adapter (default 1 each), within float32's range."""
+    if not n:
+        raise InvalidOptionError("give at least one adapter")
+    given = one_or_many(weights)
+    w = [1.0] * n if not given else [float(x) for x in given]
+    if len(w) != n:
+        raise InvalidOptionError(f"give one --weight per adapter: {n} adapters, {len(w)} weights")
+    if not all(math.isfinite(x) and abs(x) <= lora.FP32_MAX for x in w):
+        raise InvalidOptionError(f"weights must be finite numbers within float32's range, got {w}")
+    return w
+
+
+def _plan(
+    ads: Sequence[tuple[Adapter, str, str | Path | None]], w: Sequence[float], names: set[str],
+    shape_of: Callable[[str], tuple[int, ...]], *, unmerge: bool, allow_unmatched: bool,
+    warn: Callable[[str], None] | None, where: str | Path | None, what: str,
+) -> tuple[dict[str, list[tuple[LoraTarget, float, int]]], dict[str, torch.Tensor], list[str]]:
+    """Which adapter part goes where, every check done before anything is computed or written:
+    each target's base weight (shape-checked; a LoRA bias needs a base bias; weight × scale within
+    float32), each ``modules_to_save`` tensor's base name (two different replacements of one tensor
+    are refused), unmatched targets (an error unless ``allow_unmatched``; none matching at all is
+    always one). ``ads``: (adapter, its name for messages, its path or None).
+
+    Returns:
+        (weight name -> [(target, weight, adapter index)], base name -> replacing tensor,
+        the unmatched targets as "adapter: module").
+    """
+    base_weights = {n for n in names if n.endswith(".weight")}
+    base_modules = sorted(n[: -len(".weight")] for n in base_weights)
+    per_weight: dict[str, list[tuple[LoraTarget, float, int]]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    saved_from: dict[str, str] = {}
+    problems: list[str] = []
+    unmatched_all: list[str] = []
+    for i, ((ad, label, path), wi) in enumerate(zip(ads, w, strict=True)):
+        if ad.format == "kohya":
+            ad, _, _ = resolve_kohya_names(ad, base_modules)
+        if unmerge and ad.modules_to_save:
+            raise UnsupportedError("unmerging cannot restore tensors an adapter replaced (modules_to_save)", path)
+        tmap, smap, unmatched = _match(ad, base_weights, names)
+        unmatched_all += [f"{label}: {m}" for m in unmatched]
+        for m, wname in tmap.items():
+            t = ad.targets[m]
+            bshape = shape_of(wname)
+            if tuple(t.delta_shape()) != tuple(bshape):
+                problems.append(f"{label}: {m} (adapter {list(t.delta_shape())} vs {what} {list(bshape)})")
+                continue
+            if t.bias is not None and bool(t.bias.any()) and wname[: -len(".weight")] + ".bias" not in names:
+                # (an all-zero LoRA bias is PEFT's lora_bias switch on a target that has none: nothing to add)
+                problems.append(f"{label}: {m} (LoRA bias but the base layer has no bias)")
+                continue
+            if not abs(wi * t.scale) <= lora.FP32_MAX:  # the fp32 update would overflow
+                raise InvalidOptionError(f"--weight {wi:g} times the adapter's scale {t.scale:g} for {m!r} overflows "
+                                         "float32", path)
+            per_weight.setdefault(wname, []).append((t, wi, i))
+        for n, bn in smap.items():
+            new = ad.modules_to_save[n]
+            if bn in names and tuple(shape_of(bn)) != tuple(new.shape):
+                problems.append(f"{n} (saved {list(new.shape)} vs {what} {list(shape_of(bn))})")
+            if bn in saved and not (saved[bn].shape == new.shape and torch.equal(saved[bn], new)):
+                raise UnsupportedError(
+                    f"{saved_from[bn]} and {label} both replace {bn!r} (modules_to_save) with different "
+                    "tensors; a merge cannot add replacements: merge one of them, or compose them first", path)
+            saved[bn], saved_from[bn] = new, label
+        if smap and wi != 1 and warn:
+            warn(f"--weight {wi:g} does not scale {label}'s modules_to_save "
+                 f"({', '.join(sorted(smap)[:3])}{', ...' if len(smap) > 3 else ''}): they replace the base tensors whole")
+    if problems:
+        raise MatchError(f"{len(problems)} adapter target(s) do not fit {what}: " + "; ".join(problems[:10]), where)
+    if unmatched_all and not allow_unmatched:
+        raise MatchError(
+            f"{len(unmatched_all)} adapter target(s) match no base weight: " + ", ".join(unmatched_all[:10])
+            + ("" if len(unmatched_all) <= 10 else ", ...") + " (pass --allow-unmatched to skip them)", where)
+    if not per_weight and not saved:
+        raise MatchError("no adapter target matches a base weight: the adapters are not for this model", where)
+    if unmatched_all and warn:
+        warn(f"skipping {len(unmatched_all)} unmatched target(s): " + ", ".join(unmatched_all[:10]))
+    for parts in per_weight.values():  # DoRA rules
+        try:
+            lora.check_dora([(t, wi) for t, wi, _ in parts], unmerge=unmerge)
+        except UnsupportedError as e:  # name the (first) DoRA adapter's file
+            e.path = str(ads[next((i for t, _, i in parts if t.magnitude is not None), parts[0][2])][2])
+            raise
+    return per_weight, saved, unmatched_all
+
+
 def merge_adapters(
     base: str | Path,
     adapters: Sequence[str | Path],
@@ -153,14 +240,7 @@ def merge_adapters(
         UnsupportedError: DoRA weighting/unmerging/combining, LoHa/LoKr/OFT inputs, a factorized base.
     """
     adapters = one_or_many(adapters) or []
-    weights = one_or_many(weights)
-    if not adapters:
-        raise InvalidOptionError("give at least one adapter")
-    w = [1.0] * len(adapters) if not weights else [float(x) for x in weights]
-    if len(w) != len(adapters):
-        raise InvalidOptionError(f"give one --weight per adapter: {len(adapters)} adapters, {len(w)} weights")
-    if not all(math.isfinite(x) and abs(x) <= lora.FP32_MAX for x in w):
-        raise InvalidOptionError(f"weights must be finite numbers within float32's range, got {w}")
+    w = _check_weights(len(adapters), weights)
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
@@ -170,63 +250,9 @@ def merge_adapters(
         if factorized_layers(ck.metadata, base):
             raise UnsupportedError("the base is a factorized checkpoint; densify it first (factorize --densify)", base)
         names = set(ck.names())
-        base_weights = {n for n in names if n.endswith(".weight")}
-        base_modules = sorted(n[: -len(".weight")] for n in base_weights)
-        per_weight: dict[str, list[tuple[LoraTarget, float, int]]] = {}
-        saved: dict[str, torch.Tensor] = {}
-        saved_from: dict[str, str] = {}
-        problems: list[str] = []
-        unmatched_all: list[str] = []
-        for i, (path, wi) in enumerate(zip(adapters, w)):
-            ad = read_adapter(path)
-            if ad.format == "kohya":
-                ad, _, _ = resolve_kohya_names(ad, base_modules)
-            if unmerge and ad.modules_to_save:
-                raise UnsupportedError("unmerging cannot restore tensors an adapter replaced (modules_to_save)", path)
-            tmap, smap, unmatched = _match(ad, base_weights, names)
-            unmatched_all += [f"{Path(path).name}: {m}" for m in unmatched]
-            for m, wname in tmap.items():
-                t = ad.targets[m]
-                bshape = ck.info(wname).shape
-                if tuple(t.delta_shape()) != tuple(bshape):
-                    problems.append(f"{Path(path).name}: {m} (adapter {list(t.delta_shape())} vs base {list(bshape)})")
-                    continue
-                if t.bias is not None and bool(t.bias.any()) and wname[: -len(".weight")] + ".bias" not in names:
-                    # (an all-zero LoRA bias is PEFT's lora_bias switch on a target that has none: nothing to add)
-                    problems.append(f"{Path(path).name}: {m} (LoRA bias but the base layer has no bias)")
-                    continue
-                if not abs(wi * t.scale) <= lora.FP32_MAX:  # the fp32 update would overflow
-                    raise InvalidOptionError(f"--weight {wi:g} times the adapter's scale {t.scale:g} for {m!r} overflows "
-                                             "float32", path)
-                per_weight.setdefault(wname, []).append((t, wi, i))
-            for n, bn in smap.items():
-                if bn in names and tuple(ck.info(bn).shape) != tuple(ad.modules_to_save[n].shape):
-                    problems.append(f"{n} (saved {list(ad.modules_to_save[n].shape)} vs base {list(ck.info(bn).shape)})")
-                new = ad.modules_to_save[n]
-                if bn in saved and not (saved[bn].shape == new.shape and torch.equal(saved[bn], new)):
-                    raise UnsupportedError(
-                        f"{saved_from[bn]} and {Path(path).name} both replace {bn!r} (modules_to_save) with different "
-                        "tensors; a merge cannot add replacements: merge one of them, or compose them first", path)
-                saved[bn], saved_from[bn] = new, Path(path).name
-            if smap and wi != 1 and warn:
-                warn(f"--weight {wi:g} does not scale {Path(path).name}'s modules_to_save "
-                     f"({', '.join(sorted(smap)[:3])}{', ...' if len(smap) > 3 else ''}): they replace the base tensors whole")
-        if problems:
-            raise MatchError(f"{len(problems)} adapter target(s) do not fit the base: " + "; ".join(problems[:10]), base)
-        if unmatched_all and not allow_unmatched:
-            raise MatchError(
-                f"{len(unmatched_all)} adapter target(s) match no base weight: " + ", ".join(unmatched_all[:10])
-                + ("" if len(unmatched_all) <= 10 else ", ...") + " (pass --allow-unmatched to skip them)", base)
-        if not per_weight and not saved:
-            raise MatchError("no adapter target matches a base weight: the adapters are not for this model", base)
-        if unmatched_all and warn:
-            warn(f"skipping {len(unmatched_all)} unmatched target(s): " + ", ".join(unmatched_all[:10]))
-        for parts in per_weight.values():  # DoRA rules, checked before anything is written
-            try:
-                lora.check_dora([(t, wi) for t, wi, _ in parts], unmerge=unmerge)
-            except UnsupportedError as e:  # name the (first) DoRA adapter's file
-                e.path = str(adapters[next((i for t, _, i in parts if t.magnitude is not None), parts[0][2])])
-                raise
+        per_weight, saved, unmatched_all = _plan(
+            [(read_adapter(p), Path(p).name, p) for p in adapters], w, names, lambda n: tuple(ck.info(n).shape),
+            unmerge=unmerge, allow_unmatched=allow_unmatched, warn=warn, where=base, what="the base")
         bias_parts = {wn[: -len(".weight")] + ".bias": parts for wn, parts in per_weight.items()
                       if any(t.bias is not None for t, _, _ in parts)}
         added = sorted(n for n in saved if n not in names)
@@ -332,48 +358,14 @@ def merge_state_dict(
             an error) or does not fit its shape. UnsupportedError: the DoRA cases of merge.
         InvalidOptionError: the weight count, or non-finite weights.
     """
-    ads = [a if isinstance(a, Adapter) else read_adapter(a) for a in one_or_many(adapters) or []]
-    if not ads:
-        raise InvalidOptionError("give at least one adapter")
-    w = [1.0] * len(ads) if weights is None else [float(x) for x in one_or_many(weights) or []]
-    if len(w) != len(ads):
-        raise InvalidOptionError(f"give one weight per adapter: {len(ads)} adapters, {len(w)} weights")
-    if not all(math.isfinite(x) and abs(x) <= lora.FP32_MAX for x in w):
-        raise InvalidOptionError(f"weights must be finite numbers within float32's range, got {w}")
-    names = set(state)
-    base_weights = {n for n in names if n.endswith(".weight")}
-    per_weight: dict[str, list[tuple[LoraTarget, float]]] = {}
-    saved: dict[str, torch.Tensor] = {}
-    problems: list[str] = []
-    unmatched: list[str] = []
-    for ad, wi in zip(ads, w):
-        if ad.format == "kohya":
-            ad, _, _ = resolve_kohya_names(ad, sorted(n[: -len(".weight")] for n in base_weights))
-        if unmerge and ad.modules_to_save:
-            raise UnsupportedError("unmerging cannot restore tensors an adapter replaced (modules_to_save)", ad.source)
-        tmap, smap, miss = _match(ad, base_weights, names)
-        unmatched += miss
-        for m, wname in tmap.items():
-            t = ad.targets[m]
-            if tuple(t.delta_shape()) != tuple(state[wname].shape):
-                problems.append(f"{m} (adapter {list(t.delta_shape())} vs {list(state[wname].shape)})")
-                continue
-            per_weight.setdefault(wname, []).append((t, wi))
-        for n, bn in smap.items():
-            new = ad.modules_to_save[n]
-            if bn in saved and not (saved[bn].shape == new.shape and torch.equal(saved[bn], new)):
-                raise UnsupportedError(f"two adapters replace {bn!r} (modules_to_save) with different tensors; a merge "
-                                       "cannot add replacements: merge one of them, or compose them first", ad.source)
-            saved[bn] = new
-    if problems:
-        raise MatchError(f"{len(problems)} adapter target(s) do not fit the state dict: " + "; ".join(problems[:10]))
-    if not per_weight and not saved:
-        raise MatchError("no adapter target matches a tensor of the state dict: the adapters are not for this model")
-    if unmatched and not allow_unmatched:
-        raise MatchError(f"{len(unmatched)} adapter target(s) match no tensor: " + ", ".join(unmatched[:10])
-                         + " (pass allow_unmatched=True to skip them)")
+    ads = [(a, a.source or f"adapter {i + 1}", a.source) if isinstance(a, Adapter) else (read_adapter(a), Path(a).name, a)
+           for i, a in enumerate(one_or_many(adapters) or [])]
+    w = _check_weights(len(ads), weights)
+    per_weight, saved, _ = _plan(ads, w, set(state), lambda n: tuple(state[n].shape), unmerge=unmerge,
+                              allow_unmatched=allow_unmatched, warn=None, where=None, what="the state dict")
     out = dict(state)
-    for wname, parts in per_weight.items():
+    for wname, trio in per_weight.items():
+        parts = [(t, wi) for t, wi, _ in trio]
         out[wname] = lora.merge_weight(state[wname], parts, unmerge=unmerge, name=wname)
         bname = wname[: -len(".weight")] + ".bias"
         if any(t.bias is not None for t, _ in parts) and bname in state:

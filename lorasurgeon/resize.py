@@ -199,10 +199,10 @@ def extract_adapter(
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
         check_output(out, force, [base, tuned])
-    from lorasurgeon.nn.models import conv1d_modules, folder_module_kinds
+    from lorasurgeon.nn.models import folder_module_kinds
 
-    conv1d = conv1d_modules(tuned) | conv1d_modules(base)  # GPT-2 style: weights stored in×out
     kinds = folder_module_kinds(tuned) or folder_module_kinds(base)  # a model folder's module names and types
+    conv1d = {n for n, k in (kinds or {}).items() if k == "conv1d"}  # GPT-2 style: weights stored in×out
     with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
         for ck, what in ((cb, base), (ct, tuned)):
             if factorized_layers(ck.metadata, ck.path):  # its weights are factors: no dense delta to take

@@ -161,5 +161,5 @@ def test_merge_state_dict_refuses_two_different_replacements(tmp_path: Path) -> 
     a = Adapter("peft", {"l": t}, {"head.weight": torch.ones(2, 4)})
     b = Adapter("peft", {"l": t}, {"head.weight": torch.full((2, 4), 2.0)})
     assert torch.equal(ls.merge_state_dict(state, [a, a])["head.weight"], torch.ones(2, 4))  # the same tensor twice: fine
-    with pytest.raises(UnsupportedError, match="two adapters replace 'head.weight' \\(modules_to_save\\) with different"):
+    with pytest.raises(UnsupportedError, match="adapter 1 and adapter 2 both replace 'head.weight' \\(modules_to_save\\) with different"):
         ls.merge_state_dict(state, [a, b])

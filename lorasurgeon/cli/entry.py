@@ -40,7 +40,9 @@ def main() -> None:
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left after the command's last write: a quiet 141
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141 if code in (0, None) else code
+        from lorasurgeon.cli.output import EXIT_BROKEN_PIPE  # (loaded with the app already)
+
+        code = EXIT_BROKEN_PIPE if code in (0, None) else code
     except (OSError, ValueError):
         pass
     with contextlib.suppress(OSError, ValueError):
@@ -52,6 +54,6 @@ def main() -> None:
         code = 1
     # Every output is committed (fsynced, renamed) and every worker thread joined before a
     # command returns, so the interpreter's teardown has nothing left to do for us: skip it.
-    # It takes about 0.4 s with torch loaded, and Python restores the default signal actions
+    # It is a noticeable pause with torch loaded, and Python restores the default signal actions
     # early in it, so a Ctrl-C there killed the process by the signal (-2 to a harness).
     os._exit(code if isinstance(code, int) else 0)

@@ -259,6 +259,14 @@ def _pair_up(
     return out
 
 
+def peft_saved_name(key: str) -> str:
+    """The base tensor a PEFT file's non-LoRA tensor replaces: without the ``base_model.model.``
+    prefix and PEFT's wrappers (``modules_to_save[.default]``, and the ``base_layer`` of a LoRA'd
+    module whose bias PEFT saved with ``bias="lora_only"`` / ``"all"``)."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+
+
 def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config: dict[str, Any], path: Path) -> Adapter:
     r_default = int(config.get("r", 8))
     alpha_default = float(config.get("lora_alpha", r_default))
@@ -277,11 +285,7 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
         if not m or (".lora_embedding_" in key):
             if ".lora_embedding_" in key:
                 raise UnsupportedError("embedding LoRA (lora_embedding_A/B) is not supported yet", path)
-            name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-            # modules_to_save wrappers, and the base_layer of a LoRA'd module whose bias PEFT saved
-            # (bias="lora_only" / "all"): the tensor replaces the base model's tensor of that name
-            saved[name.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-                  .replace(".base_layer.", ".")] = t
+            saved[peft_saved_name(key)] = t
             continue
         mod, kind, _adapter_name, wb = m.groups()
         g = groups.setdefault(mod, {})

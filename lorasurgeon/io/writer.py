@@ -30,7 +30,7 @@ import torch
 from lorasurgeon._finite import json_safe
 from lorasurgeon._version import __version__
 from lorasurgeon.errors import InputNotFoundError, InvalidOptionError, OutputExistsError, WriteError
-from lorasurgeon.io.checkpoint import Checkpoint, dtype_name
+from lorasurgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, dtype_name
 
 METADATA_KEY = "lorasurgeon"
 FORMAT_VERSION = 1
@@ -80,14 +80,11 @@ def sigterm_exits() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-# Output names that every reader (ours, torch, transformers) takes for pickled state dicts.
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-
-
 def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | None] = (),
                  data: str | Path | None = None, *, pickle_name_ok: bool = False) -> Path:
     """Refuse an existing output unless ``force``; the parent folder must exist and be writable,
-    and the name must not say "pickle" (``.pt``, ``.bin``, ...: we write safetensors) unless
+    and the name must not be one every reader, ours included, takes for a pickle
+    (``io.checkpoint.PICKLE_SUFFIXES``: we write safetensors) unless
     ``pickle_name_ok`` (train's own resume state, written with torch.save).
 
     ``inputs``: the command's input paths (None entries skipped); a missing one is reported

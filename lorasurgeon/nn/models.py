@@ -367,9 +367,3 @@ def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
     if prefix:
         kinds.update({n[len(prefix) + 1:]: k for n, k in list(kinds.items()) if n.startswith(prefix + ".")})
     return kinds
-
-
-def conv1d_modules(path: str | Path) -> set[str]:
-    """Names of the GPT-2 style ``Conv1D`` modules of a Hugging Face model folder, as its
-    checkpoint names them; empty for anything else (see ``folder_module_kinds``)."""
-    return {n for n, k in (folder_module_kinds(path) or {}).items() if k == "conv1d"}

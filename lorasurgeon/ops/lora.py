@@ -60,8 +60,7 @@ class MergeStats:
 # Elements per block of the streamed merge: about 8 MB of fp32 (256 rows of a 8192-wide weight).
 # Measured on a 4096x8192 fp16 weight: a whole-matrix .float() cost 74-101 ms CPU (fresh pages
 # fault in), the same conversion in 256-row blocks into a reused buffer 6-9 ms. L2-sized blocks
-# (512 KB) were tried and are slower here, alone and in the whole 2 GB merge
-# (benchmarks/merge_block.py; docs/benchmarks.md, merge section).
+# (512 KB) were tried and are slower here (benchmarks/merge_block.py; docs/benchmarks.md, merge).
 _BLOCK_ELEMS = 1 << 21
 # Fewer rows than this take a different BLAS path (gemv-like) whose rounding differs by an ulp
 # from the whole-matrix product; at least this many rows per block keeps the blocks' results

@@ -273,7 +273,7 @@ def compose_adapters(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force, inputs)
+        check_output(out, force, inputs, directory=fmt == "peft")
     # Inputs hashed (provenance) on a second thread while they are read and parsed: for
     # adapter-sized inputs the sha256 is done by the time the layers are composed.
     hashes = None if dry_run else HashedInputs(inputs)

@@ -67,7 +67,7 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     """
     if to not in FORMATS:
         raise InvalidOptionError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
-    check_output(out, force, [inp, base])
+    check_output(out, force, [inp, base], directory=to == "peft")
     ad = io_ad.read_adapter(inp)
     from_format = ad.format
     renamed: dict[str, str] = {}

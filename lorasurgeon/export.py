@@ -1116,7 +1116,7 @@ def export_model(
     for name, tol in (("--atol", atol), ("--rtol", rtol)):
         if not 0 <= tol < float("inf"):
             raise InvalidOptionError(f"{name} must be a number >= 0, got {tol:g}")
-    check_output(out, force, [model, *adapters, baseline])
+    check_output(out, force, [model, *adapters, baseline], directory=False)
     benchmark = benchmark or baseline is not None
 
     log("loading the model")

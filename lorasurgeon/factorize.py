@@ -252,7 +252,7 @@ def factorize_checkpoint(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force, [inp], data=calibration.data if calibration else None)
+        check_output(out, force, [inp], data=calibration.data if calibration else None, directory=inp.is_dir())
     try:
         return _factorize(inp, out, rule, budget, include, exclude, min_params, svd_method, fp64, seed, force,
                           dry_run, allow_unmatched, progress, calibration, arch)
@@ -480,7 +480,7 @@ def densify_checkpoint(inp: str | Path, out: str | Path, *, force: bool = False,
         FormatError: not a factorized checkpoint or a layer's factors are missing.
     """
     inp = Path(inp)
-    check_output(out, force, [inp])
+    check_output(out, force, [inp], directory=inp.is_dir())
     with Checkpoint.open(inp) as ck:
         layers = factorized_layers(ck.metadata, inp)
         if not layers:

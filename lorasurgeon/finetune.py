@@ -173,10 +173,10 @@ def attach_lora(
         raise InvalidOptionError(f"--alpha must be a positive number, got {alpha:g}")
     if not (0 <= dropout < 1):
         raise InvalidOptionError(f"--dropout must be in [0, 1), got {dropout:g}")
-    out = Path(out)
+    given, out = out, Path(out)
     resume_file = out.parent / f".{out.name}.train-state.pt"
     if not resume:
-        check_output(out, force, [model_path], data=data)
+        check_output(given, force, [model_path], data=data, directory=not full or (model_path is not None and Path(model_path).is_dir()))
     alpha = float(alpha if alpha is not None else rank)
     torch.manual_seed(opts.seed)  # LoRA and new-head initialisation depend on the seed only
     probe = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
@@ -358,10 +358,10 @@ def distill_student(
     opts = replace(opts) if opts is not None else TrainOptions()  # a copy: the caller's options stay as given
     opts.validate()
     opts.device = resolve_device(opts.device)
-    out = Path(out)
+    given, out = out, Path(out)
     resume_file = out.parent / f".{out.name}.train-state.pt"
     if not resume:
-        check_output(out, force, [teacher, student], data=data)
+        check_output(given, force, [teacher, student], data=data, directory=Path(student).is_dir())
     if temperature <= 0:
         raise InvalidOptionError(f"--temperature must be positive, got {temperature:g}")
     if not feature_loss >= 0:

@@ -244,7 +244,7 @@ def merge_adapters(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force, [base, *adapters])
+        check_output(out, force, [base, *adapters], directory=Path(base).is_dir())
     base = Path(base)
     with Checkpoint.open(base) as ck:
         if factorized_layers(ck.metadata, base):

@@ -116,7 +116,7 @@ def resize_adapter(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force, [inp])
+        check_output(out, force, [inp], directory=None if fmt is None else fmt == "peft")
     # The input is hashed (provenance) on a second thread while it is read and parsed: for
     # adapter-sized inputs the sha256 is done by the time the layers are re-ranked.
     hashes = None if dry_run else HashedInputs([inp])
@@ -198,7 +198,7 @@ def extract_adapter(
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force, [base, tuned])
+        check_output(out, force, [base, tuned], directory=fmt == "peft")
     from lorasurgeon.nn.models import folder_module_kinds
 
     kinds = folder_module_kinds(tuned) or folder_module_kinds(base)  # a model folder's module names and types

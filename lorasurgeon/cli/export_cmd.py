@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorasurgeon.cli.options import ForceOpt, JsonOpt, QuietOpt
+from lorasurgeon.cli.options import ForceOpt, JsonOpt, QuietOpt, output_path
 from lorasurgeon.cli.output import handle_errors, human_bytes, log, print_json, stdout_console
 from lorasurgeon.export import DEFAULT_OPSET, ExportResult, Timing, export_model, parse_input_shape
 
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 def export_command(
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, help="The .onnx file to write.")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, help="The .onnx file to write.")],
     model: Annotated[Path | None, typer.Argument(readable=False, help="A Hugging Face model folder (dense or factorized), or the weights for --arch.")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="module:factory building the model for a checkpoint (e.g. lorasurgeon.zoo:mlp).")] = None,
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", "-a", readable=False, help="LoRA adapter merged into the weights before export (repeatable).")] = None,

@@ -10,7 +10,15 @@ import typer
 from rich.table import Table
 
 from lorasurgeon.calibrate import CalibrationOptions
-from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, InputPath, JsonOpt, QuietOpt
+from lorasurgeon.cli.options import (
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    InputPath,
+    JsonOpt,
+    QuietOpt,
+    output_path,
+)
 from lorasurgeon.cli.output import (
     handle_errors,
     human_bytes,
@@ -36,7 +44,7 @@ def register(app: typer.Typer) -> None:
 
 def factorize_command(
     path: InputPath,
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, help="Output .safetensors file (a folder for a model folder input).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output .safetensors file (a folder for a model folder input).")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank k for every layer.", rich_help_panel="Rank rule (exactly one)")] = None,
     ratio: Annotated[float | None, typer.Option("--ratio", help="Rank = round(F·min(m,n)), at least 1.", rich_help_panel="Rank rule (exactly one)")] = None,
     energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of the squared Frobenius energy.", rich_help_panel="Rank rule (exactly one)")] = None,

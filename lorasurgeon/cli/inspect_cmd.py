@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, InputPath, JsonOpt, QuietOpt
+from lorasurgeon.cli.options import (
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    InputPath,
+    JsonOpt,
+    QuietOpt,
+    output_path,
+)
 from lorasurgeon.cli.output import (
     handle_errors,
     human_bytes,
@@ -37,7 +45,7 @@ def inspect_command(
         int | None, typer.Option("--rank", help="With --spectrum: report the energy kept at this rank.")
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", readable=False, help="Draw the normalised spectra to this PNG (implies --spectrum).")
+        Path | None, typer.Option("--plot", readable=False, parser=output_path, help="Draw the normalised spectra to this PNG (implies --spectrum).")
     ] = None,
     tensors: Annotated[
         bool | None,

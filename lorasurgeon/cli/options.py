@@ -7,6 +7,21 @@ from typing import Annotated
 
 import typer
 
+
+class OutputPath(type(Path())):  # type: ignore[misc]
+    """A path that keeps the text it was given (``given``): pathlib drops a trailing "/", which
+    says the user meant a folder (``io.writer.check_output`` refuses it for a one-file output)."""
+
+    given: str
+
+
+def output_path(text: str) -> Path:
+    """``-o``'s parser: the path, remembering its text."""
+    p = OutputPath(text)
+    p.given = text
+    return p
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout, nothing else there.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]

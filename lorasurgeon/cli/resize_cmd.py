@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, QuietOpt
+from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, QuietOpt, output_path
 from lorasurgeon.cli.output import handle_errors, human_count, log, print_json, progress, stdout_console
 from lorasurgeon.errors import InvalidOptionError
 from lorasurgeon.factorize import make_rule
@@ -40,7 +40,7 @@ def _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank):  # no
 
 def resize_command(
     adapter: Annotated[Path, typer.Argument(readable=False, help="A PEFT folder or file, kohya/LyCORIS LoCon file, or diffusers LoRA file.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, help="Output adapter (folder for PEFT, file otherwise).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output adapter (folder for PEFT, file otherwise).")] = None,
     rank: RankOpt = None, ratio: RatioOpt = None, energy: EnergyOpt = None, sv_ratio: SvRatioOpt = None,
     sv_fro: SvFroOpt = None, sv_cumulative: SvCumOpt = None, max_rank: MaxRankOpt = None,
     fmt: Annotated[str | None, typer.Option("--format", help="peft | kohya | diffusers (default: the input's).")] = None,
@@ -59,7 +59,7 @@ def resize_command(
 def extract_command(
     base: Annotated[Path, typer.Option("--base", readable=False, help="The base checkpoint or model folder.")],
     tuned: Annotated[Path, typer.Option("--tuned", readable=False, help="The fine-tuned checkpoint or model folder.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, help="Output adapter (folder for PEFT).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output adapter (folder for PEFT).")] = None,
     rank: RankOpt = None, ratio: RatioOpt = None, energy: EnergyOpt = None, sv_ratio: SvRatioOpt = None,
     sv_fro: SvFroOpt = None, sv_cumulative: SvCumOpt = None, max_rank: MaxRankOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="peft | kohya | diffusers.")] = "peft",

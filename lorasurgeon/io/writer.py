@@ -80,12 +80,25 @@ def sigterm_exits() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _given_as_folder(path: str | Path) -> str | None:
+    """The text of an output written with a trailing separator ("out/"), else None. pathlib
+    drops the separator: a str keeps it, and so does the CLI's ``-o`` (``cli.options.OutputPath``,
+    whose ``given`` is the text typed)."""
+    raw = path if isinstance(path, str) else getattr(path, "given", "")
+    return raw if raw.endswith(("/", os.sep)) else None
+
+
 def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | None] = (),
-                 data: str | Path | None = None, *, pickle_name_ok: bool = False) -> Path:
+                 data: str | Path | None = None, *, pickle_name_ok: bool = False,
+                 directory: bool | None = None) -> Path:
     """Refuse an existing output unless ``force``; the parent folder must exist and be writable,
     and the name must not be one every reader, ours included, takes for a pickle
     (``io.checkpoint.PICKLE_SUFFIXES``: we write safetensors) unless
     ``pickle_name_ok`` (train's own resume state, written with torch.save).
+
+    ``directory``: what the command will write there, when the caller knows (a folder: True; one
+    file: False). A file output given as a folder ("out/", or an existing folder) is refused now,
+    not after the work: pathlib would drop the slash and the write would fail or name a file "out".
 
     ``inputs``: the command's input paths (None entries skipped); a missing one is reported
     first, before anything about the output. Replacing a folder deletes what it holds, so an
@@ -97,6 +110,11 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
         if i is not None and not Path(i).exists():
             raise InputNotFoundError("no such file or folder", i)
     p = Path(path)
+    if directory is False:
+        folder = _given_as_folder(path)
+        if folder is not None or p.is_dir():
+            raise InvalidOptionError("a folder, but this command writes one file here: give the file's name",
+                                     folder if folder is not None else p)
     if p.suffix.lower() in PICKLE_SUFFIXES and not pickle_name_ok:
         raise InvalidOptionError(f"lorasurgeon never writes PyTorch pickles, and later steps read {p.suffix} files as "
                                  "pickles: name the output .safetensors (.onnx for export), or a folder", p)
@@ -133,7 +151,8 @@ def atomic_path(path: str | Path, force: bool = False, directory: bool = False, 
         OutputExistsError: ``path`` exists and not ``force``.
         WriteError: the write or the rename failed (disk full, permissions).
     """
-    shown = check_output(path, force, pickle_name_ok=pickle_name_ok)  # errors name the output as the user gave it
+    shown = check_output(path, force, pickle_name_ok=pickle_name_ok,  # errors name the output as the user gave it
+                         directory=directory)
     with sigterm_exits(), _atomic_path(shown, force, directory) as tmp:
         yield tmp
 

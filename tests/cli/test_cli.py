@@ -183,6 +183,32 @@ def test_outputs_named_like_pickles_are_refused(tmp_path: Path, name: str) -> No
                                        "files as pickles: name the output .safetensors (.onnx for export), or a folder")
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_folder_given_for_a_one_file_output_is_refused_before_the_work(tmp_path: Path, existing: bool,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pathlib drops the slash of ``-o out/``: without the check a file named ``out`` came out
+    (and an existing folder failed only at the final rename, after the work)."""
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(8, 8)}, p)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    import lorasurgeon.factorize as fz
+
+    monkeypatch.setattr(fz, "factorize_weight", lambda *a, **k: pytest.fail("work started before the output check"))
+    given = str(out) + ("" if existing else "/")
+    for extra in ([], ["--force"]):
+        res = runner.invoke(app, ["factorize", str(p), "--rank", "2", "-o", given, *extra])
+        assert res.exit_code == 1, res.output
+        assert res.stderr == f"error: {given}: a folder, but this command writes one file here: give the file's name\n"
+        assert out.is_dir() == existing and sorted(tmp_path.iterdir()) == sorted([p] + ([out] if existing else []))
+    # a folder output (a PEFT adapter) may be given with its slash
+    a = tmp_path / "a.safetensors"
+    save_file({"base_model.model.l.lora_A.weight": torch.randn(2, 8), "base_model.model.l.lora_B.weight": torch.randn(8, 2)}, a)
+    res = runner.invoke(app, ["convert", str(a), "--to", "peft", "-o", str(tmp_path / "peft") + "/"])
+    assert res.exit_code == 0 and (tmp_path / "peft" / "adapter_model.safetensors").is_file(), res.output
+
+
 def test_unwritable_output_folder_is_refused_before_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = tmp_path / "m.safetensors"
     save_file({"l.weight": torch.randn(8, 8)}, p)

@@ -175,7 +175,7 @@ def _candidates(
 def make_rule(
     *, rank: int | None = None, ratio: float | None = None, energy: float | None = None,
     sv_ratio: float | None = None, sv_fro: float | None = None, sv_cumulative: float | None = None,
-    budget: float | None = None, max_rank: int | None = None, allow_budget: bool = True,
+    budget: float | None = None, max_rank: int | None = None, allow_budget: bool = True, kohya_legacy: bool = False,
 ) -> tuple[ranks.RankRule | None, float | None]:
     """Exactly one rank option; returns (per-layer rule, None) or (None, budget fraction).
     ``allow_budget`` False for commands without --budget (resize, extract): not offered."""
@@ -190,8 +190,10 @@ def make_rule(
             raise InvalidOptionError(f"--budget must be in (0, 1], got {value:g}")
         if max_rank is not None:
             raise InvalidOptionError("--max-rank does not combine with --budget")
+        if kohya_legacy:
+            raise InvalidOptionError("--kohya-legacy applies to --sv-ratio, --sv-fro and --sv-cumulative, not --budget")
         return None, float(value)
-    return ranks.RankRule(kind, float(value), max_rank), None
+    return ranks.RankRule(kind, float(value), max_rank, kohya_legacy), None
 
 
 def factorize_checkpoint(
@@ -395,7 +397,7 @@ def _totals(result: FactorizeResult) -> None:
 def _rule_json(rule: ranks.RankRule | None, budget: float | None) -> dict[str, Any]:
     if rule is None:
         return {"kind": "budget", "value": budget}
-    return {"kind": rule.kind, "value": rule.value, "max_rank": rule.max_rank}
+    return ranks.rule_json(rule)
 
 
 def _plan_ranks(

@@ -53,7 +53,7 @@ class ResizeResult:
 
 
 def _rule_json(rule: ranks.RankRule) -> dict[str, Any]:
-    return {"kind": rule.kind, "value": rule.value, "max_rank": rule.max_rank}
+    return ranks.rule_json(rule)
 
 
 def resize_target(

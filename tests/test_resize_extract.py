@@ -38,22 +38,25 @@ def kohya_file(tmp_path: Path, rank: int = 16, seed: int = 0) -> tuple[Path, dic
     return p, sd
 
 
-def kohya_reference(up: torch.Tensor, down: torch.Tensor, alpha: float, method: str, param: float, new_rank: int):
+def kohya_reference(up: torch.Tensor, down: torch.Tensor, alpha: float, method: str, param: float, new_rank: int,
+                    legacy: bool = False):
     """An independent transcription of kohya sd-scripts networks/resize_lora.py (rank_resize +
-    the dynamic index rules) on the dense delta: returns (new_rank, new_alpha, delta)."""
+    the dynamic index rules) on the dense delta: returns (new_rank, new_alpha, delta). As at
+    sd-scripts 063ef10 (after PR #2194), or with ``legacy`` as before that PR."""
     rank = down.shape[0]
     scale = alpha / rank
     W = (up.reshape(up.shape[0], -1).double() @ down.reshape(rank, -1).double())
     U, S, Vh = torch.linalg.svd(W)
+    one = 1 if legacy else 0
     if method == "sv_ratio":
-        idx = int((S > S[0] / param).sum().item())
+        idx = int((S > S[0] / param).sum().item()) - 1 + one
     elif method == "sv_cumulative":
-        idx = int(torch.searchsorted(torch.cumsum(S, 0) / S.sum(), param).item()) + 1
+        idx = int(torch.searchsorted(torch.cumsum(S, 0) / S.sum(), param).item()) + one
     elif method == "sv_fro":
-        idx = int(torch.searchsorted(torch.cumsum(S**2, 0) / (S**2).sum(), param**2).item()) + 1
+        idx = int(torch.searchsorted(torch.cumsum(S**2, 0) / (S**2).sum(), param**2).item()) + one
     else:
         idx = int(param) - 1
-    idx = max(1, min(idx, len(S) - 1))
+    idx = max(one, min(idx, len(S) - 1))
     k = idx + 1
     if S[0] <= 1e-6:
         k = 1
@@ -63,18 +66,25 @@ def kohya_reference(up: torch.Tensor, down: torch.Tensor, alpha: float, method: 
     return k, new_alpha, delta
 
 
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("method, value", [("sv_fro", 0.9), ("sv_ratio", 4.0), ("sv_cumulative", 0.7), ("rank", 5)])
-def test_resize_matches_kohya(tmp_path: Path, method: str, value: float) -> None:
+def test_resize_matches_kohya(tmp_path: Path, method: str, value: float, legacy: bool) -> None:
     p, sd = kohya_file(tmp_path)
     opt = "--" + method.replace("_", "-")
-    out = run("resize", str(p), "-o", str(tmp_path / "r.safetensors"), opt, str(value), "--max-rank", "8")
+    if legacy and method == "rank":
+        res = runner.invoke(app, ["resize", str(p), "-o", str(tmp_path / "r.safetensors"), "--rank", "5", "--kohya-legacy"])
+        assert res.exit_code == 1 and res.stderr == ("error: --kohya-legacy applies to --sv-ratio, --sv-fro and "
+                                                     "--sv-cumulative, not --rank\n")
+        return
+    out = run("resize", str(p), "-o", str(tmp_path / "r.safetensors"), opt, str(value), "--max-rank", "8",
+              *(["--kohya-legacy"] if legacy else []))
     new = read_adapter(tmp_path / "r.safetensors")
     assert load_file(tmp_path / "r.safetensors")  # a plain kohya file
     rows = {x["module"]: x for x in out["layers"]}
     for stem in ("lora_unet_a_to_q", "lora_unet_b_ff", "lora_unet_c_conv"):
         up, down = sd[f"{stem}.lora_up.weight"], sd[f"{stem}.lora_down.weight"]
         alpha = float(sd.get(f"{stem}.alpha", torch.tensor(float(down.shape[0]))))
-        k, new_alpha, ref = kohya_reference(up, down, alpha, method, float(value), 8)
+        k, new_alpha, ref = kohya_reference(up, down, alpha, method, float(value), 8, legacy)
         t = new.targets[stem]
         assert rows[stem]["rank_after"] == k == t.rank
         assert t.alpha == pytest.approx(new_alpha)

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 def compose_command(
     adapters: Annotated[list[Path], typer.Argument(readable=False, help="Adapters to compose (PEFT folder or file, kohya, diffusers), in --weight order.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output adapter (a folder for PEFT, a file otherwise).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output adapter (a folder for PEFT, a file otherwise).")] = None,
     method: Annotated[str, typer.Option("--method", "-m", help=f"One of {', '.join(method_names())}. {_METHODS_HELP}.")] = "cat",
     weight: Annotated[list[float] | None, typer.Option("--weight", "-w", help="One weight per adapter, in order (default 1 each). Repeat the option.")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Output rank of svd, ties, dare_*, magnitude_prune (default: the largest input rank per layer).")] = None,

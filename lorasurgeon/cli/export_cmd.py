@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 def export_command(
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, help="The .onnx file to write.")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="The .onnx file to write.")],
     model: Annotated[Path | None, typer.Argument(readable=False, help="A Hugging Face model folder (dense or factorized), or the weights for --arch.")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="module:factory building the model for a checkpoint (e.g. lorasurgeon.zoo:mlp).")] = None,
     adapter: Annotated[list[Path] | None, typer.Option("--adapter", "-a", readable=False, help="LoRA adapter merged into the weights before export (repeatable).")] = None,

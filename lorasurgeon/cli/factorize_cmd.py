@@ -16,6 +16,7 @@ from lorasurgeon.cli.options import (
     IncludeOpt,
     InputPath,
     JsonOpt,
+    KohyaLegacyOpt,
     QuietOpt,
     output_path,
 )
@@ -44,15 +45,16 @@ def register(app: typer.Typer) -> None:
 
 def factorize_command(
     path: InputPath,
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output .safetensors file (a folder for a model folder input).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output .safetensors file (a folder for a model folder input).")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank k for every layer.", rich_help_panel="Rank rule (exactly one)")] = None,
     ratio: Annotated[float | None, typer.Option("--ratio", help="Rank = round(F·min(m,n)), at least 1.", rich_help_panel="Rank rule (exactly one)")] = None,
     energy: Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of the squared Frobenius energy.", rich_help_panel="Rank rule (exactly one)")] = None,
-    sv_ratio: Annotated[float | None, typer.Option("--sv-ratio", help="kohya: keep values > σ_max/T, plus one.", rich_help_panel="Rank rule (exactly one)")] = None,
-    sv_fro: Annotated[float | None, typer.Option("--sv-fro", help="kohya: Frobenius share T² of the energy, plus one.", rich_help_panel="Rank rule (exactly one)")] = None,
-    sv_cumulative: Annotated[float | None, typer.Option("--sv-cumulative", help="kohya: cumulative share T of Σσ, plus one.", rich_help_panel="Rank rule (exactly one)")] = None,
+    sv_ratio: Annotated[float | None, typer.Option("--sv-ratio", help="kohya: keep the values > σ_max/T.", rich_help_panel="Rank rule (exactly one)")] = None,
+    sv_fro: Annotated[float | None, typer.Option("--sv-fro", help="kohya: the fewest values holding T² of the energy (Frobenius share T).", rich_help_panel="Rank rule (exactly one)")] = None,
+    sv_cumulative: Annotated[float | None, typer.Option("--sv-cumulative", help="kohya: the fewest values holding T of Σσ.", rich_help_panel="Rank rule (exactly one)")] = None,
     budget: Annotated[float | None, typer.Option("--budget", help="Total parameters as a fraction of the selected layers', allocated to minimise the total squared error.", rich_help_panel="Rank rule (exactly one)")] = None,
     max_rank: Annotated[int | None, typer.Option("--max-rank", help="Cap any per-layer rule (kohya's --new_rank).")] = None,
+    kohya_legacy: KohyaLegacyOpt = False,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     min_params: Annotated[int, typer.Option("--min-params", help="Leave weights with fewer parameters dense.")] = 0,
@@ -86,6 +88,7 @@ def factorize_command(
             # --densify multiplies every layer's factors back; nothing else applies to it
             given = {"--rank": rank, "--ratio": ratio, "--energy": energy, "--sv-ratio": sv_ratio, "--sv-fro": sv_fro,
                      "--sv-cumulative": sv_cumulative, "--budget": budget, "--max-rank": max_rank, "--include": include,
+                     "--kohya-legacy": kohya_legacy,
                      "--exclude": exclude, "--calibration": calibration, "--arch": arch, "--min-cosine": min_cosine,
                      "--max-output-error": max_output_error, "--image-size": image_size}
             flags = [k for k, v in given.items() if v] + [k for k, on in (
@@ -107,7 +110,8 @@ def factorize_command(
         elif method != "svd" or min_cosine is not None or max_output_error is not None or sequential:
             raise InvalidOptionError("--method, --sequential, --min-cosine and --max-output-error need --calibration DATA")
         rule, frac = make_rule(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
-                               sv_cumulative=sv_cumulative, budget=budget, max_rank=max_rank)
+                               sv_cumulative=sv_cumulative, budget=budget, max_rank=max_rank,
+                               kohya_legacy=kohya_legacy)
         with progress("factorize", quiet) as cb:
             result = factorize_checkpoint(
                 path, output, rule=rule, budget=frac, include=include, exclude=exclude, min_params=min_params,

@@ -45,7 +45,7 @@ def inspect_command(
         int | None, typer.Option("--rank", help="With --spectrum: report the energy kept at this rank.")
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", readable=False, parser=output_path, help="Draw the normalised spectra to this PNG (implies --spectrum).")
+        Path | None, typer.Option("--plot", readable=False, parser=output_path, metavar="<path>", help="Draw the normalised spectra to this PNG (implies --spectrum).")
     ] = None,
     tensors: Annotated[
         bool | None,

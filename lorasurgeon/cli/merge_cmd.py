@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 def merge_command(
     base: Annotated[Path, typer.Argument(readable=False, help="Base checkpoint or model folder.")],
     adapters: Annotated[list[Path], typer.Argument(readable=False, help="One or more LoRA adapters (PEFT, kohya/LoCon, diffusers).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output .safetensors (a folder for a model folder base).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output .safetensors (a folder for a model folder base).")] = None,
     weight: Annotated[list[float] | None, typer.Option("--weight", "-w", help="One per adapter, in order (default 1).")] = None,
     unmerge: Annotated[bool, typer.Option("--unmerge", help="Subtract plain LoRA instead of adding it.")] = False,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Skip targets that match no base weight, with a warning.")] = False,

@@ -22,6 +22,10 @@ def output_path(text: str) -> Path:
     return p
 
 
+KohyaLegacyOpt = Annotated[
+    bool,
+    typer.Option("--kohya-legacy", help="--sv-* as sd-scripts before its PR #2194: one value more than the criterion needs."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on stdout, nothing else there.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, QuietOpt, output_path
+from lorasurgeon.cli.options import (
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    JsonOpt,
+    KohyaLegacyOpt,
+    QuietOpt,
+    output_path,
+)
 from lorasurgeon.cli.output import handle_errors, human_count, log, print_json, progress, stdout_console
 from lorasurgeon.errors import InvalidOptionError
 from lorasurgeon.factorize import make_rule
@@ -18,9 +26,9 @@ P = "Rank rule (exactly one)"
 RankOpt = Annotated[int | None, typer.Option("--rank", help="Fixed rank.", rich_help_panel=P)]
 RatioOpt = Annotated[float | None, typer.Option("--ratio", help="resize: fraction of the current rank; extract: of min(m,n).", rich_help_panel=P)]
 EnergyOpt = Annotated[float | None, typer.Option("--energy", help="Smallest rank keeping this share of the squared Frobenius energy.", rich_help_panel=P)]
-SvRatioOpt = Annotated[float | None, typer.Option("--sv-ratio", help="kohya: keep values > σ_max/T, plus one.", rich_help_panel=P)]
-SvFroOpt = Annotated[float | None, typer.Option("--sv-fro", help="kohya: Frobenius share T² of the energy, plus one.", rich_help_panel=P)]
-SvCumOpt = Annotated[float | None, typer.Option("--sv-cumulative", help="kohya: cumulative share T of Σσ, plus one.", rich_help_panel=P)]
+SvRatioOpt = Annotated[float | None, typer.Option("--sv-ratio", help="kohya: keep the values > σ_max/T.", rich_help_panel=P)]
+SvFroOpt = Annotated[float | None, typer.Option("--sv-fro", help="kohya: the fewest values holding T² of the energy (Frobenius share T).", rich_help_panel=P)]
+SvCumOpt = Annotated[float | None, typer.Option("--sv-cumulative", help="kohya: the fewest values holding T of Σσ.", rich_help_panel=P)]
 MaxRankOpt = Annotated[int | None, typer.Option("--max-rank", help="Cap the rank (kohya's --new_rank).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
 Fp64Opt = Annotated[bool, typer.Option("--fp64", help="Compute in fp64.")]
@@ -31,24 +39,24 @@ def register(app: typer.Typer) -> None:
     app.command("extract")(extract_command)
 
 
-def _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank):  # noqa: ANN001, ANN202
+def _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank, kohya_legacy):  # noqa: ANN001, ANN202
     rule, _ = make_rule(rank=rank, ratio=ratio, energy=energy, sv_ratio=sv_ratio, sv_fro=sv_fro,
-                        sv_cumulative=sv_cumulative, max_rank=max_rank, allow_budget=False)
+                        sv_cumulative=sv_cumulative, max_rank=max_rank, allow_budget=False, kohya_legacy=kohya_legacy)
     assert rule is not None
     return rule
 
 
 def resize_command(
     adapter: Annotated[Path, typer.Argument(readable=False, help="A PEFT folder or file, kohya/LyCORIS LoCon file, or diffusers LoRA file.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output adapter (folder for PEFT, file otherwise).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output adapter (folder for PEFT, file otherwise).")] = None,
     rank: RankOpt = None, ratio: RatioOpt = None, energy: EnergyOpt = None, sv_ratio: SvRatioOpt = None,
-    sv_fro: SvFroOpt = None, sv_cumulative: SvCumOpt = None, max_rank: MaxRankOpt = None,
+    sv_fro: SvFroOpt = None, sv_cumulative: SvCumOpt = None, max_rank: MaxRankOpt = None, kohya_legacy: KohyaLegacyOpt = False,
     fmt: Annotated[str | None, typer.Option("--format", help="peft | kohya | diffusers (default: the input's).")] = None,
     fp64: Fp64Opt = False, dry_run: DryRunOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Re-rank a LoRA exactly: SVD of B·A from the factors, alpha rewritten to keep the scale."""
     with handle_errors(json_out):
-        rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank)
+        rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank, kohya_legacy)
         with progress("resize", quiet) as cb:
             r = resize_adapter(adapter, output, rule, fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb)
         if not dry_run:
@@ -59,9 +67,9 @@ def resize_command(
 def extract_command(
     base: Annotated[Path, typer.Option("--base", readable=False, help="The base checkpoint or model folder.")],
     tuned: Annotated[Path, typer.Option("--tuned", readable=False, help="The fine-tuned checkpoint or model folder.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output adapter (folder for PEFT).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output adapter (folder for PEFT).")] = None,
     rank: RankOpt = None, ratio: RatioOpt = None, energy: EnergyOpt = None, sv_ratio: SvRatioOpt = None,
-    sv_fro: SvFroOpt = None, sv_cumulative: SvCumOpt = None, max_rank: MaxRankOpt = None,
+    sv_fro: SvFroOpt = None, sv_cumulative: SvCumOpt = None, max_rank: MaxRankOpt = None, kohya_legacy: KohyaLegacyOpt = False,
     fmt: Annotated[str, typer.Option("--format", help="peft | kohya | diffusers.")] = "peft",
     include: IncludeOpt = None, exclude: ExcludeOpt = None,
     save_other: Annotated[bool, typer.Option("--save-other", help="Save changed non-LoRA tensors (biases, norms, heads) as modules_to_save.")] = False,
@@ -73,7 +81,7 @@ def extract_command(
     with handle_errors(json_out):
         if svd_method not in ("auto", "exact", "randomized"):
             raise InvalidOptionError(f"--svd must be auto, exact or randomized, got {svd_method!r}")
-        rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank)
+        rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank, kohya_legacy)
         with progress("extract", quiet) as cb:
             r = extract_adapter(base, tuned, output, rule, fmt=fmt, include=include, exclude=exclude, save_other=save_other,
                                 svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run, progress=cb)

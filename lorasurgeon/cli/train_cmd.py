@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
 
 def attach_command(
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output PEFT adapter folder (a model with --full).")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output PEFT adapter folder (a model with --full).")],
     model: Annotated[Path | None, typer.Argument(readable=False, help="Hugging Face model folder, or the weights for --arch.")] = None,
     data: DataOpt = "digits",
     arch: ArchOpt = None,
@@ -82,7 +82,7 @@ def attach_command(
 def distill_command(
     teacher: Annotated[Path, typer.Option("--teacher", readable=False, help="The original model (folder, or weights for --arch).")],
     student: Annotated[Path, typer.Option("--student", readable=False, help="Its factorized checkpoint or folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, help="Output factorized checkpoint (folder for a folder student).")],
+    output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output factorized checkpoint (folder for a folder student).")],
     data: DataOpt = "digits",
     arch: ArchOpt = None,
     loss: Annotated[str, typer.Option("--loss", help="auto | kl | mse | cosine (auto: kl for classifiers, cosine for encoders).")] = "auto",

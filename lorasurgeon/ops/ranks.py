@@ -4,7 +4,8 @@ Two families (GUIDE §4, "Rank rules" and "Global budget"):
 
 * Per-layer rules (:class:`RankRule`, :func:`select_rank`, :func:`choose_layer_rank`): a fixed rank, a
   ratio of the full rank, an energy threshold, and kohya's dynamic rules ``sv_ratio``, ``sv_fro`` and
-  ``sv_cumulative`` with exactly the semantics of sd-scripts' ``networks/resize_lora.py``.
+  ``sv_cumulative`` with exactly the semantics of sd-scripts' ``networks/resize_lora.py`` (as fixed
+  by sd-scripts PR #2194; the earlier rules, one value more, with ``kohya_legacy``).
 * A global parameter budget (:func:`allocate_budget`, :func:`allocate_budget_exact`,
   :func:`plan_budget`): per-layer ranks, or dense, that minimise the total squared Frobenius error
   under a total parameter count.
@@ -18,6 +19,7 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "choose_layer_rank",
     "min_budget",
     "plan_budget",
+    "rule_json",
     "select_rank",
 ]
 
@@ -83,10 +86,12 @@ class RankRule:
     * ``energy``: the smallest k with ``sum_{i<=k} S_i^2 >= value * sum_i S_i^2``; ``value`` in (0, 1].
     * ``sv_ratio``, ``sv_fro``, ``sv_cumulative``: kohya's dynamic rules, exactly as resize_lora.py
       (see :func:`select_rank`). ``sv_ratio`` takes any finite ``value > 0``; the other two take (0, 1].
-      Beware: kohya keeps one value more than its criterion needs, and ``sv_fro`` squares its
-      threshold (``sv_fro 0.9`` asks for 81 % of the energy, then adds one) while ``energy`` does not.
+      Beware: ``sv_fro`` squares its threshold (``sv_fro 0.9`` asks for 81 % of the energy) while
+      ``energy`` does not.
 
     ``max_rank`` caps the result (kohya's ``--new_rank``); the result is never above ``n`` either.
+    ``kohya_legacy``: the sv rules as sd-scripts had them before its PR #2194 ("off by 1"), which
+    keep one value more than the criterion needs (to reproduce ranks of files made then).
 
     Raises:
         InvalidOptionError: at construction, for an unknown kind or a value outside its range; the
@@ -96,6 +101,7 @@ class RankRule:
     kind: str
     value: float
     max_rank: int | None = None
+    kohya_legacy: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in RANK_RULE_KINDS:
@@ -116,6 +122,8 @@ class RankRule:
             isinstance(self.max_rank, int) and not isinstance(self.max_rank, bool) and self.max_rank >= 1
         ):
             raise InvalidOptionError(f"--max-rank must be a positive integer, got {self.max_rank}")
+        if self.kohya_legacy and not self.kind.startswith("sv_"):
+            raise InvalidOptionError(f"--kohya-legacy applies to --sv-ratio, --sv-fro and --sv-cumulative, not {opt}")
 
 
 def _as_spectrum(S: torch.Tensor | np.ndarray | Sequence[float]) -> torch.Tensor:
@@ -133,23 +141,37 @@ def _as_spectrum(S: torch.Tensor | np.ndarray | Sequence[float]) -> torch.Tensor
     return s
 
 
-def _kohya_index(s: torch.Tensor, kind: str, t: float) -> int:
-    """kohya's ``index_sv_*`` (resize_lora.py): the clamped index i; the rank is i + 1."""
+def _kohya_index(s: torch.Tensor, kind: str, t: float, legacy: bool) -> int:
+    """kohya's ``index_sv_*`` (resize_lora.py): the clamped index i; the rank is i + 1.
+
+    sd-scripts PR #2194 took one off each index and moved the clamp from [1, n-1] to [0, n-1];
+    ``legacy`` gives the rules before it."""
     n = s.numel()
     if kind == "sv_ratio":
-        # index_sv_ratio: count of values above S0 / t
+        # index_sv_ratio: the count of values above S0 / t (minus one since #2194)
         i = int(torch.sum(s > s[0] / t).item())
+        i = i if legacy else i - 1
     elif kind == "sv_cumulative":
         # index_sv_cumulative: searchsorted (side='left') of t in the normalised cumulative sum of S
         cum = torch.cumsum(s, dim=0) / float(torch.sum(s))
-        i = int(torch.searchsorted(cum, torch.tensor([t], dtype=cum.dtype)).item()) + 1
+        i = int(torch.searchsorted(cum, torch.tensor([t], dtype=cum.dtype)).item()) + (1 if legacy else 0)
     else:  # sv_fro
         # index_sv_fro: the same on S^2 against t^2
         s2 = s.pow(2)
         cum = torch.cumsum(s2, dim=0) / float(torch.sum(s2))
-        i = int(torch.searchsorted(cum, torch.tensor([t * t], dtype=cum.dtype)).item()) + 1
-    # kohya: index = max(1, min(index, len(S) - 1)); with n = 1 this gives 1, capped to n below.
-    return max(1, min(i, n - 1))
+        i = int(torch.searchsorted(cum, torch.tensor([t * t], dtype=cum.dtype)).item()) + (1 if legacy else 0)
+    # kohya: index = max(1, min(index, len(S) - 1)) before #2194 (with n = 1 this gives 1, capped
+    # to n below), max(0, min(index, len(S) - 1)) since.
+    return max(1 if legacy else 0, min(i, n - 1))
+
+
+def rule_json(rule: RankRule) -> dict[str, Any]:
+    """The rule as reports and provenance record it (``kohya_legacy`` only when set, so the
+    records of every other rule read as they always did)."""
+    d: dict[str, Any] = {"kind": rule.kind, "value": rule.value, "max_rank": rule.max_rank}
+    if rule.kohya_legacy:
+        d["kohya_legacy"] = True
+    return d
 
 
 def check_rule(rule: object) -> None:
@@ -162,16 +184,19 @@ def check_rule(rule: object) -> None:
 def select_rank(S: torch.Tensor, rule: RankRule) -> int:
     """The number of singular values a rule keeps.
 
-    For kohya's rules, exactly resize_lora.py: with ``n = len(S)``,
-    ``sv_ratio(t)``: ``i = #{S_j > S_0 / t}``;
-    ``sv_cumulative(t)``: ``i = searchsorted(cumsum(S) / sum(S), t) + 1``;
-    ``sv_fro(t)``: ``i = searchsorted(cumsum(S^2) / sum(S^2), t^2) + 1`` (searchsorted side 'left');
-    then ``i = clamp(i, 1, n - 1)`` and ``k = i + 1``; if ``S_0 <= 1e-6`` (a zero matrix) ``k = 1``.
+    For kohya's rules, exactly resize_lora.py as fixed by sd-scripts PR #2194: with ``n = len(S)``,
+    ``sv_ratio(t)``: ``i = #{S_j > S_0 / t} - 1``;
+    ``sv_cumulative(t)``: ``i = searchsorted(cumsum(S) / sum(S), t)``;
+    ``sv_fro(t)``: ``i = searchsorted(cumsum(S^2) / sum(S^2), t^2)`` (searchsorted side 'left');
+    then ``i = clamp(i, 0, n - 1)`` and ``k = i + 1``: the fewest values that meet the criterion.
+    With ``rule.kohya_legacy``, the rules before #2194: ``i`` one larger (``#{S_j > S_0 / t}``,
+    ``searchsorted(...) + 1``) and clamped to ``[1, n - 1]``, so one value more is kept.
+    Either way, if ``S_0 <= 1e-6`` (a zero matrix) ``k = 1``.
     For an adapter of rank r, pass its r singular values padded with zeros to min(out, in) of the
-    dense delta: kohya's ``n`` is that length, and the clamp depends on it.
+    dense delta: kohya's ``n`` is that length, and the legacy clamp depends on it.
 
-    Example: ``S = [4, 2, 1, 0.5]`` gives 3 for ``sv_fro 0.9``, 3 for ``sv_ratio 3``, 4 for
-    ``sv_cumulative 0.9``.
+    Example: ``S = [4, 2, 1, 0.5]`` gives 2 for ``sv_fro 0.9``, 2 for ``sv_ratio 3``, 3 for
+    ``sv_cumulative 0.9`` (legacy: 3, 3 and 4).
 
     Every rule's result is then capped by ``rule.max_rank`` and by ``n``, and is at least 1.
 
@@ -204,7 +229,7 @@ def select_rank(S: torch.Tensor, rule: RankRule) -> int:
     elif float(s[0]) <= KOHYA_MIN_SV:  # kohya's rank_resize: "Zero matrix, set dim to 1"
         k = 1
     else:
-        k = _kohya_index(s, rule.kind, t) + 1
+        k = _kohya_index(s, rule.kind, t, rule.kohya_legacy) + 1
     if rule.max_rank is not None:
         k = min(k, rule.max_rank)
     return max(1, min(k, n))

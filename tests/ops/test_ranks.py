@@ -36,26 +36,32 @@ def _s(*values: float) -> torch.Tensor:
 
 
 def test_guide_worked_example() -> None:
-    """GUIDE §4: S = [4, 2, 1, 0.5]: sv_fro 0.9 -> 3, sv_ratio 3 -> 3, sv_cumulative 0.9 -> 4."""
+    """S = [4, 2, 1, 0.5]. sd-scripts since PR #2194: sv_fro 0.9 -> 2 (0.9412 of the energy >= 0.81),
+    sv_ratio 3 -> 2 (4 and 2 are > 4/3), sv_cumulative 0.9 -> 3 (shares 0.533, 0.8, 0.933).
+    Before it (GUIDE §4's example, ``kohya_legacy``): one more each, 3, 3 and 4."""
     S = _s(4, 2, 1, 0.5)
-    assert select_rank(S, RankRule("sv_fro", 0.9)) == 3
-    assert select_rank(S, RankRule("sv_ratio", 3)) == 3
-    assert select_rank(S, RankRule("sv_cumulative", 0.9)) == 4
+    assert select_rank(S, RankRule("sv_fro", 0.9)) == 2
+    assert select_rank(S, RankRule("sv_ratio", 3)) == 2
+    assert select_rank(S, RankRule("sv_cumulative", 0.9)) == 3
+    assert select_rank(S, RankRule("sv_fro", 0.9, kohya_legacy=True)) == 3
+    assert select_rank(S, RankRule("sv_ratio", 3, kohya_legacy=True)) == 3
+    assert select_rank(S, RankRule("sv_cumulative", 0.9, kohya_legacy=True)) == 4
 
 
-def _kohya_reference(S: list[float], kind: str, t: float, new_rank: int) -> int:
-    """sd-scripts networks/resize_lora.py, transcribed: index_sv_* then rank_resize's caps."""
+def _kohya_reference(S: list[float], kind: str, t: float, new_rank: int, legacy: bool) -> int:
+    """sd-scripts networks/resize_lora.py, transcribed: index_sv_* then rank_resize's caps.
+    Current (commit 063ef10, after PR #2194) and, with ``legacy``, as before that PR."""
     s = torch.tensor(S, dtype=torch.float64)
     if kind == "sv_ratio":
-        index = int(torch.sum(s > s[0] / t).item())
+        index = int(torch.sum(s > s[0] / t).item()) - (0 if legacy else 1)
     elif kind == "sv_cumulative":
         cum = torch.cumsum(s, dim=0) / float(torch.sum(s))
-        index = int(torch.searchsorted(cum, t)) + 1
+        index = int(torch.searchsorted(cum, t)) + (1 if legacy else 0)
     else:
         s2 = s.pow(2)
         cum = torch.cumsum(s2, dim=0) / float(torch.sum(s2))
-        index = int(torch.searchsorted(cum, t**2)) + 1
-    index = max(1, min(index, len(s) - 1))
+        index = int(torch.searchsorted(cum, t**2)) + (1 if legacy else 0)
+    index = max(1 if legacy else 0, min(index, len(s) - 1))
     rank = index + 1
     if s[0] <= 1e-6:
         rank = 1
@@ -64,7 +70,8 @@ def _kohya_reference(S: list[float], kind: str, t: float, new_rank: int) -> int:
     return rank
 
 
-def test_kohya_rules_match_transcribed_reference() -> None:
+@pytest.mark.parametrize("legacy", [False, True])
+def test_kohya_rules_match_transcribed_reference(legacy: bool) -> None:
     rng = np.random.default_rng(3)
     for _ in range(200):
         n = int(rng.integers(2, 12))
@@ -78,8 +85,14 @@ def test_kohya_rules_match_transcribed_reference() -> None:
             ("sv_fro", float(rng.uniform(0.05, 1))),
             ("sv_cumulative", float(rng.uniform(0.05, 1))),
         ):
-            want = min(_kohya_reference(S, kind, t, new_rank), n)
-            assert select_rank(torch.tensor(S), RankRule(kind, t, max_rank=new_rank)) == want, (S, kind, t)
+            want = min(_kohya_reference(S, kind, t, new_rank, legacy), n)
+            got = select_rank(torch.tensor(S), RankRule(kind, t, max_rank=new_rank, kohya_legacy=legacy))
+            assert got == want, (S, kind, t)
+
+
+def test_kohya_legacy_is_only_for_the_kohya_rules() -> None:
+    with pytest.raises(InvalidOptionError, match=r"^--kohya-legacy applies to --sv-ratio, --sv-fro and --sv-cumulative, not --energy$"):
+        RankRule("energy", 0.9, kohya_legacy=True)
 
 
 def test_fixed_rank_capped_by_length_and_max_rank() -> None:
@@ -119,48 +132,61 @@ def test_energy_by_hand() -> None:
 
 
 def test_energy_differs_from_sv_fro() -> None:
-    """sv_fro squares its threshold and keeps one more value; energy does neither."""
+    """sv_fro squares its threshold (and, legacy, keeps one more value); energy does neither."""
     S = _s(4, 2, 1, 0.5)  # energy shares 0.7529, 0.9412, 0.9882, 1
-    assert select_rank(S, RankRule("energy", 0.9)) == 2
-    assert select_rank(S, RankRule("sv_fro", 0.9)) == 3
+    assert select_rank(S, RankRule("energy", 0.95)) == 3
+    assert select_rank(S, RankRule("sv_fro", 0.95)) == 2  # asks for 0.9025 of the energy
+    assert select_rank(S, RankRule("sv_fro", 0.95, kohya_legacy=True)) == 3
 
 
 def test_kohya_edge_cases() -> None:
     S = _s(4, 2, 1, 0.5)
-    # a zero matrix (S0 <= 1e-6) gets rank 1 whatever the rule, even past the clamp to >= 2
+    # a zero matrix (S0 <= 1e-6) gets rank 1 whatever the rule, even past the legacy clamp to >= 2
     for kind, t in (("sv_ratio", 10.0), ("sv_fro", 0.9), ("sv_cumulative", 0.5)):
-        assert select_rank(_s(1e-7, 1e-8, 0, 0), RankRule(kind, t)) == 1
-        assert select_rank(torch.zeros(4), RankRule(kind, t)) == 1
-    assert select_rank(_s(2e-6, 1e-6, 0), RankRule("sv_fro", 0.5)) == 2  # S0 just above MIN_SV
-    # clamp to n-1, then +1: k can be n
-    assert select_rank(_s(1, 1, 1, 1), RankRule("sv_ratio", 2)) == 4  # 4 values above 0.5 -> 3 -> 4
-    assert select_rank(S, RankRule("sv_fro", 1.0)) == 4
-    assert select_rank(S, RankRule("sv_cumulative", 1.0)) == 4
-    # clamp to >= 1, then +1: at least 2 when n >= 2
-    assert select_rank(S, RankRule("sv_cumulative", 0.1)) == 2
-    assert select_rank(S, RankRule("sv_ratio", 0.5)) == 2  # no value above 8
-    assert select_rank(S, RankRule("sv_ratio", 1.0)) == 2  # none strictly above S0
-    # n = 1: kohya's clamp gives 2, capped at n
+        for legacy in (False, True):
+            assert select_rank(_s(1e-7, 1e-8, 0, 0), RankRule(kind, t, kohya_legacy=legacy)) == 1
+            assert select_rank(torch.zeros(4), RankRule(kind, t, kohya_legacy=legacy)) == 1
+    # S0 just above MIN_SV: energy shares 0.8, 1, 1; 0.8 >= 0.25 at the first value
+    assert select_rank(_s(2e-6, 1e-6, 0), RankRule("sv_fro", 0.5)) == 1
+    assert select_rank(_s(2e-6, 1e-6, 0), RankRule("sv_fro", 0.5, kohya_legacy=True)) == 2
+    # every value needed: k = n under both
+    for legacy in (False, True):
+        assert select_rank(_s(1, 1, 1, 1), RankRule("sv_ratio", 2, kohya_legacy=legacy)) == 4  # all 4 above 0.5
+        assert select_rank(S, RankRule("sv_fro", 1.0, kohya_legacy=legacy)) == 4
+        assert select_rank(S, RankRule("sv_cumulative", 1.0, kohya_legacy=legacy)) == 4
+    # the first value meets the criterion: 1, where the legacy clamp to >= 1 then +1 gives 2
+    assert select_rank(S, RankRule("sv_cumulative", 0.1)) == 1
+    assert select_rank(S, RankRule("sv_cumulative", 0.1, kohya_legacy=True)) == 2
+    # no value (or none strictly) above S0/t: the clamp keeps 1 (legacy: 2)
+    assert select_rank(S, RankRule("sv_ratio", 0.5)) == 1
+    assert select_rank(S, RankRule("sv_ratio", 1.0)) == 1
+    assert select_rank(S, RankRule("sv_ratio", 1.0, kohya_legacy=True)) == 2
+    # n = 1: the legacy clamp gives 2, capped at n
     assert select_rank(_s(5), RankRule("sv_fro", 0.5)) == 1
+    assert select_rank(_s(5), RankRule("sv_fro", 0.5, kohya_legacy=True)) == 1
     # sv_ratio threshold exactly at a value: strict comparison (S > S0/t)
-    assert select_rank(S, RankRule("sv_ratio", 4)) == 3  # S > 1: {4, 2} -> 2 -> 3
+    assert select_rank(S, RankRule("sv_ratio", 4)) == 2  # S > 1: {4, 2}
+    assert select_rank(S, RankRule("sv_ratio", 4, kohya_legacy=True)) == 3
     # max_rank caps kohya's rules too
     assert select_rank(S, RankRule("sv_cumulative", 0.9, max_rank=2)) == 2
 
 
-def test_adapter_spectrum_padding_changes_kohya_result() -> None:
-    """kohya's n is min(out, in) of the dense delta: pad an adapter's r values with zeros."""
+def test_adapter_spectrum_padding_changes_the_legacy_kohya_result() -> None:
+    """kohya's n is min(out, in) of the dense delta: pad an adapter's r values with zeros. Before
+    PR #2194 the clamp to n - 1 made the padding matter; since, it does not."""
     S = _s(3, 1)  # cumulative shares [0.75, 1]; padded to 4: [0.75, 1, 1, 1]
+    legacy = RankRule("sv_cumulative", 0.99, kohya_legacy=True)
+    assert select_rank(S, legacy) == 2  # n = 2: i = 2 clamped to 1 -> 2
+    assert select_rank(_s(3, 1, 0, 0), legacy) == 3  # n = 4: i = 2 -> 3
+    assert choose_layer_rank(S, 8, 8, legacy) == 3  # choose_layer_rank pads to min(m, n) itself
     rule = RankRule("sv_cumulative", 0.99)
-    assert select_rank(S, rule) == 2  # n = 2: i = 2 clamped to 1 -> 2
-    assert select_rank(_s(3, 1, 0, 0), rule) == 3  # n = 4: i = 2 -> 3
-    assert choose_layer_rank(S, 8, 8, rule) == 3  # choose_layer_rank pads to min(m, n) itself
+    assert select_rank(S, rule) == select_rank(_s(3, 1, 0, 0), rule) == choose_layer_rank(S, 8, 8, rule) == 2
 
 
 def test_select_rank_is_pure_and_dtype_agnostic() -> None:
     S = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float32, requires_grad=True)
     before = S.detach().clone()
-    assert select_rank(S, RankRule("sv_fro", 0.9)) == 3
+    assert select_rank(S, RankRule("sv_fro", 0.9)) == 2
     assert torch.equal(S.detach(), before)
     assert select_rank(S.detach().to(torch.bfloat16), RankRule("energy", 0.95)) == 3
 

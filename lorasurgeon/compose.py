@@ -18,7 +18,7 @@ from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
     is_kohya_stem,
-    kohya_name,
+    kohya_stems,
     read_adapter,
     write_adapter,
 )
@@ -125,10 +125,10 @@ def _unify_names(adapters: Sequence[Adapter], paths: Sequence[str | Path]) -> li
         return list(adapters)
     known: dict[str, str] = {}
     for m in dotted:
-        stem = kohya_name(m)
-        if known.setdefault(stem, m) != m:
-            raise UnsupportedError(f"modules {known[stem]!r} and {m!r} have the same kohya name {stem!r}; "
-                                   "compose them in a layout that keeps module names", paths[0])
+        for stem in kohya_stems(m):
+            if known.setdefault(stem, m) != m:
+                raise UnsupportedError(f"modules {known[stem]!r} and {m!r} have the same kohya name {stem!r}; "
+                                       "compose them in a layout that keeps module names", paths[0])
     out = list(adapters)
     for i in stemmed:
         ad = adapters[i]

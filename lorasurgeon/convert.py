@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorasurgeon._finite import json_safe
-from lorasurgeon.errors import FormatError, InvalidOptionError, VerificationError
+from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError, VerificationError
 from lorasurgeon.io import adapters as io_ad
 from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter, LoraTarget
 from lorasurgeon.io.checkpoint import Checkpoint
@@ -29,19 +29,53 @@ class ConvertResult:
     targets: int
     max_abs_delta_diff: float  # the largest |ΔW_out − ΔW_in| over every layer, checked before writing
     renamed: dict[str, str]
+    skipped_components: dict[str, int] = field(default_factory=dict)  # --component: the other parts' targets
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(asdict(self))
 
 
-def _strip_component(ad: Adapter) -> tuple[Adapter, dict[str, str]]:
-    comps = {m.split(".", 1)[0] for m in ad.targets}
-    if len(comps) != 1 or next(iter(comps)) not in DIFFUSERS_COMPONENTS:
+def _renamed(ad: Adapter, ren: dict[str, str]) -> Adapter:
+    targets = {ren.get(m, m): LoraTarget(ren.get(m, m), t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
+               for m, t in ad.targets.items()}
+    return Adapter(ad.format, targets, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
+
+
+def _one_component(ad: Adapter, component: str, path: str | Path) -> tuple[Adapter, dict[str, str], dict[str, int]]:
+    """``--component``: keep that part's targets (dropping the other parts'), and give targets
+    that name no part that part's prefix. Returns the adapter, renames and skipped counts."""
+    comps: dict[str | None, int] = {}
+    for m in ad.targets:
+        c = io_ad.target_component(m)
+        comps[c] = comps.get(c, 0) + 1
+    named = sorted(c for c in comps if c is not None)
+    if named and component not in named:
+        raise InvalidOptionError(f"the adapter has no LoRA for --component {component}; it has {', '.join(named)}", path)
+    kept = {m: t for m, t in ad.targets.items() if io_ad.target_component(m) in (component, None)}
+    ren = {m: f"{component}.{m}" for m in kept if io_ad.target_component(m) is None and not io_ad.is_kohya_stem(m)}
+    ad = Adapter(ad.format, kept, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
+    return _renamed(ad, ren), ren, {c: n for c, n in comps.items() if c is not None and c != component}
+
+
+def _strip_component(ad: Adapter, path: str | Path) -> tuple[Adapter, dict[str, str]]:
+    """PEFT adapters are for one model: targets of one pipeline part lose its prefix (``unet.``);
+    targets of several parts cannot go into one PEFT adapter."""
+    comps = {io_ad.target_component(m) for m in ad.targets if not io_ad.is_kohya_stem(m)}
+    if len(comps - {None}) > 1:
+        raise UnsupportedError(f"a PEFT adapter is for one model, and this one holds LoRA for "
+                               f"{', '.join(sorted(comps - {None}))}: pick one with --component", path)
+    if len(comps) != 1 or None in comps:
         return ad, {}
     ren = {m: m.split(".", 1)[1] for m in ad.targets}
-    targets = {ren[m]: LoraTarget(ren[m], t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
-               for m, t in ad.targets.items()}
-    return Adapter(ad.format, targets, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source), ren
+    return _renamed(ad, ren), ren
+
+
+def _chain(first: dict[str, str], then: dict[str, str]) -> dict[str, str]:
+    """Two rounds of renames as one: original name -> final name."""
+    out = {k: then.get(v, v) for k, v in first.items()}
+    out.update({m: n for m, n in then.items() if m not in first.values()})
+    return out
 
 
 def _reparse(ad: Adapter, fmt: str) -> Adapter:
@@ -55,11 +89,18 @@ def _reparse(ad: Adapter, fmt: str) -> Adapter:
 
 
 def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Path | None = None,
-                    atol: float = 1e-6, force: bool = False) -> ConvertResult:
+                    component: str | None = None, atol: float = 1e-6, force: bool = False) -> ConvertResult:
     """Rewrite an adapter in another layout without changing any layer's delta.
 
     kohya names are lossy (``.`` → ``_``); leaving kohya needs ``base`` to map them back, unless
-    the file records its module names (kohya files written by lorasurgeon do). A diffusers adapter whose targets share one component (``unet.``) loses that prefix in PEFT.
+    the file records its module names (kohya files written by lorasurgeon do).
+
+    Pipeline parts (``unet``, ``text_encoder``, ``text_encoder_2``, ...): kohya prefixes
+    (``lora_unet_``, ``lora_te_``/``lora_te1_``, ``lora_te2_``) and diffusers prefixes
+    (``unet.``) name them and are carried across; PEFT adapters are for one model, so targets of
+    one part lose its prefix there, and an adapter for several parts needs ``component`` to pick
+    one. ``component`` also names the part of an adapter whose names do not say (a PEFT adapter
+    made on a UNet), so that kohya and diffusers loaders find its layers.
 
     Raises:
         InvalidOptionError: unknown format, or kohya → other without ``base``.
@@ -67,10 +108,15 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     """
     if to not in FORMATS:
         raise InvalidOptionError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    if component is not None and component not in DIFFUSERS_COMPONENTS:
+        raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
     check_output(out, force, [inp, base], directory=to == "peft")
     ad = io_ad.read_adapter(inp)
     from_format = ad.format
     renamed: dict[str, str] = {}
+    skipped: dict[str, int] = {}
+    if component is not None:  # first, so that only that part's kohya stems need the base
+        ad, renamed, skipped = _one_component(ad, component, inp)
     stems = [m for m in ad.targets if io_ad.is_kohya_stem(m)]  # names a kohya file holds only as stems
     if ad.format == "kohya" and to != "kohya" and (stems or base is not None):
         if base is None:
@@ -78,17 +124,30 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
                                      "to module names", inp)
         with Checkpoint.open(base) as ck:
             mods = sorted({n.rsplit(".", 1)[0] for n in ck.names() if n.endswith(".weight")})
-        ad, unmatched, renamed = io_ad.resolve_kohya_names(ad, mods)
+        parts = sorted({io_ad.target_component(m) for m in stems} - {None})
+        # diffusers files keep the part as a prefix; for PEFT it is set aside below
+        ad, unmatched, ren = io_ad.resolve_kohya_names(ad, mods, prefix_components=to == "diffusers" or None)
+        renamed = _chain(renamed, ren)
         if unmatched:
+            hint = (f"; the file holds LoRA for {', '.join(parts)}: name the base's part with --component"
+                    if len(parts) > 1 else "")
             raise FormatError(f"{len(unmatched)} kohya name(s) match no module of the base {Path(base).name}, "
-                              f"e.g. {unmatched[0]!r}", inp)
-    if ad.format == "diffusers" and to == "peft":
-        ad, renamed = _strip_component(ad)
+                              f"e.g. {unmatched[0]!r}{hint}", inp)
+    if to == "peft":
+        ad, ren = _strip_component(ad, inp)
+        renamed = _chain(renamed, ren)
+    warnings = []
+    partless = sorted(m for m in ad.targets if io_ad.target_component(m) is None)
+    if partless and to != "peft" and not all(io_ad.is_kohya_stem(m) for m in partless):
+        warnings.append(f"{len(partless)} target(s) name no pipeline part (e.g. {partless[0]!r}): "
+                        + ("kohya loaders find layers by lora_unet_ / lora_te_ prefixes and will skip them"
+                           if to == "kohya" else "the diffusers file puts them under unet.")
+                        + "; pass --component to say which part they belong to")
     back = _reparse(ad, to)
     worst = 0.0
     src_names = sorted(ad.targets)
     for m in src_names:
-        name = m if m in back.targets else io_ad.kohya_name(m) if to == "kohya" else (
+        name = m if m in back.targets else next((s for s in io_ad.kohya_stems(m) if s in back.targets), m) if to == "kohya" else (
             m if m.split(".", 1)[0] in DIFFUSERS_COMPONENTS else f"unet.{m}")
         if name not in back.targets:
             raise VerificationError(f"layer {m!r} is missing after conversion", inp)
@@ -107,4 +166,4 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     opts = {"to": to}
     io_ad.write_adapter(ad, out, to, provenance_meta=provenance("convert", opts, [inp] + ([base] if base else [])), force=force)
     return ConvertResult("lorasurgeon.convert/1", str(inp), str(out), from_format,
-                         to, len(ad.targets), worst, renamed)
+                         to, len(ad.targets), worst, renamed, skipped, warnings)

@@ -21,7 +21,7 @@ from lorasurgeon.io.adapters import (
     Adapter,
     detect_layout,
     is_kohya_stem,
-    kohya_name,
+    kohya_stems,
     peft_saved_name,
     read_adapter,
 )
@@ -255,7 +255,7 @@ def adapter_tensor_owners(names: Sequence[str], ad: Adapter) -> dict[str, str | 
     saved = set(ad.modules_to_save)
     targets = {m: m for m in ad.targets}
     if ad.format == "kohya":  # targets named from recorded module names own the tensors of their stems
-        targets.update({kohya_name(m): m for m in ad.targets if not is_kohya_stem(m)})
+        targets.update({stem: m for m in ad.targets if not is_kohya_stem(m) for stem in kohya_stems(m)})
     owners: dict[str, str | None] = {}
     for n in names:
         key = n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n

@@ -14,7 +14,14 @@ import torch
 from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import json_safe
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
-from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_kohya_names
+from lorasurgeon.io.adapters import (
+    DIFFUSERS_COMPONENTS,
+    Adapter,
+    LoraTarget,
+    read_adapter,
+    resolve_kohya_names,
+    target_component,
+)
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, DeferredProvenance, TensorSpec, check_output, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
@@ -74,6 +81,51 @@ def _match(ad: Adapter, base_weights: set[str], base_all: set[str]) -> tuple[dic
     for n in ad.modules_to_save:
         smap[n] = next((c for c in _candidates(n) if c in base_all), n)
     return tmap, smap, unmatched
+
+
+def _select_component(ad: Adapter, label: str, path: str | Path | None, component: str | None, base_weights: set[str],
+                      names: set[str], shape_of: Callable[[str], tuple[int, ...]]) -> tuple[Adapter, dict[str, int]]:
+    """An adapter for several parts of a pipeline (kohya ``lora_unet_`` / ``lora_te1_`` /
+    ``lora_te2_``, diffusers ``unet.`` / ``text_encoder.``) merged into one part's weights keeps
+    the targets of that part: ``component`` when given, else the one part whose targets all fit
+    the base (names and shapes). SDXL's two text encoders have layers of the same names: when
+    both fit, the user must say which. Targets that name no part are always kept. Returns the
+    adapter and {skipped component: its number of targets}.
+
+    Raises:
+        MatchError: ``component`` is not one of the adapter's, or several parts fit and none was named.
+    """
+    parts: dict[str | None, list[str]] = {}
+    for m in ad.targets:
+        parts.setdefault(target_component(m), []).append(m)
+    named = sorted(c for c in parts if c is not None)
+    if component is None and len(named) <= 1:
+        return ad, {}
+    if all(m + ".weight" in base_weights for m in ad.targets):  # a whole pipeline's weights, prefixes and all
+        return ad, {}
+    if component is not None:
+        if named and component not in named:
+            raise MatchError(f"{label} has no LoRA for --component {component}; it has {', '.join(named)}", path)
+        keep = component
+    else:
+        fits = []
+        for c in named:
+            sub = Adapter(ad.format, {m: ad.targets[m] for m in parts[c]}, {}, ad.metadata, ad.config, ad.use_rslora,
+                          ad.source)
+            tmap, _, unmatched = _match(sub, base_weights, names)
+            if tmap and not unmatched and all(tuple(sub.targets[m].delta_shape()) == tuple(shape_of(wn))
+                                              for m, wn in tmap.items()):
+                fits.append(c)
+        if len(fits) > 1:
+            raise MatchError(f"{label} holds LoRA for {', '.join(fits)}, and each fits the base's weights (SDXL's two text "
+                             f"encoders have layers of the same names): say which one the base is with --component "
+                             f"({' or '.join(fits)})", path)
+        if not fits:
+            return ad, {}  # the usual unmatched / shape errors follow
+        keep = fits[0]
+    skipped = {c: len(parts[c]) for c in named if c != keep}
+    kept = {m: t for m, t in ad.targets.items() if target_component(m) in (keep, None)}
+    return Adapter(ad.format, kept, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source), skipped
 
 
 def _as_classifier_folder(base: Path, added: list[str], saved: dict[str, torch.Tensor], adapters: Sequence[str | Path],
@@ -141,13 +193,16 @@ def _check_weights(n: int, weights: Sequence[float] | float | None) -> list[floa
 def _plan(
     ads: Sequence[tuple[Adapter, str, str | Path | None]], w: Sequence[float], names: set[str],
     shape_of: Callable[[str], tuple[int, ...]], *, unmerge: bool, allow_unmatched: bool,
-    warn: Callable[[str], None] | None, where: str | Path | None, what: str,
+    warn: Callable[[str], None] | None, where: str | Path | None, what: str, component: str | None = None,
+    skipped: dict[str, int] | None = None,
 ) -> tuple[dict[str, list[tuple[LoraTarget, float, int]]], dict[str, torch.Tensor], list[str]]:
     """Which adapter part goes where, every check done before anything is computed or written:
     each target's base weight (shape-checked; a LoRA bias needs a base bias; weight × scale within
     float32), each ``modules_to_save`` tensor's base name (two different replacements of one tensor
     are refused), unmatched targets (an error unless ``allow_unmatched``; none matching at all is
-    always one). ``ads``: (adapter, its name for messages, its path or None).
+    always one). ``ads``: (adapter, its name for messages, its path or None). Each adapter keeps
+    the targets of the base's pipeline component (``_select_component``); the targets set aside
+    are counted into ``skipped`` ({"adapter: component": count}) and warned about.
 
     Returns:
         (weight name -> [(target, weight, adapter index)], base name -> replacing tensor,
@@ -161,8 +216,16 @@ def _plan(
     problems: list[str] = []
     unmatched_all: list[str] = []
     for i, ((ad, label, path), wi) in enumerate(zip(ads, w, strict=True)):
+        if component is not None and component not in DIFFUSERS_COMPONENTS:
+            raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
         if ad.format == "kohya":
             ad, _, _ = resolve_kohya_names(ad, base_modules)
+        ad, set_aside = _select_component(ad, label, path, component, base_weights, names, shape_of)
+        for c, count in set_aside.items():
+            if skipped is not None:
+                skipped[f"{label}: {c}"] = count
+            if warn:
+                warn(f"{label}: skipping its {count} {c} target(s): they are for another part of the pipeline")
         if unmerge and ad.modules_to_save:
             raise UnsupportedError("unmerging cannot restore tensors an adapter replaced (modules_to_save)", path)
         tmap, smap, unmatched = _match(ad, base_weights, names)
@@ -220,6 +283,7 @@ def merge_adapters(
     weights: Sequence[float] | None = None,
     unmerge: bool = False,
     allow_unmatched: bool = False,
+    component: str | None = None,
     force: bool = False,
     dry_run: bool = False,
     progress: ProgressFn | None = None,
@@ -234,6 +298,9 @@ def merge_adapters(
         weights: one per adapter (default 1 each).
         unmerge: subtract plain LoRA instead (DoRA and modules_to_save cannot be unmerged).
         allow_unmatched: unmatched targets become a warning instead of an error.
+        component: which part of a pipeline the base is (unet, text_encoder, text_encoder_2, ...),
+            for adapters that hold LoRA for several; by default the one part whose targets fit.
+            The other parts' targets are skipped and counted in ``extra["skipped_components"]``.
 
     Raises:
         MatchError: targets that match no base weight, or whose shape differs (listed), nothing written.
@@ -250,9 +317,11 @@ def merge_adapters(
         if factorized_layers(ck.metadata, base):
             raise UnsupportedError("the base is a factorized checkpoint; densify it first (factorize --densify)", base)
         names = set(ck.names())
+        skipped: dict[str, int] = {}
         per_weight, saved, unmatched_all = _plan(
             [(read_adapter(p), Path(p).name, p) for p in adapters], w, names, lambda n: tuple(ck.info(n).shape),
-            unmerge=unmerge, allow_unmatched=allow_unmatched, warn=warn, where=base, what="the base")
+            unmerge=unmerge, allow_unmatched=allow_unmatched, warn=warn, where=base, what="the base",
+            component=component, skipped=skipped)
         bias_parts = {wn[: -len(".weight")] + ".bias": parts for wn, parts in per_weight.items()
                       if any(t.bias is not None for t, _, _ in parts)}
         added = sorted(n for n in saved if n not in names)
@@ -266,6 +335,8 @@ def merge_adapters(
         layers: list[MergeLayer] = []
         result = MergeResult(SCHEMA, str(base), [str(a) for a in adapters], w, None if dry_run else str(out), unmerge,
                              dry_run, layers, replaced, added, unmatched_all)
+        if skipped:
+            result.extra["skipped_components"] = skipped
         if dry_run:
             for wn, parts in sorted(per_weight.items()):
                 layers.append(MergeLayer(wn[: -len(".weight")], list(ck.info(wn).shape), [i for _, _, i in parts],
@@ -336,6 +407,7 @@ def merge_state_dict(
     weights: Sequence[float] | float | None = None,
     unmerge: bool = False,
     allow_unmatched: bool = False,
+    component: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge adapters into a state dict you hold: the in-memory ``merge_adapters``.
 
@@ -349,6 +421,7 @@ def merge_state_dict(
         state: tensor name -> tensor (e.g. ``model.state_dict()``).
         adapters: ``Adapter`` objects or adapter paths (one, or a sequence).
         weights: one per adapter (default 1).
+        component: as in ``merge_adapters`` (the other parts' targets are skipped silently here).
 
     Returns:
         The merged state dict.
@@ -362,7 +435,8 @@ def merge_state_dict(
            for i, a in enumerate(one_or_many(adapters) or [])]
     w = _check_weights(len(ads), weights)
     per_weight, saved, _ = _plan(ads, w, set(state), lambda n: tuple(state[n].shape), unmerge=unmerge,
-                              allow_unmatched=allow_unmatched, warn=None, where=None, what="the state dict")
+                              allow_unmatched=allow_unmatched, warn=None, where=None, what="the state dict",
+                              component=component)
     out = dict(state)
     for wname, trio in per_weight.items():
         parts = [(t, wi) for t, wi, _ in trio]

@@ -21,13 +21,18 @@ def convert_command(
     to: Annotated[str, typer.Option("--to", help="peft | kohya | diffusers.")],
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output (a folder for peft, a .safetensors file otherwise).")],
     base: Annotated[Path | None, typer.Option("--base", readable=False, help="Base checkpoint: maps kohya's lossy names back to modules (kohya files lorasurgeon wrote record them).")] = None,
+    component: Annotated[str | None, typer.Option("--component", help="The pipeline part (unet, text_encoder, text_encoder_2, transformer): keep only its LoRA, or name the part of targets whose names do not say.")] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert an adapter between PEFT, kohya and diffusers layouts; every delta is checked first."""
     with handle_errors(json_out):
-        r = convert_adapter(adapter, to, output, base=base, force=force)
+        r = convert_adapter(adapter, to, output, base=base, component=component, force=force)
+        for w in r.warnings:
+            log(f"warning: {w}", quiet)
+        for c, n in r.skipped_components.items():
+            log(f"skipped the {n} {c} target(s) (--component {component})", quiet)
         log(f"wrote {output}", quiet)
         if json_out:
             print_json(r.to_json())

@@ -24,6 +24,7 @@ def merge_command(
     weight: Annotated[list[float] | None, typer.Option("--weight", "-w", help="One per adapter, in order (default 1).")] = None,
     unmerge: Annotated[bool, typer.Option("--unmerge", help="Subtract plain LoRA instead of adding it.")] = False,
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="Skip targets that match no base weight, with a warning.")] = False,
+    component: Annotated[str | None, typer.Option("--component", help="Which part of a pipeline the base is (unet, text_encoder, text_encoder_2, transformer), for adapters with LoRA for several (default: the part whose targets fit).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print which weights would change; write nothing.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -33,7 +34,7 @@ def merge_command(
     with handle_errors(json_out):
         with progress("merge", quiet) as cb:
             r = merge_adapters(base, adapters, output, weights=weight, unmerge=unmerge, allow_unmatched=allow_unmatched,
-                               force=force, dry_run=dry_run, progress=cb, warn=lambda m: log(f"warning: {m}", quiet))
+                               component=component, force=force, dry_run=dry_run, progress=cb, warn=lambda m: log(f"warning: {m}", quiet))
         if not dry_run:
             log(f"wrote {output}", quiet)
             if r.extra.get("config"):

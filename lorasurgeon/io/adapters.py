@@ -27,7 +27,11 @@ from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.checkpoint import Checkpoint, named_adapter_subfolders
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_", "lycoris_")
+# The pipeline component each kohya prefix names (lora_te_ is SD 1.x/2.x's one text encoder,
+# lora_te1_/lora_te2_ SDXL's two); lycoris_ and the generic lora_ name none.
+KOHYA_PREFIX_COMPONENT = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                          "lora_te_": "text_encoder", "lora_transformer_": "transformer"}
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer", "prior", "decoder")
 PEFT_PREFIX = "base_model.model."
 
@@ -135,7 +139,7 @@ def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
         if any(k.split(".", 1)[0] in DIFFUSERS_COMPONENTS for k in keys) or "lora_adapter_metadata" in metadata:
             return "diffusers"
         return "peft"
-    if any("_lora.down.weight" in k or ".lora.down.weight" in k for k in keys):
+    if any("_lora.down.weight" in k or ".lora.down.weight" in k or ".lora_linear_layer.down.weight" in k for k in keys):
         return "diffusers-legacy"
     return "checkpoint"
 
@@ -310,7 +314,8 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
             )
         mag = parts.get("magnitude")  # PEFT stores a conv's as (1, out, 1, 1)
         targets[mod] = LoraTarget(
-            mod, A, B, alpha, lora_scale(alpha, rank, rslora), mag.reshape(-1) if mag is not None else None,
+            mod, A, B, alpha, lora_scale(alpha, rank, rslora),
+            _dora_magnitude(mod, mag, A, B, path, "lora_magnitude_vector") if mag is not None else None,
             parts.get("bias"), fifo
         )
     if not targets:
@@ -332,7 +337,10 @@ def _read_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], path: 
             alphas[stem] = t
         elif rest == "dora_scale":
             groups.setdefault(stem, {})["magnitude"] = t
-        else:
+        elif is_kohya_stem(stem) or key.startswith("bundle_emb."):
+            raise UnsupportedError(f"{_kohya_extra_kind(key)} ({key!r}): only LoRA and LoCon (lora_down, lora_up, alpha, "
+                                   "dora_scale) are supported, and nothing else in the file may be skipped", path)
+        else:  # a module's tensor (the modules_to_save our kohya writer adds), named as in the model
             other[key] = t
     names = _kohya_module_names(metadata, set(groups))
     targets: dict[str, LoraTarget] = {}
@@ -343,10 +351,44 @@ def _read_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], path: 
         alpha = float(alphas[stem].float().item()) if stem in alphas else float(rank)
         mag = parts.get("magnitude")
         mod = names.get(stem, stem)
-        targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, False), mag.reshape(-1) if mag is not None else None)
+        targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, False),
+                                  _dora_magnitude(stem, mag, A, B, path, "dora_scale") if mag is not None else None)
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
     return Adapter("kohya", dict(sorted(targets.items())), other, metadata, {}, False, str(path))
+
+
+def _kohya_extra_kind(key: str) -> str:
+    """What a non-LoRA tensor in a kohya/LyCORIS file belongs to, for the refusal."""
+    rest = key.partition(".")[2]
+    if key.startswith("bundle_emb."):
+        return "bundled textual-inversion embeddings (bundle_emb)"
+    if rest.startswith("lora_mid"):
+        return "LoCon with a Tucker core (lora_mid: LyCORIS use_tucker)"
+    if rest.split(".", 1)[0] in ("a1", "a2", "b1", "b2"):
+        return "GLoRA (LyCORIS)"
+    if rest in ("on_input", "weight"):
+        return "(IA)³ (LyCORIS)"
+    if rest in ("w_norm", "b_norm"):
+        return "trained norm layers (LyCORIS w_norm / b_norm)"
+    if rest in ("scalar",):
+        return "a LyCORIS scalar"
+    return "a tensor that is not LoRA"
+
+
+def _dora_magnitude(mod: str, mag: torch.Tensor, A: torch.Tensor, B: torch.Tensor, path: Path, what: str) -> torch.Tensor:
+    """A DoRA magnitude as (out,): PEFT stores (out,) or (1, out, 1, 1), LyCORIS (out, 1) or
+    (out, 1, 1, 1) (``wd_on_out=True``). LyCORIS's ``wd_on_out=False`` stores (1, in) or (1, in, 1, 1):
+    the norm is then per input column, a different merge, refused rather than misread."""
+    out, inn = int(B.shape[0]), int(A.shape[1])
+    dims = [int(d) for d in mag.shape]
+    if (what == "dora_scale" and out != 1 and mag.ndim >= 2 and dims[0] == 1 and dims[1] == inn
+            and all(d == 1 for d in dims[2:])):
+        raise UnsupportedError(f"module {mod!r}: {what} {dims} weighs the input columns (LyCORIS DoRA with "
+                               "wd_on_out=False); only DoRA on the output rows is supported", path)
+    if mag.numel() != out:
+        raise FormatError(f"module {mod!r}: {what} has {mag.numel()} values {dims} for {out} output rows", path)
+    return mag.reshape(-1)
 
 
 # Metadata key of the kohya files we write: {kohya stem: module name} for every target whose
@@ -367,7 +409,7 @@ def _kohya_module_names(metadata: Mapping[str, str], stems: set[str]) -> dict[st
     if not isinstance(recorded, dict):
         return {}
     return {stem: mod for stem, mod in recorded.items()
-            if isinstance(mod, str) and stem in stems and not is_kohya_stem(mod) and kohya_name(mod) == stem}
+            if isinstance(mod, str) and stem in stems and not is_kohya_stem(mod) and stem in kohya_stems(mod)}
 
 
 def _diffusers_config(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -392,8 +434,11 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
     groups: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     legacy = re.compile(r"^(.*)\.processor\.(to_[a-z_]+?)_lora\.(down|up)\.weight$")
-    modern = re.compile(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
-    other = {}
+    # diffusers 0.14-0.20 text encoders: <module>.lora_linear_layer.down/up.weight
+    legacy_te = re.compile(r"^(.*)\.lora_linear_layer\.(down|up)\.weight$")
+    modern = re.compile(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up)\.(weight|bias)$")
+    magnitude = re.compile(r"^(.*)\.lora_magnitude_vector(?:\.weight)?$")
+    other = []
     for key, t in state.items():
         m = legacy.match(key)
         if m:
@@ -402,19 +447,33 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
             mod = f"{base}.{out}"
             groups.setdefault(mod, {})["A" if which == "down" else "B"] = t
             continue
+        m = legacy_te.match(key)
+        if m:
+            mod, which = m.groups()
+            groups.setdefault(mod, {})["A" if which == "down" else "B"] = t
+            continue
         m = modern.match(key)
         if m:
-            mod, kind = m.groups()
-            groups.setdefault(mod, {})["A" if kind in ("lora_A", "lora.down") else "B"] = t
+            mod, kind, wb = m.groups()
+            if wb == "bias" and kind not in ("lora_B", "lora.up"):
+                raise FormatError(f"module {mod!r}: unexpected {kind} bias", path)
+            groups.setdefault(mod, {})["bias" if wb == "bias" else "A" if kind in ("lora_A", "lora.down") else "B"] = t
+            continue
+        m = magnitude.match(key)
+        if m:
+            groups.setdefault(m.group(1), {})["magnitude"] = t
             continue
         if key.endswith(".alpha"):
             if t.numel() != 1 or not bool(torch.isfinite(t.float()).all()):
                 raise FormatError(f"{key!r} must be one finite number, got shape {list(t.shape)}", path)
             alphas[key[: -len(".alpha")]] = float(t.float().item())
             continue
-        other[key] = t
+        other.append(key)
+    if other:  # diffusers LoRA files hold LoRA tensors only: anything else would be pasted into the base
+        raise UnsupportedError(f"{len(other)} tensor(s) that are not LoRA, e.g. {other[0]!r}: only lora_A/lora_B "
+                               "(lora.down/up), alpha, lora_magnitude_vector and lora_B bias are understood", path)
     targets: dict[str, LoraTarget] = {}
-    for mod, (A, B, _parts) in _pair_up(groups, path).items():
+    for mod, (A, B, parts) in _pair_up(groups, path).items():
         rank = int(A.shape[0])
         comp = mod.split(".", 1)[0]
         cfg = per.get(comp, {})
@@ -429,10 +488,13 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
                 raise FormatError(f"lora_adapter_metadata for {comp!r} is malformed ({type(e).__name__}: {e})", path) from None
             if not math.isfinite(alpha):
                 raise FormatError(f"lora_adapter_metadata gives {mod!r} a non-finite alpha", path)
-        targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, rslora))
+        mag = parts.get("magnitude")
+        targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, rslora),
+                                  _dora_magnitude(mod, mag, A, B, path, "lora_magnitude_vector") if mag is not None else None,
+                                  parts.get("bias"))
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
-    return Adapter("diffusers", targets, other, metadata, per, any(c.get("use_rslora") for c in per.values()), str(path))
+    return Adapter("diffusers", targets, {}, metadata, per, any(c.get("use_rslora") for c in per.values()), str(path))
 
 
 # --------------------------------------------------------------------------- names
@@ -441,14 +503,32 @@ KOHYA_COMPONENT_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "te
 GENERIC_KOHYA_PREFIX = "lora_"
 
 
-def kohya_name(module: str) -> str:
-    """kohya stem of a module name: the component picks the prefix, dots become underscores."""
+def kohya_name(module: str, *, sdxl: bool = True) -> str:
+    """kohya stem of a module name: the component picks the prefix, dots become underscores.
+    ``text_encoder.`` gives ``lora_te1_`` (SDXL's first encoder) or, with ``sdxl`` False (a
+    pipeline with one text encoder, SD 1.x/2.x), ``lora_te_``."""
     if module.startswith(KOHYA_PREFIXES) and "." not in module:
         return module  # already a kohya stem
     comp, _, rest = module.partition(".")
+    if rest and comp == "text_encoder" and not sdxl:
+        return "lora_te_" + rest.replace(".", "_")
     if rest and comp in KOHYA_COMPONENT_PREFIX:
         return KOHYA_COMPONENT_PREFIX[comp] + rest.replace(".", "_")
     return GENERIC_KOHYA_PREFIX + module.replace(".", "_")
+
+
+def kohya_stems(module: str) -> tuple[str, ...]:
+    """Every stem kohya files use for ``module`` (``text_encoder.`` has two: lora_te1_ and lora_te_)."""
+    return tuple(dict.fromkeys((kohya_name(module), kohya_name(module, sdxl=False))))
+
+
+def target_component(name: str) -> str | None:
+    """The pipeline component a target belongs to: from a kohya stem's prefix, or a module name's
+    first part when it is one of ``DIFFUSERS_COMPONENTS``; None when the name does not say."""
+    if is_kohya_stem(name):
+        return next((c for p, c in KOHYA_PREFIX_COMPONENT.items() if name.startswith(p)), None)
+    first = name.split(".", 1)[0]
+    return first if "." in name and first in DIFFUSERS_COMPONENTS else None
 
 
 def is_kohya_stem(name: str) -> bool:
@@ -463,17 +543,27 @@ def _strip_kohya_prefix(stem: str) -> str:
     return stem
 
 
-def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, list[str], dict[str, str]]:
+def resolve_kohya_names(ad: Adapter, base_modules: list[str], *,
+                        prefix_components: bool | None = None) -> tuple[Adapter, list[str], dict[str, str]]:
     """Map kohya stems back to the base model's module names (``.`` → ``_`` is lossy, so the
     base's names are enumerated). Returns the renamed adapter, the stems that matched nothing,
     and the renames (stem → module name).
 
+    The base is one component's weights (a UNet, a text encoder), so a stem's component prefix
+    (``lora_unet_``, ``lora_te1_``, ...) is set aside to match, and put back as a diffusers-style
+    prefix (``text_encoder_2.``) when ``prefix_components`` is True, or when None and the file
+    spans several components: SDXL's ``lora_te1_x`` and ``lora_te2_x`` are different layers of the
+    same name in two encoders, and must not fall onto one.
+
     Raises:
-        FormatError: a stem maps to several base modules (the candidates are named).
+        FormatError: a stem maps to several base modules (the candidates are named), or two stems
+            to one module.
     """
     by_key: dict[str, list[str]] = {}
     for m in base_modules:
         by_key.setdefault(m.replace(".", "_"), []).append(m)
+    if prefix_components is None:
+        prefix_components = len({target_component(m) for m in ad.targets if is_kohya_stem(m)} - {None}) > 1
     targets: dict[str, LoraTarget] = {}
     unmatched: list[str] = []
     renames: dict[str, str] = {}
@@ -488,8 +578,13 @@ def resolve_kohya_names(ad: Adapter, base_modules: list[str]) -> tuple[Adapter, 
             unmatched.append(stem)
             targets[stem] = t
             continue
-        targets[cands[0]] = LoraTarget(cands[0], t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
-        renames[stem] = cands[0]
+        comp = target_component(stem)
+        name = f"{comp}.{cands[0]}" if prefix_components and comp else cands[0]
+        if name in targets:
+            first = next(s for s, n in renames.items() if n == name)
+            raise FormatError(f"kohya names {first!r} and {stem!r} both map to the module {name!r}", ad.source)
+        targets[name] = LoraTarget(name, t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
+        renames[stem] = name
     return Adapter(ad.format, dict(sorted(targets.items())), ad.modules_to_save, ad.metadata, ad.config,
                    ad.use_rslora, ad.source), unmatched, renames
 
@@ -565,10 +660,18 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             "init_lora_weights": True,
         }
     elif fmt == "kohya":
+        sdxl = any(target_component(m) == "text_encoder_2" for m in ad.targets)
+        stem_of: dict[str, str] = {}
+        for m in ad.targets:
+            stem = kohya_name(m, sdxl=sdxl)
+            if stem in stem_of:
+                raise UnsupportedError(f"modules {stem_of[stem]!r} and {m!r} have the same kohya name {stem!r} ('.' and "
+                                       "'_' both become '_'); keep this adapter in peft or diffusers", ad.source)
+            stem_of[stem] = m
         for m, t in ad.targets.items():
             if t.bias is not None:
                 raise UnsupportedError(f"kohya files cannot hold a LoRA bias (module {m!r}); use peft", ad.source)
-            stem = kohya_name(m)
+            stem = kohya_name(m, sdxl=sdxl)
             state[f"{stem}.lora_down.weight"] = t.A
             state[f"{stem}.lora_up.weight"] = t.B
             state[f"{stem}.alpha"] = torch.tensor(_alpha_for(t, False), dtype=torch.float32)
@@ -576,7 +679,7 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
                 state[f"{stem}.dora_scale"] = t.magnitude.reshape(-1, 1) if t.A.ndim == 2 else t.magnitude.reshape(-1, 1, 1, 1)
         for n, v in ad.modules_to_save.items():
             state[n] = v
-        known = {kohya_name(m): m for m in ad.targets if not is_kohya_stem(m)}
+        known = {kohya_name(m, sdxl=sdxl): m for m in ad.targets if not is_kohya_stem(m)}
         if known:
             config = {KOHYA_MODULES_KEY: json.dumps(dict(sorted(known.items())))}
     elif fmt == "diffusers":

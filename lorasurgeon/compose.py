@@ -311,8 +311,9 @@ def compose_adapters(
                                          "use smaller --weight values")
             bias = _compose_bias(present, w, dt)
             targets[mod] = LoraTarget(mod, A, B, float(k), 1.0, None, bias, t0.fan_in_fan_out)
-            if m.uses_density and not (bool(A.any()) and bool(B.any())):
-                emptied.append(mod)
+            had_delta = any(w[i] != 0 and bool(t.A.any()) and bool(t.B.any()) for i, t in present)
+            if m.uses_density and had_delta and not (bool(A.any()) and bool(B.any())):
+                emptied.append(mod)  # (inputs that were zero already, e.g. freshly initialised, do not count)
             layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
     if progress:
         progress(len(modules), len(modules), "")
@@ -324,6 +325,11 @@ def compose_adapters(
             "peft_linear is PEFT's factor-wise 'linear' combination, not the weighted sum: its product adds "
             f"cross terms B_i·A_j (peft#3004); largest relative deviation from the weighted sum {worst:.3g}; "
             "use --method cat or svd for the exact result"
+        )
+    if m.name in ("ties", "dare_ties") and any(x < 0 for x in w):
+        warnings.append(
+            f"{m.name} elects each entry's sign on the unweighted deltas (PEFT's rule), so a negative --weight does not "
+            f"subtract its adapter in the election; mergekit_{m.name} elects on the weighted deltas"
         )
     if emptied:
         warnings.append(

@@ -212,6 +212,76 @@ def test_ties_hand_computed_2x2() -> None:
     assert torch.allclose(ops.get_method("ties").fn(tasks2, ops.LayerOptions(rank=2, density=0.5)).B @ c.A, c.B @ c.A)
 
 
+def _mergekit_gta(deltas: list[torch.Tensor], weights: list[float], density: float, normalize: bool) -> torch.Tensor:
+    """mergekit's GTATask.execute (merge_methods/generalized_task_arithmetic.py) with magnitude
+    sparsification and consensus "sum", transcribed: sparsify each delta, weight, get_mask, mix."""
+    def sparsify_magnitude(t: torch.Tensor) -> torch.Tensor:  # mergekit.sparsify.magnitude, rescale off
+        k = int(density * t.numel())
+        mask = torch.zeros_like(t)
+        mask.view(-1)[torch.topk(t.abs().view(-1), k=k, largest=True).indices] = 1
+        return t * mask
+
+    ds = torch.stack([sparsify_magnitude(d) for d in deltas], dim=0)
+    w = torch.tensor(weights, dtype=ds.dtype).view(-1, 1, 1)
+    wd = ds * w
+    sign = wd.sign()
+    majority = (wd.sum(dim=0) >= 0).to(ds.dtype) * 2 - 1
+    mask = sign == majority
+    mixed = (wd * mask).sum(dim=0)
+    divisor = (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return mixed / divisor if normalize else mixed
+
+
+def test_mergekit_ties_hand_computed_and_against_a_transcription() -> None:
+    d1 = torch.tensor([[3.0, -1.0], [0.5, 2.0]], dtype=torch.float64)
+    d2 = torch.tensor([[5.0, -2.0], [1.0, -4.0]], dtype=torch.float64)
+    # trimmed and weighted (1, 0.5): [[3,0],[0,2]] and [[2.5,0],[0,-2]]; signs elected on their sum
+    # [[5.5,0],[0,0]]: + everywhere (0 counts as +). (0,0): both agree, (3+2.5)/(1+0.5); (1,1): d1 only, 2/1
+    eye = torch.eye(2, dtype=torch.float64)
+    tasks = [ops.Task(d1, eye, 1.0, 1.0), ops.Task(d2, eye, 1.0, 0.5)]
+    c = ops.get_method("mergekit_ties").fn(tasks, ops.LayerOptions(rank=2, density=0.5))
+    assert torch.allclose(c.B @ c.A, torch.tensor([[11 / 3, 0.0], [0.0, 2.0]], dtype=torch.float64), atol=1e-12)
+    # one adapter added at 0.7 and subtracted at 0.4: mergekit's election sees the subtraction and
+    # keeps only the added copy (normalised: τ); PEFT's ties averages both copies: (0.7 − 0.4)/2 τ
+    tau = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    same = [ops.Task(tau, torch.eye(5, dtype=torch.float64), 1.0, 0.7), ops.Task(tau, torch.eye(5, dtype=torch.float64), 1.0, -0.4)]
+    full = ops.LayerOptions(rank=5, density=1.0)
+    for name, want in (("mergekit_ties", tau), ("mergekit_dare_ties", 0.7 * tau), ("ties", 0.15 * tau), ("dare_ties", 0.15 * tau)):
+        c = ops.get_method(name).fn(same, full)
+        assert torch.allclose(c.B @ c.A, want, atol=1e-10), name
+    # random deltas, mixed-sign weights: equal to the transcription of mergekit
+    g = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(12, 9, dtype=torch.float64, generator=g) for _ in range(3)]
+    ws = [0.7, -0.4, 1.3]
+    tasks = [ops.Task(d, torch.eye(9, dtype=torch.float64), 1.0, wi) for d, wi in zip(deltas, ws, strict=True)]
+    c = ops.get_method("mergekit_ties").fn(tasks, ops.LayerOptions(rank=9, density=0.4))
+    assert torch.allclose(c.B @ c.A, _mergekit_gta(deltas, ws, 0.4, normalize=True), atol=1e-10)
+    assert torch.allclose(ops.mergekit_ties_merge([ops.magnitude_prune(d, 0.4) for d in deltas], ws, normalize=False),
+                          _mergekit_gta(deltas, ws, 0.4, normalize=False), atol=1e-12)
+    # with every weight 1 the two TIES agree
+    ones = [ops.Task(d, torch.eye(9, dtype=torch.float64), 1.0, 1.0) for d in deltas]
+    a = ops.get_method("ties").fn(ones, ops.LayerOptions(rank=9, density=0.4))
+    b = ops.get_method("mergekit_ties").fn(ones, ops.LayerOptions(rank=9, density=0.4))
+    assert torch.allclose(a.B @ a.A, b.B @ b.A, atol=1e-10)
+
+
+def test_ties_warns_about_negative_weights_and_zero_inputs_are_not_emptied(tmp_path: Path, adapters) -> None:
+    paths, _ = adapters
+    out = run("compose", str(paths["a"]), str(paths["c"]), "-m", "ties", "--density", "0.5", "-w", "1", "-w", "-0.5",
+              "-o", str(tmp_path / "t"))
+    assert out["warnings"] == ["ties elects each entry's sign on the unweighted deltas (PEFT's rule), so a negative --weight "
+                               "does not subtract its adapter in the election; mergekit_ties elects on the weighted deltas"]
+    out = run("compose", str(paths["a"]), str(paths["c"]), "-m", "mergekit_ties", "--density", "0.5", "-w", "1", "-w", "-0.5",
+              "-o", str(tmp_path / "m"))
+    assert out["warnings"] == []
+    # a freshly initialised adapter (B = 0) composed alone: nothing was there to keep, so no density warning
+    zero = tmp_path / "zero.safetensors"
+    save_file({"base_model.model.x.lora_A.weight": torch.randn(2, 6), "base_model.model.x.lora_B.weight": torch.zeros(4, 2)}, zero)
+    out = run("compose", str(zero), "-m", "ties", "--density", "0.5", "-o", str(tmp_path / "z"))
+    assert out["warnings"] == []
+
+
 def test_dare_is_seeded_and_deterministic(tmp_path: Path, adapters) -> None:
     paths, deltas = adapters
     ins = [str(paths["a"]), str(paths["c"])]

@@ -20,7 +20,14 @@ Methods (``COMPOSE_METHODS``; the CLI's ``--method`` choices come from this regi
   elected on the unweighted trimmed τ_i, and only then are the tensors multiplied by w_i and merged.
   The disjoint mean divides by the NUMBER of tasks agreeing with the elected sign (PEFT), not by the
   sum of their weights (mergekit's ``normalize``, which also elects on the weighted deltas); with
-  all weights 1 the two agree.
+  all weights 1 the two agree. Because the sign is elected before the weights enter, a negative
+  weight does not count as subtracting its adapter in the election.
+- ``mergekit_ties``, ``mergekit_dare_ties``: mergekit's ``ties`` and ``dare_ties``
+  (``merge_methods/generalized_task_arithmetic.py`` with its registry's defaults): trim (or DARE)
+  the unweighted τ_i, multiply by w_i, elect per entry the sign of Σ_i w_i·trimmed_i, sum the
+  weighted tensors that agree, and for ``mergekit_ties`` (``normalize: true``) divide by the sum of
+  the agreeing weights (1 where that is 0); ``mergekit_dare_ties`` (``normalize: false``) keeps the
+  sum. A negative weight subtracts its adapter in the election too.
 - ``peft_linear`` (for compatibility only, NOT the weighted sum): PEFT's
   ``combination_type="linear"``: A = Σ sgn(w_i s_i) sqrt|w_i s_i| A_i, B = Σ sqrt|w_i s_i| B_i,
   which needs equal ranks and whose product contains the cross terms B_i A_j (i ≠ j): it equals
@@ -305,6 +312,30 @@ def ties_merge(trimmed: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     return disjoint_mean(weighted, agree)
 
 
+def mergekit_ties_merge(trimmed: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool) -> torch.Tensor:
+    """mergekit's sign consensus and mix (``GTATask.execute`` with ``consensus_method="sum"``):
+    the sign is elected on the WEIGHTED tensors (``get_mask``: sign of their sum, +1 at 0), the
+    agreeing weighted tensors are summed, and with ``normalize`` divided by the sum of the agreeing
+    weights, where that is not 0.
+
+    Args:
+        trimmed: n tensors of one shape (unweighted, already trimmed or DARE'd). weights: n floats.
+
+    Returns:
+        The merged tensor, a new tensor.
+    """
+    stacked = torch.stack(list(trimmed), dim=0)
+    w = torch.tensor([float(x) for x in weights], dtype=stacked.dtype, device=stacked.device)
+    w = w.view(-1, *([1] * (stacked.ndim - 1)))
+    weighted = stacked * w
+    agree = weighted.sign() == elect_sign(weighted)  # zeros have sign 0: they never agree
+    mixed = (weighted * agree).sum(dim=0)
+    if normalize:
+        divisor = (w * agree).sum(dim=0)
+        mixed = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return mixed
+
+
 def ties_dense(deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
     """Full TIES on dense task deltas: trim each to its top-``density`` fraction by |x|, then
     :func:`ties_merge` (elect on the unweighted trimmed tensors, weighted disjoint mean)."""
@@ -356,7 +387,12 @@ def _dense_merge(tasks: Sequence[Task], opts: LayerOptions, *, sparsify: str, me
         parts.append(magnitude_prune(tau, d) if sparsify == "magnitude" else dare(tau, d, gen))  # type: ignore[arg-type]
         del tau
     weights = [t.weight for t in tasks]
-    merged = ties_merge(parts, weights) if merge == "ties" else weighted_sum(parts, weights)
+    if merge == "ties":
+        merged = ties_merge(parts, weights)
+    elif merge in ("mergekit_ties", "mergekit_ties_sum"):
+        merged = mergekit_ties_merge(parts, weights, normalize=merge == "mergekit_ties")
+    else:
+        merged = weighted_sum(parts, weights)
     del parts
     return recompress(merged, target_rank(tasks, opts.rank, min(out, inn)))
 
@@ -389,6 +425,23 @@ def compose_dare_linear(tasks: Sequence[Task], opts: LayerOptions) -> Composed:
 def compose_magnitude_prune(tasks: Sequence[Task], opts: LayerOptions) -> Composed:
     """Magnitude pruning (PEFT ``magnitude_prune_svd``): Σ w_i prune(τ_i, d), recompress."""
     return _dense_merge(tasks, opts, sparsify="magnitude", merge="linear")
+
+
+@register_method("mergekit_ties", uses_density=True,
+                 summary="mergekit's ties: trim to --density, elect sign on the weighted deltas, sum the agreeing ones "
+                         "over the sum of their weights; then SVD to --rank")
+def compose_mergekit_ties(tasks: Sequence[Task], opts: LayerOptions) -> Composed:
+    """mergekit ``ties`` (normalize on): trim each τ_i to its top-d fraction by |x|, then
+    :func:`mergekit_ties_merge` with ``normalize``, recompress."""
+    return _dense_merge(tasks, opts, sparsify="magnitude", merge="mergekit_ties")
+
+
+@register_method("mergekit_dare_ties", uses_density=True, uses_seed=True,
+                 summary="mergekit's dare_ties: DARE (seeded), elect sign on the weighted deltas, sum the agreeing ones")
+def compose_mergekit_dare_ties(tasks: Sequence[Task], opts: LayerOptions) -> Composed:
+    """mergekit ``dare_ties`` (rescale on, normalize off): DARE each τ_i, then
+    :func:`mergekit_ties_merge` without ``normalize``, recompress."""
+    return _dense_merge(tasks, opts, sparsify="dare", merge="mergekit_ties_sum")
 
 
 @register_method("peft_linear", uses_rank=False,

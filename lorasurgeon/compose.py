@@ -25,7 +25,7 @@ from lorasurgeon.io.adapters import (
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
 from lorasurgeon.ops import compose as ops
 from lorasurgeon.ops import lora
-from lorasurgeon.ops.svd import as_matrix
+from lorasurgeon.ops.svd import as_matrix, product_rel_diff
 
 ProgressFn = Callable[[int, int, str], None]
 FORMATS = ("peft", "kohya", "diffusers")
@@ -43,6 +43,9 @@ class ComposeLayer:
         sources: how many input adapters target this module.
         rel_error: see ``ops.compose.Composed.rel_error`` (0 for cat; truncation error for svd and
             the recompressing methods; deviation from the weighted sum for peft_linear).
+        cast_error: what storing the factors in the output dtype (the inputs' widest, e.g. bf16)
+            changed: ``||B'A' − BA||_F / ||BA||_F`` against the factors as computed (fp32/fp64); 0
+            when nothing was narrowed.
     """
 
     module: str
@@ -50,6 +53,7 @@ class ComposeLayer:
     rank: int
     sources: int
     rel_error: float
+    cast_error: float = 0.0
 
 
 EXACT_TOL = 1e-5  # a relative error below this is rounding (fp32), not truncation
@@ -314,7 +318,9 @@ def compose_adapters(
             had_delta = any(w[i] != 0 and bool(t.A.any()) and bool(t.B.any()) for i, t in present)
             if m.uses_density and had_delta and not (bool(A.any()) and bool(B.any())):
                 emptied.append(mod)  # (inputs that were zero already, e.g. freshly initialised, do not count)
-            layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8)))
+            cast = 0.0 if dt == c.A.dtype else product_rel_diff(B, A, c.B, c.A)
+            layers.append(ComposeLayer(mod, list(t0.delta_shape()), k, len(present), round(float(c.rel_error), 8),
+                                       round(cast, 8)))
     if progress:
         progress(len(modules), len(modules), "")
     saved, averaged = _compose_saved(adapters, w, inputs)
@@ -349,11 +355,13 @@ def compose_adapters(
         "rank_min": min(ranks, default=0),
         "rank_max": max(ranks, default=0),
         "max_rel_error": max((x.rel_error for x in layers), default=0.0),
+        "max_cast_error": max((x.cast_error for x in layers), default=0.0),
     }
     result = ComposeResult(
-        # exact: this result equals the weighted sum (svd: only when its rank sufficed for every layer)
+        # exact: the written factors equal the weighted sum (svd: only when its rank sufficed for
+        # every layer; narrow dtypes: only when the cast changed nothing beyond fp32 rounding)
         SCHEMA, [str(p) for p in inputs], None if dry_run else str(out), fmt, m.name,
-        m.exact and all(x.rel_error <= EXACT_TOL for x in layers), w,
+        m.exact and all(x.rel_error <= EXACT_TOL and x.cast_error <= EXACT_TOL for x in layers), w,
         rank, density if m.uses_density else None, seed if m.uses_seed else None, dry_run, layers,
         sorted(saved), averaged, totals, warnings,
     )

@@ -33,7 +33,8 @@ class ResizeLayer:
     alpha_before: float
     alpha_after: float
     scale: float
-    fro_kept: float  # ||B'A'||_F / ||BA||_F (the Frobenius fraction kept)
+    fro_kept: float  # ||B'A'||_F / ||BA||_F (the Frobenius fraction kept), as computed
+    cast_error: float = 0.0  # ||B'A' − B'A'(computed)||_F / ||B'A'|| from storing the factors in the input dtype
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _rule_json(rule: ranks.RankRule) -> dict[str, Any]:
 
 def resize_target(
     t: LoraTarget, rule: ranks.RankRule, fp64: bool = False, rslora: bool = False
-) -> tuple[LoraTarget, float]:
+) -> tuple[LoraTarget, float, float]:
     """Re-rank one target exactly: SVD of B·A by QR of the factors (no dense delta); S goes
     into B, A stays orthonormal; alpha is rewritten so the scale alpha/r is unchanged.
 
@@ -66,7 +67,8 @@ def resize_target(
     as kohya's resize_lora does. ``ratio`` is a fraction of the adapter's current rank.
 
     Returns:
-        (new target, Frobenius fraction kept).
+        (new target, Frobenius fraction kept, cast error): the last is what storing the new
+        factors in the input's dtype (bf16, fp16) changed, relative (0 for fp32/fp64 inputs).
     """
     psvd = svd.product_svd(t.B, t.A, fp64=fp64)
     out_dim = t.B.shape[0]
@@ -82,15 +84,16 @@ def resize_target(
         k = ranks.select_rank(padded, rule)
     k = max(1, min(k, t.rank, psvd.S.numel()))
     res = psvd.truncate(k)  # only the kept k vectors are projected back
-    B = (res.U * res.S).to(t.B.dtype)
-    A = res.Vh.to(t.A.dtype)
+    B0, A0 = res.U * res.S, res.Vh
+    B, A = B0.to(t.B.dtype), A0.to(t.A.dtype)
+    cast = 0.0 if (B.dtype, A.dtype) == (B0.dtype, A0.dtype) else svd.product_rel_diff(B, A, B0, A0)
     if t.is_conv:
         B = B.reshape(out_dim, k, 1, 1)
         A = A.reshape(k, *t.A.shape[1:])
     total = float((psvd.S.double() ** 2).sum())
     kept = math.sqrt(float((psvd.S[:k].double() ** 2).sum()) / total) if total > 0 else 1.0
     alpha = t.scale * (math.sqrt(k) if rslora else k)
-    return LoraTarget(t.module, A.contiguous(), B.contiguous(), alpha, t.scale, None, t.bias, t.fan_in_fan_out), kept
+    return LoraTarget(t.module, A.contiguous(), B.contiguous(), alpha, t.scale, None, t.bias, t.fan_in_fan_out), kept, cast
 
 
 def resize_adapter(
@@ -130,10 +133,10 @@ def resize_adapter(
         for i, (m, t) in enumerate(sorted(ad.targets.items())):
             if progress:
                 progress(i, len(ad.targets), m)
-            nt, kept = resize_target(t, rule, fp64, ad.use_rslora)
+            nt, kept, cast = resize_target(t, rule, fp64, ad.use_rslora)
             new[m] = nt
             layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
-                                      round(kept, 6)))
+                                      round(kept, 6), round(cast, 8)))
     result = ResizeResult(
         "lorasurgeon.resize/1", str(inp), None if dry_run else str(out), fmt or ad.format, _rule_json(rule), dry_run, layers,
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),

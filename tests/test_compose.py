@@ -282,6 +282,35 @@ def test_ties_warns_about_negative_weights_and_zero_inputs_are_not_emptied(tmp_p
     assert out["warnings"] == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_dtypes_report_what_the_cast_changed(tmp_path: Path, dtype: torch.dtype) -> None:
+    """compose cat / svd and resize compute in fp32 and store in the inputs' dtype: the report
+    used to say exact (error 0) for a file 1e-3 (bf16) off the weighted sum."""
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"a{i}.safetensors"
+        save_file({"base_model.model.x.lora_A.weight": torch.randn(4, 24, generator=g).to(dtype),
+                   "base_model.model.x.lora_B.weight": torch.randn(16, 4, generator=g).to(dtype)}, p)
+        paths.append(p)
+    want = sum(wi * dense(read_adapter(p).targets["x"]) for wi, p in zip((0.7, 0.3), paths))
+    for method, extra in (("cat", []), ("svd", ["--rank", "8"])):
+        out = run("compose", *map(str, paths), "-m", method, "-w", "0.7", "-w", "0.3", *extra, "-o", str(tmp_path / method))
+        true = float((dense(read_adapter(tmp_path / method).targets["x"]) - want).norm() / want.norm())
+        layer = out["layers"][0]
+        assert layer["rel_error"] < 1e-6 and layer["cast_error"] == pytest.approx(true, rel=1e-2) and true > 1e-5
+        assert out["exact"] is False and out["totals"]["max_cast_error"] == layer["cast_error"]
+    out = run("resize", str(paths[0]), "--rank", "4", "-o", str(tmp_path / "r"))
+    before = dense(read_adapter(paths[0]).targets["x"])
+    true = float((dense(read_adapter(tmp_path / "r").targets["x"]) - before).norm() / before.norm())
+    assert out["layers"][0]["fro_kept"] == 1.0 and out["layers"][0]["cast_error"] == pytest.approx(true, rel=1e-2)
+    # fp32 inputs: nothing narrowed
+    save_file({"base_model.model.x.lora_A.weight": torch.randn(4, 24), "base_model.model.x.lora_B.weight": torch.randn(16, 4)},
+              tmp_path / "f.safetensors")
+    out = run("compose", str(tmp_path / "f.safetensors"), "-m", "cat", "-o", str(tmp_path / "f"))
+    assert out["layers"][0]["cast_error"] == 0.0 and out["exact"] is True
+
+
 def test_dare_is_seeded_and_deterministic(tmp_path: Path, adapters) -> None:
     paths, deltas = adapters
     ins = [str(paths["a"]), str(paths["c"])]

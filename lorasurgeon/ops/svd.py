@@ -5,6 +5,7 @@ All math runs in fp32 (or fp64 on request) whatever the input dtype; inputs are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -399,6 +400,23 @@ def truncated_svd(
             return SVDResult(*got)
     U, S, Vh = _gesdd(m)
     return SVDResult(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
+
+
+def product_rel_diff(B1: torch.Tensor, A1: torch.Tensor, B0: torch.Tensor, A0: torch.Tensor) -> float:
+    """``||B1 A1 − B0 A0||_F / ||B0 A0||_F`` from the factors, never the out×in product: with
+    X = [B1, −B0] and Y = [A1; A0], ``||X Y||_F^2 = sum((XᵀX) ⊙ (Y Yᵀ))`` (fp64). Used to state
+    what casting composed factors to a narrow dtype (bf16, fp16) changed. Factors are seen as
+    matrices (a conv's B (out, r, 1, 1) and A (r, in, kh, kw)). 0 when B0 A0 is 0 and so is the
+    difference; inf when only B0 A0 is 0.
+    """
+    b1, a1, b0, a0 = (as_matrix(x).double() for x in (B1, A1, B0, A0))
+    X = torch.cat([b1, -b0], dim=1)
+    Y = torch.cat([a1, a0], dim=0)
+    diff2 = max(float(((X.T @ X) * (Y @ Y.T)).sum()), 0.0)  # rounding can leave a tiny negative
+    ref2 = max(float(((b0.T @ b0) * (a0 @ a0.T)).sum()), 0.0)
+    if ref2 == 0.0:
+        return 0.0 if diff2 == 0.0 else math.inf
+    return math.sqrt(diff2 / ref2)
 
 
 def truncation_error(S_all: torch.Tensor, k: int, *, relative: bool = True) -> float:

@@ -97,7 +97,8 @@ def main() -> int:
              "(its `--help`) and examples with the output they printed. Examples run in a scratch folder with "
              "`MINILM` set to the bundled all-MiniLM-L6-v2 folder and `DIGITS` to the shipped DigitsCNN weights "
              "(`python -c 'from lorasurgeon.zoo import digits_cnn_weights as w; print(w())'`), in this order.\n",
-             "Common to every command: `--json` prints the result as one JSON object on stdout (with a `schema`), "
+             "Common to every command: `--json` prints the result as one JSON object on stdout (with a `schema`; a failure prints "
+             "`{\"error\": {\"kind\", \"message\", \"path\"}}` instead), "
              "`--quiet` silences progress, `--force` replaces an existing output, `--dry-run` (factorize, merge, "
              "compose, resize, extract) prints the plan and writes nothing. Exit codes: 0 success, 1 bad input (a file or an option value our checks refuse), 2 usage (the parser: unknown or missing option, wrong type; no JSON), 3 a gate failed.\n"]
     if missing:

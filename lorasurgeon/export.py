@@ -437,7 +437,9 @@ def resolve(path: str | Path | None, arch: str | None, head: int | None = None) 
         # gets the head that merged adapters bring
         new_head = head if arch is None and classifier_head_size(path) is None else None
         lm = load_model(path, arch=arch, num_labels=new_head, attn_implementation=attn)
-    lm.model.eval()
+    # fp32 whatever the folder's dtype (transformers keeps an fp16/bf16 config's dtype): the
+    # graph is fp32 and --dtype fp16 converts it afterwards; onnxruntime has no bf16 kernels
+    lm.model.float().eval()
     return lm
 
 

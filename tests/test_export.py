@@ -394,3 +394,48 @@ def test_errors_are_one_line(tmp_path: Path, mlp_weights: Path) -> None:
     res = runner.invoke(app, ["export", "--arch", MLP, "-o", str(tmp_path / "o.onnx"), "--quiet"])
     assert res.exit_code == 1 and "--force" in res.stderr and (tmp_path / "o.onnx").read_bytes() == b"keep"
     assert leftovers(tmp_path) == []
+
+
+def _copy_folder(src: Path, dst: Path, state: dict[str, torch.Tensor]) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_a_folder_whose_weights_do_not_fit_its_config_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    """transformers fills missing weights with random values and only logs it: the export ran, and
+    verified against the same half-random model ("passed")."""
+    from safetensors.torch import load_file
+
+    state = load_file(tiny_bert / "model.safetensors")
+    del state["encoder.layer.1.output.dense.weight"]
+    partial = _copy_folder(tiny_bert, tmp_path / "partial", state)
+    res = run("export", str(partial), "-o", str(tmp_path / "p.onnx"), code=1)
+    assert res["error"]["message"] == ("weights do not fit the model config.json describes: 1 missing "
+                                       "(e.g. ['encoder.layer.1.output.dense.weight'])")
+    assert not (tmp_path / "p.onnx").exists()
+    # a bare encoder's own pooler may be absent (sentence-transformers folders): mean pooling never uses it
+    state = load_file(tiny_bert / "model.safetensors")
+    nopool = _copy_folder(tiny_bert, tmp_path / "nopool", {k: v for k, v in state.items() if not k.startswith("pooler.")})
+    run("export", str(nopool), "-o", str(tmp_path / "n.onnx"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_folders_export_in_fp32(tiny_bert: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    """transformers keeps an fp16/bf16 folder's dtype: the fp16 graph failed fp32 verification
+    (or was written as fp16 while the report said fp32); bf16 had no onnxruntime kernels."""
+    from safetensors.torch import load_file
+
+    state = {k: v.to(dtype) for k, v in load_file(tiny_bert / "model.safetensors").items()}
+    half = _copy_folder(tiny_bert, tmp_path / "half", state)
+    cfg = json.loads((half / "config.json").read_text())
+    cfg["dtype"] = cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (half / "config.json").write_text(json.dumps(cfg))
+    res = run("export", str(half), "-o", str(tmp_path / "h.onnx"))
+    assert res["dtype"] == "fp32" and res["verification"]["passed"]
+    m = onnx.load(str(tmp_path / "h.onnx"))
+    assert {t.data_type for t in m.graph.initializer} == {onnx.TensorProto.FLOAT}
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

@@ -265,7 +265,15 @@ def _load_hf(p: Path, num_labels: int | None, attn_implementation: str | None, d
                     model = apply_factorization(model, layers, copy_model=False, path=ck.path)
             _load_state(model, ck, strict_head=False)
         else:
-            model = auto.from_pretrained(p, local_files_only=True, **attn)
+            model, info = auto.from_pretrained(p, local_files_only=True, output_loading_info=True, **attn)
+            # transformers fills what the folder lacks with random values and says so only in a
+            # log: a wrong or partial weights file would then run (and export, and verify) as noise
+            missing = [m for m in info.get("missing_keys", []) if not m.endswith(IGNORABLE) and "pooler." not in m]
+            mismatched = info.get("mismatched_keys", [])
+            if missing or mismatched:
+                raise FormatError(
+                    f"weights do not fit the model config.json describes: {len(missing)} missing (e.g. {sorted(missing)[:2]})"
+                    + (f", {len(mismatched)} of another shape" if mismatched else ""), p)
     tokenizer = None
     if any((p / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         try:

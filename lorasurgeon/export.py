@@ -1118,6 +1118,9 @@ def export_model(
     for name, tol in (("--atol", atol), ("--rtol", rtol)):
         if not 0 <= tol < float("inf"):
             raise InvalidOptionError(f"{name} must be a number >= 0, got {tol:g}")
+    if Path(out).suffix.lower() != ".onnx":
+        raise InvalidOptionError(f"name the ONNX output .onnx, got {Path(out).name!r} (a later step would read another "
+                                 "extension as something else)", out)
     check_output(out, force, [model, *adapters, baseline], directory=False)
     benchmark = benchmark or baseline is not None
 

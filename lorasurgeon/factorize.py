@@ -22,6 +22,7 @@ from lorasurgeon._finite import json_safe
 from lorasurgeon.calibrate import CalibrationOptions
 from lorasurgeon.calibrate import CalibrationSession as _Calibrated
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
+from lorasurgeon.io.adapters import refuse_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
@@ -281,6 +282,7 @@ def _factorize(
     arch: str | None = None,
 ) -> FactorizeResult:
     with Checkpoint.open(inp) as ck:
+        refuse_adapter(inp, ck, "a model", "factorize rewrites a model's weights; re-rank an adapter with lorasurgeon resize")
         if factorized_layers(ck.metadata, inp):
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None

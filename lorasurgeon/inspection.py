@@ -19,6 +19,7 @@ from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionErr
 from lorasurgeon.io.adapters import (
     PEFT_PREFIX,
     Adapter,
+    adapter_kind,
     detect_layout,
     is_kohya_stem,
     kohya_stems,
@@ -146,11 +147,10 @@ def module_group(name: str) -> str:
 
 
 def detect_kind(path: Path, ck: Checkpoint) -> str:
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        return "peft"
+    kind = adapter_kind(path, ck)
+    if kind is not None:
+        return kind
     layout = detect_layout(ck.names(), ck.metadata)
-    if layout.startswith("non-lora:"):
-        return layout
     if layout != "checkpoint":
         return layout
     if path.is_dir() and ck.config is not None:

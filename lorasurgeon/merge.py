@@ -19,6 +19,7 @@ from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
     read_adapter,
+    refuse_adapter,
     resolve_kohya_names,
     target_component,
 )
@@ -314,6 +315,8 @@ def merge_adapters(
         check_output(out, force, [base, *adapters], directory=Path(base).is_dir())
     base = Path(base)
     with Checkpoint.open(base) as ck:
+        refuse_adapter(base, ck, "a base model", "give the model the adapters are for first, then the adapters; "
+                       "to combine adapters use lorasurgeon compose")
         if factorized_layers(ck.metadata, base):
             raise UnsupportedError("the base is a factorized checkpoint; densify it first (factorize --densify)", base)
         names = set(ck.names())

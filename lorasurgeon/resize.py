@@ -14,7 +14,7 @@ from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import all_finite, json_safe
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
-from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, write_adapter
+from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, refuse_adapter, write_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
 from lorasurgeon.nn.layers import factorized_layers
@@ -207,6 +207,8 @@ def extract_adapter(
     kinds = folder_module_kinds(tuned) or folder_module_kinds(base)  # a model folder's module names and types
     conv1d = {n for n, k in (kinds or {}).items() if k == "conv1d"}  # GPT-2 style: weights stored in×out
     with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
+        for p, c in ((base, cb), (tuned, ct)):
+            refuse_adapter(p, c, "a model", "extract compares two models' weights; merge the adapter into its base first")
         for ck, what in ((cb, base), (ct, tuned)):
             if factorized_layers(ck.metadata, ck.path):  # its weights are factors: no dense delta to take
                 raise UnsupportedError("is a factorized checkpoint; densify it first (factorize --densify)", what)

@@ -439,3 +439,29 @@ def test_half_precision_folders_export_in_fp32(tiny_bert: Path, tmp_path: Path, 
     m = onnx.load(str(tmp_path / "h.onnx"))
     assert {t.data_type for t in m.graph.initializer} == {onnx.TensorProto.FLOAT}
     assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_unbuildable_models_are_one_line_errors(tiny_bert: Path, tmp_path: Path) -> None:
+    """Both were "internal error ... report it"."""
+    bad = tmp_path / "nomodel"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes((tiny_bert / "model.safetensors").read_bytes())
+    res = run("export", str(bad), "-o", str(tmp_path / "a.onnx"), code=1)
+    assert res["error"]["kind"] != "internal" and res["error"]["message"].startswith(
+        "config.json names no model transformers can build (Unrecognized model")
+    mod = tmp_path / "dictmods.py"
+    mod.write_text("import torch\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                   "        self.l = torch.nn.Linear(4, 2)\n    def forward(self, x):\n        return {'y': self.l(x)}\n"
+                   "def m():\n    return M()\n")
+    save_file({"l.weight": torch.randn(2, 4), "l.bias": torch.randn(2)}, tmp_path / "d.safetensors")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        res = run("export", str(tmp_path / "d.safetensors"), "--arch", "dictmods:m", "--input-shape", "4",
+                  "-o", str(tmp_path / "d.onnx"), code=1)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert res["error"]["message"] == ("the model's forward returns a dict, not a tensor: give a module:factory whose "
+                                       "forward returns one tensor (its logits or embeddings)")

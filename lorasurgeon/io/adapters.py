@@ -144,6 +144,27 @@ def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
     return "checkpoint"
 
 
+def adapter_kind(path: str | Path, ck: Checkpoint) -> str | None:
+    """The adapter layout of an opened input (peft, kohya, diffusers, diffusers-legacy or
+    non-lora:<name>), or None when it holds a model's weights (or a factorized model's)."""
+    if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file():
+        return "peft"
+    layout = detect_layout(ck.names(), ck.metadata)
+    return None if layout in ("checkpoint", "factorized") else layout
+
+
+def refuse_adapter(path: str | Path, ck: Checkpoint, what: str, instead: str) -> None:
+    """Commands that rewrite a model's weights refuse an adapter in the model's place (factorize
+    would factor its A and B; merge would merge into them) with what to run instead.
+
+    Raises:
+        InvalidOptionError: ``path`` is an adapter.
+    """
+    kind = adapter_kind(path, ck)
+    if kind is not None:
+        raise InvalidOptionError(f"this is a LoRA adapter ({kind.removeprefix('non-lora:')}), not {what}: {instead}", path)
+
+
 def pattern_key(patterns: Mapping[str, Any], module: str, path: Any = None) -> str | None:
     r"""PEFT's rank_pattern/alpha_pattern lookup (``peft.utils.other.get_pattern_key``): the first
     key, in the config's order, that matches ``(.*\.)?(key)$`` on the module name: a regex on a

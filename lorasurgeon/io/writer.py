@@ -103,8 +103,9 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
     ``inputs``: the command's input paths (None entries skipped); a missing one is reported
     first, before anything about the output. Replacing a folder deletes what it holds, so an
     existing output folder that holds one of them, or ``data`` (a dataset path, or a named set
-    that is not a path), is refused even with ``force`` (``-o .`` beside the inputs); the output
-    may be an input itself (in place).
+    that is not a path), is refused even with ``force`` (``-o .`` beside the inputs); so is an
+    output inside an input folder (``-o model/model.safetensors``), which would change that
+    input. The output may be an input itself (in place, with ``force``).
     """
     for i in inputs:
         if i is not None and not Path(i).exists():
@@ -124,6 +125,14 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
         raise WriteError("output folder does not exist", p.parent)
     if not os.access(os.path.dirname(os.path.abspath(p)), os.W_OK | os.X_OK):  # before hours of work, not after
         raise WriteError("output folder is not writable", p.parent)
+    real_out = os.path.realpath(p)
+    for i in [*inputs, data]:
+        if i is None or not Path(i).is_dir():
+            continue
+        root = os.path.realpath(i)
+        if real_out != root and os.path.commonpath([root, real_out]) == root:
+            raise InvalidOptionError(f"the output lies inside the input folder {Path(i).name!r}; writing there would "
+                                     "change that input: choose another output", p)
     if p.is_dir():
         root = os.path.realpath(p)
         for i in [*inputs, data]:

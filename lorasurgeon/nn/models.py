@@ -187,6 +187,9 @@ def load_model(
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError("no such model folder", p)
+    if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        raise InvalidOptionError("this is a LoRA adapter (peft), not a model: give the model it was trained on (export "
+                                 "takes the adapter with --adapter; merge folds it into the model)", p)
     if not (p.is_dir() and (p / "config.json").is_file()):
         raise InvalidOptionError("a checkpoint file needs --arch module:factory to build its model; a Hugging Face folder needs config.json", p)
     if importlib.util.find_spec("transformers") is None:
@@ -220,8 +223,12 @@ def _local_quiet_transformers() -> Iterator[None]:
 def _load_hf(p: Path, num_labels: int | None, attn_implementation: str | None, device: str) -> LoadedModel:
     import transformers
 
-    config_dict = json.loads((p / "config.json").read_text(encoding="utf-8"))
-    config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
+    try:
+        config_dict = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:  # no or unknown model_type, unreadable JSON
+        raise FormatError(f"config.json names no model transformers can build ({' '.join(str(e).split())[:200]})",
+                          p / "config.json") from None
     if num_labels is not None:
         config.num_labels = num_labels
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -294,7 +301,12 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 def model_outputs(lm: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits for classifiers, mean-pooled embeddings for bare encoders."""
     if lm.kind == "module":
-        return lm.model(inputs["x"])
+        out = lm.model(inputs["x"])
+        if not isinstance(out, torch.Tensor):
+            raise UnsupportedError(f"the model's forward returns a {type(out).__name__}, not a tensor: give a "
+                                   f"module:factory whose forward returns one tensor (its logits or embeddings)",
+                                   lm.source)
+        return out
     out = lm.model(**inputs)
     if hasattr(out, "logits"):
         return out.logits

@@ -228,3 +228,50 @@ def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path: Path) ->
     res = runner.invoke(app, ["inspect", str(tmp_path / "no\nsuch.safetensors")])
     assert res.exit_code == 1
     assert res.stderr == f"error: {tmp_path}/no\\nsuch.safetensors: no such file or folder\n"
+
+
+def test_an_adapter_in_a_models_place_is_refused_with_what_to_run(tmp_path: Path) -> None:
+    """factorize factored an adapter's A and B and wrote a broken folder; merge, extract and export
+    gave errors about shapes or --arch."""
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    save_file({"base_model.model.q.lora_A.weight": torch.randn(2, 8), "base_model.model.q.lora_B.weight": torch.randn(8, 2)},
+              ad / "adapter_model.safetensors")
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q"]}))
+    kohya = tmp_path / "k.safetensors"
+    save_file({"lora_unet_q.lora_down.weight": torch.randn(2, 8), "lora_unet_q.lora_up.weight": torch.randn(8, 2)}, kohya)
+    for args, tail in (
+        (["factorize", str(ad), "--rank", "1", "-o", str(tmp_path / "f.safetensors")],
+         "this is a LoRA adapter (peft), not a model: factorize rewrites a model's weights; re-rank an adapter with "
+         "lorasurgeon resize"),
+        (["factorize", str(kohya), "--rank", "1", "-o", str(tmp_path / "f.safetensors")],
+         "this is a LoRA adapter (kohya), not a model: factorize rewrites a model's weights; re-rank an adapter with "
+         "lorasurgeon resize"),
+        (["merge", str(ad), str(kohya), "-o", str(tmp_path / "m.safetensors")],
+         "this is a LoRA adapter (peft), not a base model: give the model the adapters are for first, then the adapters; "
+         "to combine adapters use lorasurgeon compose"),
+        (["extract", "--base", str(kohya), "--tuned", str(kohya), "--rank", "1", "-o", str(tmp_path / "e")],
+         "this is a LoRA adapter (kohya), not a model: extract compares two models' weights; merge the adapter into its "
+         "base first"),
+        (["export", str(ad), "-o", str(tmp_path / "x.onnx")],
+         "this is a LoRA adapter (peft), not a model: give the model it was trained on (export takes the adapter with "
+         "--adapter; merge folds it into the model)"),
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and res.stderr.strip().endswith(tail), (args, res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "k.safetensors"]
+
+
+def test_an_output_inside_an_input_folder_is_refused_even_with_force(tmp_path: Path) -> None:
+    """export -o model/model.safetensors --force wrote ONNX bytes over the model's weights."""
+    m = tmp_path / "model"
+    m.mkdir()
+    save_file({"l.weight": torch.randn(8, 8)}, m / "model.safetensors")
+    before = (m / "model.safetensors").read_bytes()
+    res = runner.invoke(app, ["factorize", str(m), "--rank", "2", "-o", str(m / "f.safetensors"), "--force"])
+    assert res.exit_code == 1 and res.stderr == (f"error: {m / 'f.safetensors'}: the output lies inside the input folder "
+                                                 "'model'; writing there would change that input: choose another output\n")
+    res = runner.invoke(app, ["export", str(m), "-o", str(m / "model.safetensors"), "--force"])
+    assert res.exit_code == 1 and res.stderr.endswith("name the ONNX output .onnx, got 'model.safetensors' (a later step "
+                                                      "would read another extension as something else)\n")
+    assert (m / "model.safetensors").read_bytes() == before and sorted(p.name for p in m.iterdir()) == ["model.safetensors"]

@@ -73,6 +73,17 @@ def test_t5_encoder_folder_loads_as_its_encoder_class(tmp_path: Path) -> None:
     skipped = {s["module"] for s in out["skipped"]}
     assert {"shared", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"} <= skipped
     assert type(load_model(tmp_path / "f").model).__name__ == "T5EncoderModel"
+    # T5's feed-forward reads wo.weight.dtype: a factorized wo used to break the forward (and export)
+    ex = _run("export", str(tmp_path / "f"), "-o", str(tmp_path / "f.onnx"))
+    assert ex["verification"]["passed"]
+    # the library's load_factorized fills the tied embed_tokens from shared, as load_model does
+    from lorasurgeon.nn.layers import load_factorized
+
+    torch.manual_seed(1)
+    fm = load_factorized(transformers.T5EncoderModel(cfg), tmp_path / "f" / "model.safetensors")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    want = load_model(tmp_path / "f").model(input_ids=ids).last_hidden_state
+    assert torch.allclose(fm.eval()(input_ids=ids).last_hidden_state, want, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])

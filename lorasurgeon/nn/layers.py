@@ -19,6 +19,20 @@ from torch import nn
 from lorasurgeon.errors import FormatError
 
 
+class FactorizedWeight:
+    """``.weight`` of a factorized layer: the dense weight's dtype, device and shape, for model code
+    that reads them (transformers' T5 feed-forward casts its input to ``wo.weight.dtype`` when
+    ``wo.weight`` is a tensor). It is deliberately not a tensor: code that would compute with the
+    dense weight fails loudly instead of getting a wrong matrix; ``dense_weight()`` forms it."""
+
+    def __init__(self, factor: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.dtype, self.device, self.shape = factor.dtype, factor.device, torch.Size(shape)
+        self.ndim = len(shape)
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+
 class LowRankLinear(nn.Module):
     """A Linear layer stored as two factors: W ≈ weight_u @ weight_v."""
 
@@ -46,6 +60,11 @@ class LowRankLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         return (self.weight_u.float() @ self.weight_v.float()).to(self.weight_u.dtype)
+
+    @property
+    def weight(self) -> FactorizedWeight:
+        """What model code that reads ``layer.weight`` gets (see ``FactorizedWeight``)."""
+        return FactorizedWeight(self.weight_u, (self.out_features, self.in_features))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
@@ -81,6 +100,11 @@ class LowRankConv2d(nn.Module):
         u = self.weight_u.float().reshape(self.out_channels, self.rank)
         v = self.weight_v.float().reshape(self.rank, -1)
         return (u @ v).reshape(self.out_channels, self.in_channels, *self.kernel_size).to(self.weight_u.dtype)
+
+    @property
+    def weight(self) -> FactorizedWeight:
+        """What model code that reads ``layer.weight`` gets (see ``FactorizedWeight``)."""
+        return FactorizedWeight(self.weight_u, (self.out_channels, self.in_channels, *self.kernel_size))
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, stride={self.stride}"
@@ -158,6 +182,15 @@ def apply_factorization(model: nn.Module, layers: Mapping[str, Mapping[str, Any]
     return model
 
 
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter name, the other names of the same tensor (tied weights: T5's and BART's
+    ``embed_tokens`` are their ``shared`` table), so one stored copy fills them all."""
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    return {n: [o for o in g if o != n] for g in groups.values() if len(g) > 1 for n in g}
+
+
 def load_factorized(model: nn.Module, checkpoint: Any) -> nn.Module:
     """Turn ``model`` plus a factorized checkpoint (path or ``Checkpoint``) into the runnable
     factorized model: layers swapped, every tensor loaded strictly. ``model`` is not modified."""
@@ -171,7 +204,9 @@ def load_factorized(model: nn.Module, checkpoint: Any) -> nn.Module:
     state = {n: ck.get(n) for n in ck.names()}
     missing, unexpected = out.load_state_dict(state, strict=False)
     # Buffers a checkpoint may legitimately omit (e.g. position_ids) are tolerated; weights are not.
-    missing = [m for m in missing if not m.endswith(("position_ids", "num_batches_tracked"))]
+    tied = tied_names(out)
+    missing = [m for m in missing if not m.endswith(("position_ids", "num_batches_tracked"))
+               and not any(o in state for o in tied.get(m, ()))]
     unexpected = [u for u in unexpected if not u.endswith(("position_ids", "num_batches_tracked"))]
     if missing or unexpected:
         raise FormatError(

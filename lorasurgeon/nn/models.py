@@ -19,7 +19,7 @@ from torch import nn
 from lorasurgeon._finite import all_finite
 from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.checkpoint import Checkpoint
-from lorasurgeon.nn.layers import apply_factorization, factorized_layers
+from lorasurgeon.nn.layers import apply_factorization, factorized_layers, tied_names
 from lorasurgeon.train import resolve_device
 
 if TYPE_CHECKING:
@@ -108,14 +108,6 @@ def build_arch(arch: str, num_labels: int | None = None) -> nn.Module:
     return _call_factory(import_factory(arch), num_labels)
 
 
-def _tied_names(model: nn.Module) -> dict[str, list[str]]:
-    """For each parameter name, the other names of the same tensor (tied weights)."""
-    groups: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(n)
-    return {n: [o for o in g if o != n] for g in groups.values() if len(g) > 1 for n in g}
-
-
 def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> None:
     state = {n: ck.get(n) for n in ck.names()}
     target = model
@@ -136,7 +128,7 @@ def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> N
     missing = [m for m in missing if not m.endswith(IGNORABLE)]
     unexpected = [u for u in unexpected if not u.endswith(IGNORABLE)]
     # tied parameters (BART's and T5's embed_tokens are their `shared` table): one stored copy fills all
-    tied = _tied_names(target)
+    tied = tied_names(target)
     missing = [m for m in missing if not any(o in state for o in tied.get(m, ()))]
     if target is not model or not strict_head:
         missing = [m for m in missing if not m.startswith(("classifier", "score", "pooler", "pre_classifier"))]

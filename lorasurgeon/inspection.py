@@ -228,7 +228,7 @@ def inspect_checkpoint(
         if kind == "factorized":
             result.factorized_layers = json.loads(ck.metadata["lorasurgeon"]).get("layers", {})
         if spectrum and ad is None:
-            result.spectrum = _spectra(ck, names, rank, keep_singular_values, progress)
+            result.spectrum = _spectra(ck, names, rank, keep_singular_values, progress, result.factorized_layers or {})
     if ad is not None:
         result.adapter = summarize_adapter(ad, kept_modules)
         if spectrum:
@@ -360,15 +360,33 @@ def is_matrix_weight(shape: Sequence[int], dtype: str) -> bool:
 
 
 def _spectra(
-    ck: Checkpoint, names: list[str], rank: int | None, keep_sv: bool, progress: ProgressFn | None
+    ck: Checkpoint, names: list[str], rank: int | None, keep_sv: bool, progress: ProgressFn | None,
+    factorized: dict[str, dict[str, Any]],
 ) -> list[SpectrumRow]:
-    todo = [n for n in names if is_matrix_weight(ck.info(n).shape, ck.info(n).dtype)]
+    """Per selected matrix, its singular-value statistics. A factorized layer ``P`` (either factor
+    selected) gives one row, ``P.weight``: the spectrum of the layer's weight U·V (at most k values,
+    from the factors, ``svd.product_svd``), not of U and V apart."""
+    owner = {f"{p}.weight_{x}": p for p in factorized for x in "uv"}
+    todo: list[str] = []
+    for n in names:
+        p = owner.get(n)
+        if p is not None:
+            if f"{p}.weight" not in todo:
+                todo.append(f"{p}.weight")
+        elif is_matrix_weight(ck.info(n).shape, ck.info(n).dtype):
+            todo.append(n)
     if not todo:
         raise FormatError("no 2-D or conv weights among the selected tensors for --spectrum", ck.path)
     out = []
     for i, n in enumerate(todo):
         if progress:
             progress(i, len(todo), n)
+        p = n[: -len(".weight")]
+        if p in factorized and f"{n}_u" in owner:
+            shape = [int(d) for d in factorized[p]["shape"]]
+            S = svd.product_svd(ck.get(f"{n}_u"), ck.get(f"{n}_v"), fp64=True).S
+            out.append(_spectrum_row(n, shape, S, shape[0], math.prod(shape[1:]), rank, keep_sv))
+            continue
         w = ck.get(n)
         try:
             S = svd.singular_values(w, name=n)

@@ -237,3 +237,22 @@ def test_library_call_matches_cli(tmp_path: Path) -> None:
     save_file(small_state_dict(), p)
     r = inspect_checkpoint(p)
     assert r.to_json() == run_json("inspect", str(p))
+
+
+def test_spectrum_of_a_factorized_layer_is_that_of_u_times_v(tmp_path: Path) -> None:
+    """It used to list weight_u and weight_v apart, each with its own (meaningless) spectrum."""
+    g = torch.Generator().manual_seed(0)
+    save_file({"a.weight": torch.randn(12, 20, generator=g), "b.weight": torch.randn(6, 6, generator=g)}, tmp_path / "m.safetensors")
+    run_json("factorize", str(tmp_path / "m.safetensors"), "--rank", "3", "--include", "a", "-o", str(tmp_path / "f.safetensors"))
+    from safetensors.torch import load_file
+
+    f = load_file(tmp_path / "f.safetensors")
+    S = torch.linalg.svdvals(f["a.weight_u"].double() @ f["a.weight_v"].double())[:3]
+    for include in ([], ["--include", "a.weight_u"]):
+        out = run_json("inspect", str(tmp_path / "f.safetensors"), "--spectrum", "--rank", "2", *include)
+        rows = {r["name"]: r for r in out["spectrum"]}
+        assert sorted(rows) == (["a.weight"] if include else ["a.weight", "b.weight"])
+        a = rows["a.weight"]
+        assert a["shape"] == [12, 20] and a["full_rank"] == 3 and a["break_even"] == round(12 * 20 / 32, 2)
+        assert a["sigma_max"] == pytest.approx(float(S[0]), rel=1e-9)
+        assert a["energy_at_rank"] == pytest.approx(float((S[:2] ** 2).sum() / (S**2).sum()), rel=1e-9)

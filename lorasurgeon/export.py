@@ -890,6 +890,16 @@ class _Built:
     adapter_names: list[str] = field(default_factory=list)  # final file names of adapter_files, in order
 
 
+def _graph_io(value: Any) -> dict[str, Any]:
+    """An ONNX graph input/output as the report states it: name, shape (a named dynamic axis as
+    its name, a fixed one as its size) and element type."""
+    import onnx
+
+    t = value.type.tensor_type
+    shape = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+    return {"name": value.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
+
+
 def _sha256(paths: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -1015,8 +1025,8 @@ def _build(
         minimum = DEFAULT_AGREEMENT[out_name] if min_agreement is None else min_agreement
         agree = agreement(session(path, threads), lm, spec, out_name, minimum)
         if not agree.passed:
-            raise VerificationError(f"int8 model agrees with PyTorch below the gate: {agree.metric} {agree.value:.4f} < "
-                                    f"{minimum:g} (--min-agreement); nothing written", lm.source)
+            raise VerificationError(f"int8 model agrees with PyTorch below the gate: {agree.metric} {agree.value:.10g} < "
+                                    f"{minimum:.10g} (--min-agreement); nothing written", lm.source)
     return _Built(lm, spec, out_name, path, external, matmuls, nodes, optimizer, fused, ver, agree,
                   quantize, adapter_files, checks, adapter_names)
 
@@ -1171,7 +1181,10 @@ def export_model(
             check_output(out.parent / final, force)
         size = sum(f.stat().st_size for f in _files(built))
         digest = _sha256(_files(built))
-        final_ops = _ops(_load(built.path))
+        final = _load(built.path)
+        final_ops = _ops(final)
+        outputs = [_graph_io(o) for o in final.graph.output]
+        del final
         # data first, the .onnx last: when OUT appears, everything it needs is there
         commit_files([(f, out.parent / final) for f, final in files])
     finally:
@@ -1185,8 +1198,7 @@ def export_model(
         schema=SCHEMA, model=None if model is None else str(model), arch=arch, kind=built.spec.kind, output=str(out),
         external_data=str(out.parent / (out.name + ".data")) if built.external else None, bytes=size, sha256=digest,
         opset=opset, dtype=dtype, exporter="torch.onnx.export (TorchScript, dynamo=False)",
-        inputs=built.spec.describe(), outputs=[{"name": built.out_name, "shape": ["batch", "..."],
-                                                "dtype": "float32"}],
+        inputs=built.spec.describe(), outputs=outputs,
         factorized_layers=len(lm.factorized), matmul_nodes=built.matmul_nodes, nodes=sum(final_ops.values()),
         adapters=[str(a) for a in adapters], adapter_mode=("separate" if separate_adapters else "merged") if adapters else None,
         adapter_files=[str(out.parent / n) for n in built.adapter_names], optimized=built.optimizer,

@@ -265,13 +265,23 @@ def factorize_checkpoint(
         raise
 
 
-def _conv_groups(arch: str) -> dict[str, int]:
-    """Each Conv2d's ``groups`` in the model ``arch`` builds (its architecture only, no weights)."""
+def _conv_groups(arch: str, ck: Checkpoint) -> dict[str, int]:
+    """Each Conv2d's ``groups`` in the model ``arch`` builds (its architecture only, no weights),
+    after checking that the checkpoint's weights are that model's (same names and shapes)."""
     from torch import nn
 
     from lorasurgeon.nn.models import build_arch
 
-    return {n: m.groups for n, m in build_arch(arch).named_modules() if isinstance(m, nn.Conv2d)}
+    model = build_arch(arch)
+    own = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    wrong = [f"{n} {list(ck.info(n).shape)} vs {list(own[n])}" for n in ck.names()
+             if n in own and tuple(ck.info(n).shape) != own[n]]
+    foreign = [n for n in ck.names() if n not in own and not n.endswith(("num_batches_tracked", "position_ids"))]
+    if wrong or foreign:
+        raise FormatError(f"the weights are not {arch}'s: " + "; ".join(
+            ([f"{len(wrong)} of another shape, e.g. {wrong[0]}"] if wrong else [])
+            + ([f"{len(foreign)} it does not have, e.g. {foreign[0]!r}"] if foreign else [])), ck.path)
+    return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def _factorize(
@@ -286,7 +296,7 @@ def _factorize(
         if factorized_layers(ck.metadata, inp):
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
-        groups = cal.conv_groups if cal else (_conv_groups(arch) if arch else None)
+        groups = cal.conv_groups if cal else (_conv_groups(arch, ck) if arch else None)
         kinds = folder_module_kinds(inp) if arch is None else None
         cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, groups, kinds)
         if cal is not None and not (cal.opts.sequential and rule is not None and rule.kind in ("rank", "ratio")):

@@ -252,3 +252,13 @@ def test_densify_takes_no_other_options(tmp_path: Path) -> None:
     assert res.exit_code == 1 and res.stderr.strip() == (
         "error: --densify turns every factorized layer back into W = U·V and takes no --rank, --include, --dry-run")
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_arch_must_fit_the_weights(tmp_path: Path) -> None:
+    """--arch gave factorize the conv groups of a model the weights were not from, unchecked."""
+    save_file({"fc1.weight": torch.randn(16, 8), "fc2.weight": torch.randn(4, 16)}, tmp_path / "mlp.safetensors")
+    res = CliRunner().invoke(app, ["factorize", str(tmp_path / "mlp.safetensors"), "--arch", "lorasurgeon.zoo:digits_cnn",
+                                   "--rank", "2", "-o", str(tmp_path / "f.safetensors")])
+    assert res.exit_code == 1 and res.stderr == (f"error: {tmp_path / 'mlp.safetensors'}: the weights are not "
+                                                 "lorasurgeon.zoo:digits_cnn's: 2 it does not have, e.g. 'fc1.weight'\n")
+    assert not (tmp_path / "f.safetensors").exists()

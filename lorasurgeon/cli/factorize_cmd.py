@@ -52,7 +52,7 @@ def factorize_command(
     sv_ratio: Annotated[float | None, typer.Option("--sv-ratio", help="kohya: keep the values > σ_max/T.", rich_help_panel="Rank rule (exactly one)")] = None,
     sv_fro: Annotated[float | None, typer.Option("--sv-fro", help="kohya: the fewest values holding T² of the energy (Frobenius share T).", rich_help_panel="Rank rule (exactly one)")] = None,
     sv_cumulative: Annotated[float | None, typer.Option("--sv-cumulative", help="kohya: the fewest values holding T of Σσ.", rich_help_panel="Rank rule (exactly one)")] = None,
-    budget: Annotated[float | None, typer.Option("--budget", help="Total parameters as a fraction of the selected layers', allocated to minimise the total squared error.", rich_help_panel="Rank rule (exactly one)")] = None,
+    budget: Annotated[float | None, typer.Option("--budget", help="Total parameters as a fraction of the selected layers', allocated to minimise the total squared error (optimal at the budgets the greedy hull search lands on, within one rank step otherwise).", rich_help_panel="Rank rule (exactly one)")] = None,
     max_rank: Annotated[int | None, typer.Option("--max-rank", help="Cap any per-layer rule (kohya's --new_rank).")] = None,
     kohya_legacy: KohyaLegacyOpt = False,
     include: IncludeOpt = None,

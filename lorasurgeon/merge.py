@@ -216,9 +216,9 @@ def _plan(
     saved_from: dict[str, str] = {}
     problems: list[str] = []
     unmatched_all: list[str] = []
+    if component is not None and component not in DIFFUSERS_COMPONENTS:
+        raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
     for i, ((ad, label, path), wi) in enumerate(zip(ads, w, strict=True)):
-        if component is not None and component not in DIFFUSERS_COMPONENTS:
-            raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
         if ad.format == "kohya":
             ad, _, _ = resolve_kohya_names(ad, base_modules)
         ad, set_aside = _select_component(ad, label, path, component, base_weights, names, shape_of)

@@ -71,7 +71,7 @@ def split(ds: Dataset, val_fraction: float, seed: int, test_fraction: float = 0.
     n = len(ds)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
-    n_test = round(n * test_fraction)
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0  # as asked, even when it rounds to 0
     if n - n_val - n_test < 1:
         raise InvalidOptionError(f"{ds.name or 'the dataset'} has {n} example(s): none left to train on after "
                                  f"{n_val} for validation and {n_test} for test")
@@ -135,10 +135,10 @@ def _read_table(path: Path, text_column: str, label_column: str | None) -> tuple
     lines: list[int] = []  # JSONL: each row's line number in the file
     try:
         if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel's CSVs) is not part of a column name
                 rows = list(csv.DictReader(f))
         else:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for i, line in enumerate(f, 1):
                     if line.strip():
                         obj = json.loads(line)
@@ -165,7 +165,9 @@ def _read_table(path: Path, text_column: str, label_column: str | None) -> tuple
             if isinstance(v, (dict, list)):
                 raise FormatError(f"{where}: {col!r} is a JSON {type(v).__name__}, not a value", path)
     texts = [str(r[text_column]) for r in rows]
-    labels = [r[label_column] for r in rows] if with_labels else None
+    # a JSON number that is whole names the same class as its integer and its string ("1", 1, 1.0)
+    labels = ([int(v) if isinstance(v, float) and v.is_integer() else v for v in (r[label_column] for r in rows)]
+              if with_labels else None)
     return texts, labels
 
 

@@ -29,7 +29,14 @@ from lorasurgeon.io.writer import (
     write_safetensors,
 )
 from lorasurgeon.nn.layers import LoRAConv1D, LoRAConv2d, LoRALinear, LowRankConv2d, LowRankLinear, is_conv1d
-from lorasurgeon.nn.models import LoadedModel, classifier_head_size, load_model, model_outputs, prepare_inputs
+from lorasurgeon.nn.models import (
+    LoadedModel,
+    classifier_head_size,
+    head_label_names,
+    load_model,
+    model_outputs,
+    prepare_inputs,
+)
 from lorasurgeon.train import (
     FitResult,
     TrainOptions,
@@ -47,9 +54,25 @@ from lorasurgeon.train import (
 ProgressFn = Callable[[int, int, str], None]
 
 
+def _in_label_order(ds: Dataset, names: list[str], data: str | Path) -> Dataset:
+    """Relabel ``ds`` so that class ids are the positions of its class names in ``names`` (a model's
+    own head: output i is ``names[i]``), instead of the names' sorted order."""
+    if ds.labels is None or ds.classes is None:
+        return ds
+    unknown = [c for c in ds.classes if c not in names]
+    if unknown:
+        raise FormatError(f"the data's labels {unknown[:5]} are not classes of the model's head ({', '.join(names)}: "
+                          "config.json id2label); train from a model folder without a head to get a new one", data)
+    order = torch.tensor([names.index(c) for c in ds.classes], dtype=torch.int64)
+    return Dataset(ds.kind, ds.inputs, order[ds.labels], list(names), ds.name, ds.extra)
+
+
 def _prepare_data(lm: LoadedModel, data: str | Path, opts: TrainOptions, *, text_column: str, label_column: str | None,
-                  image_size: int | None, limit: int | None, need_labels: bool) -> tuple[Dataset, Dataset, Dataset | None, Dataset]:
+                  image_size: int | None, limit: int | None, need_labels: bool,
+                  label_names: list[str] | None = None) -> tuple[Dataset, Dataset, Dataset | None, Dataset]:
     ds = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
+    if label_names is not None:
+        ds = _in_label_order(ds, label_names, data)
     ds = prepare_inputs(lm, ds, data, opts.max_length)
     if need_labels and ds.labels is None:
         where = "no 'y' array" if ds.kind != "text" else f"no column {label_column!r}; use --label-column"
@@ -181,7 +204,13 @@ def attach_lora(
     torch.manual_seed(opts.seed)  # LoRA and new-head initialisation depend on the seed only
     probe = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
     num_labels = probe.num_classes
+    if num_labels is not None and num_labels < 2:
+        one = f" ({probe.classes[0]!r})" if probe.classes else ""
+        raise FormatError(f"the data has one class{one}: a classifier needs at least two", data)
     own_head = classifier_head_size(model_path) if arch is None else None
+    label_names = head_label_names(model_path) if arch is None else None
+    if label_names is not None and probe.classes is not None:
+        num_labels = len(_in_label_order(probe, label_names, data).classes or [])  # the model's classes, by name
     if own_head is not None and num_labels is not None and own_head != num_labels:
         raise FormatError(f"the data has {num_labels} classes but the model's classification head has {own_head} outputs "
                           "(train from a model folder without a head to get a new one)", data)
@@ -190,7 +219,7 @@ def attach_lora(
                                  "one, which must be trained and saved (drop --no-head)", model_path)
     lm = load_model(model_path, arch=arch, num_labels=num_labels if arch is None else None, device=opts.device)
     train, val, test, ds = _prepare_data(lm, data, opts, text_column=text_column, label_column=label_column,
-                                         image_size=image_size, limit=limit, need_labels=True)
+                                         image_size=image_size, limit=limit, need_labels=True, label_names=label_names)
     model = lm.model
     with torch.no_grad():
         n_out = int(model_outputs(lm, {k: v[:1].to(opts.device) for k, v in ds.inputs.items()}).shape[-1])

@@ -296,7 +296,10 @@ def test_force_never_deletes_an_input_inside_the_output_folder(tmp_path: Path) -
     assert fail("merge", str(tmp_path / "base"), str(a), "-o", str(tmp_path), "--force").endswith(
         "the output folder holds the input 'base'; replacing the folder would delete it: choose another output")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    run("merge", str(tmp_path / "base"), str(a), "-o", str(tmp_path / "base"), "--force")  # in place is fine
+    # nor in place: an input is never modified
+    assert fail("merge", str(tmp_path / "base"), str(a), "-o", str(tmp_path / "base"), "--force").endswith(
+        "the output is the input 'base'; inputs are never modified: choose another output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

@@ -470,3 +470,66 @@ def test_merging_a_new_head_makes_a_classifier_folder(tmp_path: Path) -> None:
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     feed = {i.name: x[i.name].numpy() for i in sess.get_inputs()}
     assert np.allclose(sess.run(None, feed)[0], ref(**x).logits.detach().numpy(), atol=1e-5)
+
+
+def test_a_heads_own_class_names_decide_the_label_ids(tmp_path: Path) -> None:
+    """attach numbered the data's classes by sorted name: with a head whose id2label is
+    {0: 'pos', 1: 'neg'}, 'pos' examples were trained as output 1, which the config calls 'neg'."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]))
+    tok = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, id2label={0: "pos", 1: "neg"},
+                                  label2id={"pos": 0, "neg": 1})
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{'good good' if i % 2 else 'bad bad'},{'pos' if i % 2 else 'neg'}\n"
+                                                             for i in range(60)))
+    out = run("attach", str(tmp_path / "m"), "--data", str(tmp_path / "d.csv"), "--no-head", "--epochs", "10", "--lr", "0.03",
+              "--rank", "2", "-o", str(tmp_path / "ad"))
+    assert out["classes"] == ["pos", "neg"] and out["val_accuracy"] == 1.0
+    run("merge", str(tmp_path / "m"), str(tmp_path / "ad"), "-o", str(tmp_path / "merged"))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        pred = model(**tok(["good good", "bad bad"], return_tensors="pt")).logits.argmax(-1).tolist()
+    assert [model.config.id2label[p] for p in pred] == ["pos", "neg"]
+    # names the head does not have are refused
+    (tmp_path / "other.csv").write_text("text,label\n" + "".join(f"good,{'yes' if i % 2 else 'no'}\n" for i in range(20)))
+    res = runner.invoke(app, ["attach", str(tmp_path / "m"), "--data", str(tmp_path / "other.csv"), "--no-head",
+                              "-o", str(tmp_path / "x")])
+    assert res.exit_code == 1 and res.stderr.strip().endswith(
+        "the data's labels ['no', 'yes'] are not classes of the model's head (pos, neg: config.json id2label); train "
+        "from a model folder without a head to get a new one") and not (tmp_path / "x").exists()
+
+
+def test_one_class_a_bom_csv_a_tiny_test_split_and_json_number_labels(tmp_path: Path) -> None:
+    (tmp_path / "one.csv").write_text("text,label\n" + "a b,sport\n" * 10)
+    enc = _tiny_bert(tmp_path, "enc", None)
+    res = runner.invoke(app, ["attach", str(enc), "--data", str(tmp_path / "one.csv"), "-o", str(tmp_path / "x")])
+    assert res.exit_code == 1 and res.stderr.strip().endswith("the data has one class ('sport'): a classifier needs at least two")
+    assert not (tmp_path / "x").exists()
+    # a CSV with a byte-order mark (Excel's): the first column is 'text', not '\ufefftext'
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\n" + b"a,x\nb,y\n" * 5)
+    assert load_dataset(str(tmp_path / "bom.csv")).extra["texts"][:2] == ["a", "b"]
+    # a test split asked for is never silently empty
+    _, val, test = split(load_dataset("digits", limit=20), 0.1, 0, test_fraction=0.02)
+    assert test is not None and len(test) == 1 and len(val) == 2
+    # 1, 1.0 and "1" are one class in JSONL
+    (tmp_path / "n.jsonl").write_text("".join(json.dumps({"text": "a", "label": v}) + "\n" for v in (1, 1.0, "1", 2, 2.0)))
+    assert load_dataset(str(tmp_path / "n.jsonl")).classes == ["1", "2"]
+
+
+def test_the_output_is_never_an_input_even_with_force(tmp_path: Path) -> None:
+    """attach --data D.safetensors -o D.safetensors --force replaced the training set with model weights."""
+    x = torch.randn(40, 64)
+    save_file({"x": x, "y": torch.arange(40) % 2}, tmp_path / "d.safetensors")
+    before = (tmp_path / "d.safetensors").read_bytes()
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in mlp().state_dict().items()}, tmp_path / "w.safetensors")
+    for out, name in ((tmp_path / "d.safetensors", "d.safetensors"), (tmp_path / "w.safetensors", "w.safetensors")):
+        res = runner.invoke(app, ["attach", str(tmp_path / "w.safetensors"), "--arch", ARCH, "--data", str(tmp_path / "d.safetensors"),
+                                  "--full", "-o", str(out), "--force"])
+        assert res.exit_code == 1 and res.stderr.strip().endswith(
+            f"the output is the input {name!r}; inputs are never modified: choose another output")
+    assert (tmp_path / "d.safetensors").read_bytes() == before

@@ -105,7 +105,8 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
     existing output folder that holds one of them, or ``data`` (a dataset path, or a named set
     that is not a path), is refused even with ``force`` (``-o .`` beside the inputs); so is an
     output inside an input folder (``-o model/model.safetensors``), which would change that
-    input. The output may be an input itself (in place, with ``force``).
+    input, and the output being an input itself (GUIDE §2: an input is never modified; a
+    training set overwritten by model weights was the case that showed it).
     """
     for i in inputs:
         if i is not None and not Path(i).exists():
@@ -126,6 +127,10 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
     if not os.access(os.path.dirname(os.path.abspath(p)), os.W_OK | os.X_OK):  # before hours of work, not after
         raise WriteError("output folder is not writable", p.parent)
     real_out = os.path.realpath(p)
+    for i in [*inputs, data]:
+        if i is not None and Path(i).exists() and os.path.realpath(i) == real_out:
+            raise InvalidOptionError(f"the output is the input {Path(i).name!r}; inputs are never modified: choose "
+                                     "another output", p)
     for i in [*inputs, data]:
         if i is None or not Path(i).is_dir():
             continue

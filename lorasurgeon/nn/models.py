@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,22 @@ def classifier_head_size(path: str | Path | None) -> int | None:
         return head_size(json.loads(cfg.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return None
+
+
+def head_label_names(path: str | Path | None) -> list[str] | None:
+    """The class names of a model folder's own classification head, in output order (config.json's
+    ``id2label``); None without a head, or when the names are transformers' placeholders
+    (``LABEL_0``, ...), which name no class."""
+    if classifier_head_size(path) is None:
+        return None
+    try:
+        id2label = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("id2label")  # type: ignore[arg-type]
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)] if isinstance(id2label, dict) and id2label else None
+    except (OSError, ValueError, TypeError):
+        return None
+    if not names or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None
+    return names
 
 
 def build_arch(arch: str, num_labels: int | None = None) -> nn.Module:

@@ -106,9 +106,11 @@ class AttachResult:
 
 
 def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], rank: int, alpha: float,
-                dropout: float, rslora: bool, allow_unmatched: bool = False) -> list[str]:
+                dropout: float, rslora: bool, allow_unmatched: bool = False,
+                unmatched: list[str] | None = None) -> list[str]:
     """Wrap every Linear / groups-1 Conv2d whose name matches a pattern (and is not in ``skip``)
-    with a LoRA layer, in place. Returns the wrapped module names.
+    with a LoRA layer, in place. Returns the wrapped module names; with ``allow_unmatched``, the
+    patterns that matched nothing are appended to ``unmatched``.
 
     Raises:
         MatchError: a pattern matches no adaptable module (unless allow_unmatched), or none at all.
@@ -119,6 +121,8 @@ def inject_lora(model: nn.Module, patterns: Sequence[str], skip: Sequence[str], 
     chosen: list[str] = []
     for p in patterns:
         hit = [n for n in adaptable if fnmatchcase(n, p)]
+        if not hit and unmatched is not None:
+            unmatched.append(p)
         if not hit and not allow_unmatched:
             raise MatchError(f"--target {p!r} matches no Linear, Conv2d or Conv1D module; " + (
                 f"modules look like: {', '.join(list(adaptable)[:5])}" if adaptable else "the model has none"))
@@ -214,6 +218,9 @@ def attach_lora(
     if own_head is not None and num_labels is not None and own_head != num_labels:
         raise FormatError(f"the data has {num_labels} classes but the model's classification head has {own_head} outputs "
                           "(train from a model folder without a head to get a new one)", data)
+    if model_path is None and not full:
+        raise InvalidOptionError("LoRA adapts a trained model: give its weights (attach WEIGHTS --arch ...); without "
+                                 "weights only --full makes sense (training the model from its initialisation)")
     if arch is None and heads is not None and not heads and own_head is None and not full:
         raise InvalidOptionError("--no-head: the model folder has no classification head of its own; attach adds a new "
                                  "one, which must be trained and saved (drop --no-head)", model_path)
@@ -239,8 +246,10 @@ def attach_lora(
     if full:
         params = [(n, p) for n, p in model.named_parameters()]
     else:
-        default_targets = ["*"]
-        matched = inject_lora(model, targets or default_targets, head_names, rank, alpha, dropout, rslora, allow_unmatched)
+        # the default targets never include the model's own head, trained whole or (--no-head) kept as is
+        skip = head_names or ([] if targets else _default_heads(lm))
+        unmatched: list[str] = []
+        matched = inject_lora(model, targets or ["*"], skip, rank, alpha, dropout, rslora, allow_unmatched, unmatched)
         params = [(n, p) for n, p in model.named_parameters()
                   if ".lora_A." in n or ".lora_B." in n or any(n.startswith(h + ".") for h in head_names)]
     for _, p in params:
@@ -273,10 +282,13 @@ def attach_lora(
     full_rank = {n: min(m.weight.shape[0], m.weight[0].numel()) for n, m in model.named_modules()
                  if isinstance(m, (LoRALinear, LoRAConv2d)) for m in [m.base_layer]}
     over = sorted(n for n, r in full_rank.items() if rank >= r)
+    if not full and unmatched:
+        result.extra.setdefault("warnings", []).extend(
+            f"--target {p!r} matches no Linear, Conv2d or Conv1D module: skipped (--allow-unmatched)" for p in unmatched)
     if over and not full:
-        result.extra["warnings"] = [
+        result.extra.setdefault("warnings", []).extend([
             f"--rank {rank} is at least the full rank of {len(over)} adapted module(s) (e.g. {over[0]}: rank at most "
-            f"{full_rank[over[0]]}): LoRA there is no low-rank update and trains more parameters than a full one"]
+            f"{full_rank[over[0]]}): LoRA there is no low-rank update and trains more parameters than a full one"])
     if not is_main_process():
         return result
     inputs = [p for p in (model_path,) if p is not None] + ([data] if Path(str(data)).exists() else [])
@@ -402,6 +414,10 @@ def distill_student(
     kind = loss if loss != "auto" else ("kl" if lt.has_head else "cosine")
     if kind not in ("kl", "mse", "cosine"):
         raise InvalidOptionError(f"--loss must be auto, kl, mse or cosine, got {loss!r}")
+    if kind == "kl" and not lt.has_head:
+        raise InvalidOptionError("--loss kl compares class probabilities, and this model outputs embeddings (no "
+                                 "classification head): use --loss cosine (the default here) or mse", teacher)
+    _check_student_of(lt, ls, student)
     train, val, test, _ds = _prepare_data(lt, data, opts, text_column=text_column, label_column=label_column,
                                            image_size=image_size, limit=limit, need_labels=False)
     model = ls.model
@@ -411,10 +427,10 @@ def distill_student(
     for mn, m in model.named_modules():
         if isinstance(m, (LowRankLinear, LowRankConv2d)):
             params += [(f"{mn}.weight_u", m.weight_u), (f"{mn}.weight_v", m.weight_v)]
-            if train_bias_norm and m.bias is not None:
-                params.append((f"{mn}.bias", m.bias))
-        elif train_bias_norm and isinstance(m, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)):
+        if train_bias_norm and isinstance(m, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
             params += [(f"{mn}.{k}", p) for k, p in m.named_parameters(recurse=False)]
+        elif train_bias_norm and isinstance(getattr(m, "bias", None), nn.Parameter):  # every layer's bias, dense or not
+            params.append((f"{mn}.bias", m.bias))
     for _, p in params:
         p.requires_grad_(True)
 
@@ -450,7 +466,8 @@ def distill_student(
     def evaluate(d: Dataset) -> float:
         s = predict(s_out, d, opts.batch_size * 2, opts.device)
         if kind == "kl":
-            return agreement(s, t_val)["top1_agreement"] - 1e-6 * agreement(s, t_val)["kl"]
+            # agreement, with KL only breaking ties: 1e-9 keeps the reported figure (6 decimals) the agreement
+            return agreement(s, t_val)["top1_agreement"] - 1e-9 * agreement(s, t_val)["kl"]
         return mean_cosine(s, t_val)
 
     before = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)
@@ -458,7 +475,9 @@ def distill_student(
     test_before = (_fidelity(kind, predict(s_out, test, opts.batch_size * 2, opts.device), t_test, test.labels)
                    if test is not None else None)
     options = {"loss": kind, "temperature": temperature, "train_bias_norm": train_bias_norm, "feature_loss": feature_loss,
-               "train": {k: v for k, v in asdict(opts).items() if k != "device"}, "limit": limit}
+               "train": {k: v for k, v in asdict(opts).items() if k != "device"}, "limit": limit,
+               "text_column": text_column, "label_column": label_column, "image_size": image_size,
+               "dataset": str(data) if not Path(str(data)).exists() else Path(str(data)).name}
     run_id = {**options, "teacher": _ident(teacher), "student": _ident(student), "arch": arch, "data": _ident(data),
               "text_column": text_column, "label_column": label_column, "image_size": image_size}
     fr = fit(model, params, train, val, loss_fn, evaluate, opts, metric_name="agreement" if kind == "kl" else "mean_cosine",
@@ -475,6 +494,32 @@ def distill_student(
     if features is not None:
         features.remove()
     return result
+
+
+def _check_student_of(lt: LoadedModel, ls: LoadedModel, student: str | Path) -> None:
+    """The student must be a factorization of the teacher: every dense tensor of the student the
+    teacher has by name and shape, and each factorized layer's U·V the shape of the teacher's weight.
+
+    Raises:
+        FormatError: the first few tensors that do not fit.
+    """
+    t = {n: tuple(p.shape) for n, p in lt.model.state_dict().items()}
+    s = ls.model.state_dict()
+    bad: list[str] = []
+    for n, p in s.items():
+        if n.endswith(".weight_u"):
+            layer = n[: -len(".weight_u")]
+            v = s.get(f"{layer}.weight_v")
+            want = (int(p.shape[0]), *(int(d) for d in v.shape[1:])) if v is not None else None
+            if t.get(f"{layer}.weight") != want:
+                bad.append(f"{layer} ({list(want or [])} vs the teacher's {list(t.get(layer + '.weight') or ['none'])})")
+        elif not n.endswith(".weight_v") and n in t and t[n] != tuple(p.shape):
+            bad.append(f"{n} ({list(p.shape)} vs {list(t[n])})")
+        elif not n.endswith((".weight_v", "position_ids", "num_batches_tracked")) and n not in t:
+            bad.append(f"{n} (the teacher has none)")
+    if bad:
+        raise FormatError(f"the student is not a factorization of this teacher: {len(bad)} tensor(s) do not fit, e.g. "
+                          + "; ".join(bad[:3]), student)
 
 
 class _FeatureTaps:

@@ -87,7 +87,7 @@ def distill_command(
     arch: ArchOpt = None,
     loss: Annotated[str, typer.Option("--loss", help="auto | kl | mse | cosine (auto: kl for classifiers, cosine for encoders).")] = "auto",
     temperature: Annotated[float, typer.Option("--temperature", "-T")] = 2.0,
-    train_bias_norm: Annotated[bool, typer.Option("--train-bias-norm", help="Also train biases and norm layers.")] = False,
+    train_bias_norm: Annotated[bool, typer.Option("--train-bias-norm", help="Also train every bias (dense layers too) and the norm layers.")] = False,
     feature_loss: Annotated[float, typer.Option(
         "--feature-loss", help="Add this weight times each factorized layer's relative output error against the "
         "teacher's same layer (intermediate-layer distillation); 0 turns it off.")] = 0.0,

@@ -20,6 +20,8 @@ from lorasurgeon.io.adapters import (
     is_kohya_stem,
     kohya_stems,
     read_adapter,
+    refuse_lossy_stems,
+    target_component,
     write_adapter,
 )
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
@@ -123,6 +125,17 @@ def _unify_names(adapters: Sequence[Adapter], paths: Sequence[str | Path]) -> li
         UnsupportedError: a stem no other input names (its module name needs the base model:
             ``convert --base`` first), or two module names with the same stem.
     """
+    plain = {m: i for i, ad in enumerate(adapters) for m in ad.targets if target_component(m) is None}
+    for i, ad in enumerate(adapters):
+        for m in ad.targets:
+            rest = m.partition(".")[2] if target_component(m) and not is_kohya_stem(m) else None
+            if rest and rest in plain:
+                j = plain[rest]
+                raise UnsupportedError(
+                    f"{Path(paths[i]).name} names a layer with its pipeline part ({m!r}) and {Path(paths[j]).name} "
+                    f"without ({rest!r}): convert one so that both name layers alike (lorasurgeon convert "
+                    f"{Path(paths[i]).name} --to peft, or {Path(paths[j]).name} --to diffusers --component "
+                    f"{target_component(m)})", paths[i])
     dotted = sorted({m for ad in adapters for m in ad.targets if not is_kohya_stem(m)})
     stemmed = [i for i, ad in enumerate(adapters) if any(is_kohya_stem(m) for m in ad.targets)]
     if not dotted or not stemmed:
@@ -231,7 +244,7 @@ def _compose_saved(
 
 def compose_adapters(
     inputs: Sequence[str | Path], out: str | Path | None, method: str, *, weights: Sequence[float] | None = None,
-    rank: int | None = None, density: float | None = None, seed: int | None = None, fmt: str = "peft", fp64: bool = False,
+    rank: int | None = None, density: float | None = None, seed: int | None = None, fmt: str | None = None, fp64: bool = False,
     force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
 ) -> ComposeResult:
     """Compose LoRA adapters into one adapter at scale 1 (see ``ops.compose`` for the methods).
@@ -251,7 +264,7 @@ def compose_adapters(
         density: fraction kept by ties / dare_* / magnitude_prune (required there).
         seed: DARE's seed (per layer: sha256 of seed and module name); default 0. Refused by
             methods that draw nothing at random.
-        fmt: output layout, peft | kohya | diffusers.
+        fmt: output layout, peft | kohya | diffusers; None: the inputs' layout when they share one, else peft.
         fp64: compute in fp64.
 
     Returns:
@@ -272,12 +285,12 @@ def compose_adapters(
         uses = ", ".join(n for n, x in ops.COMPOSE_METHODS.items() if x.uses_seed)
         raise InvalidOptionError(f"--seed does not apply to --method {m.name}, which draws nothing at random (it does to {uses})")
     seed = 0 if seed is None else seed
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
-        check_output(out, force, inputs, directory=fmt == "peft")
+        check_output(out, force, inputs, directory=None if fmt is None else fmt == "peft")
     # Inputs hashed (provenance) on a second thread while they are read and parsed: for
     # adapter-sized inputs the sha256 is done by the time the layers are composed.
     hashes = None if dry_run else HashedInputs(inputs)
@@ -289,7 +302,14 @@ def compose_adapters(
                 f"composing DoRA is ill-posed: its magnitude renormalises W+ΔW per row, so adapters do not add "
                 f"(module {dora[0]!r}); merge each into the base model instead", p,
             )
+    if fmt is None:  # the inputs' layout when they share one (kohya files stay kohya), else PEFT
+        layouts = {ad.format for ad in adapters}
+        fmt = layouts.pop() if len(layouts) == 1 else "peft"
+        if out is not None and not dry_run:
+            check_output(out, force, inputs, directory=fmt == "peft")
     adapters = _unify_names(adapters, inputs)
+    for ad, p in zip(adapters, inputs, strict=True):
+        refuse_lossy_stems(ad, fmt, p)
     modules = sorted({name for ad in adapters for name in ad.targets})
     targets: dict[str, LoraTarget] = {}
     layers: list[ComposeLayer] = []

@@ -14,7 +14,14 @@ from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import all_finite, json_safe
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
-from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, refuse_adapter, write_adapter
+from lorasurgeon.io.adapters import (
+    Adapter,
+    LoraTarget,
+    read_adapter,
+    refuse_adapter,
+    refuse_lossy_stems,
+    write_adapter,
+)
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import HashedInputs, check_output, provenance
 from lorasurgeon.nn.layers import factorized_layers
@@ -124,6 +131,7 @@ def resize_adapter(
     # adapter-sized inputs the sha256 is done by the time the layers are re-ranked.
     hashes = None if dry_run else HashedInputs([inp])
     ad = read_adapter(inp)
+    refuse_lossy_stems(ad, fmt or ad.format, inp)
     if any(t.magnitude is not None for t in ad.targets.values()):
         raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
     new: dict[str, LoraTarget] = {}

@@ -227,3 +227,62 @@ def test_diffusers_dora_legacy_text_encoder_and_stray_tensors(tmp_path: Path) ->
               code=1)
     assert res.stderr.endswith("1 tensor(s) that are not LoRA, e.g. 'text_encoder.something.else': only lora_A/lora_B "
                                "(lora.down/up), alpha, lora_magnitude_vector and lora_B bias are understood\n")
+
+
+def test_text_encoder_metadata_names_match_clip_with_and_without_text_model(tmp_path: Path) -> None:
+    """diffusers strips CLIP's text_model. level (gone in transformers 5) from the keys but not from
+    lora_adapter_metadata: names written with it matched no module (NoMatchingPeftModuleError).
+    Suffixes without it match either way; our reader gets the same scales back."""
+    _encoder(tmp_path / "te.safetensors", 8, 0)
+    g = torch.Generator().manual_seed(6)
+    sd: dict[str, torch.Tensor] = {}
+    _kohya_pair(sd, "lora_te_", Q, 8, 8, 2, 4.0, g)
+    _kohya_pair(sd, "lora_te_", FC1, 16, 8, 2, 1.0, g)  # another alpha: an alpha_pattern entry
+    save_file(sd, tmp_path / "k.safetensors")
+    run("convert", str(tmp_path / "k.safetensors"), "--to", "diffusers", "--base", str(tmp_path / "te.safetensors"),
+        "-o", str(tmp_path / "d.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "d.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert sorted(meta["text_encoder.target_modules"]) == ["encoder.layers.0.mlp.fc1", "encoder.layers.0.self_attn.q_proj"]
+    assert all("text_model" not in k for k in meta["text_encoder.alpha_pattern"])
+    back = read_adapter(tmp_path / "d.safetensors").targets
+    assert back[f"text_encoder.{Q}"].scale == 2.0 and back[f"text_encoder.{FC1}"].scale == 0.5
+
+
+def test_kohya_stems_never_become_module_names(tmp_path: Path) -> None:
+    """resize and compose wrote kohya stems as PEFT module names (base_model.model.lora_unet_...),
+    which no merge could match. They are refused outside kohya; compose of kohya files stays kohya."""
+    g = torch.Generator().manual_seed(7)
+    sd: dict[str, torch.Tensor] = {}
+    _kohya_pair(sd, "lora_unet_", "down_blocks.0.attentions.0.proj_in", 8, 8, 2, 2.0, g)
+    save_file(sd, tmp_path / "k.safetensors")
+    want = ("kohya names are lossy ('.' became '_', e.g. 'lora_unet_down_blocks_0_attentions_0_proj_in') and a peft file "
+            "needs module names: map them first with lorasurgeon convert FILE --to peft --base BASE, or write --format kohya\n")
+    res = run("resize", str(tmp_path / "k.safetensors"), "--rank", "1", "--format", "peft", "-o", str(tmp_path / "r"), code=1)
+    assert res.stderr.endswith(want) and not (tmp_path / "r").exists()
+    res = run("compose", str(tmp_path / "k.safetensors"), str(tmp_path / "k.safetensors"), "-m", "cat", "--format", "peft",
+              "-o", str(tmp_path / "c"), code=1)
+    assert res.stderr.endswith(want) and not (tmp_path / "c").exists()
+    res = run("compose", str(tmp_path / "k.safetensors"), str(tmp_path / "k.safetensors"), "-m", "cat",
+              "-o", str(tmp_path / "c.safetensors"), "--json")
+    assert json.loads(res.stdout)["format"] == "kohya"
+    assert sorted(load_file(tmp_path / "c.safetensors"))[0].startswith("lora_unet_down_blocks_0_attentions_0_proj_in.")
+
+
+def test_compose_refuses_one_layer_under_two_names(tmp_path: Path) -> None:
+    """A diffusers unet. file and a PEFT adapter for the same UNet were composed as 2x the layers."""
+    mod = "down_blocks.0.attentions.0.proj_in"
+    A, B = torch.randn(2, 8), torch.randn(8, 2)
+    save_file({f"unet.{mod}.lora_A.weight": A, f"unet.{mod}.lora_B.weight": B}, tmp_path / "d.safetensors")
+    save_file({f"base_model.model.{mod}.lora_A.weight": A, f"base_model.model.{mod}.lora_B.weight": B}, tmp_path / "p.safetensors")
+    res = run("compose", str(tmp_path / "d.safetensors"), str(tmp_path / "p.safetensors"), "-m", "cat", "-o", str(tmp_path / "c"),
+              code=1)
+    assert res.stderr.endswith(f"d.safetensors names a layer with its pipeline part ('unet.{mod}') and p.safetensors without "
+                               f"('{mod}'): convert one so that both name layers alike (lorasurgeon convert d.safetensors "
+                               "--to peft, or p.safetensors --to diffusers --component unet)\n")
+    # converted to PEFT first, the two line up: one layer, rank 4
+    run("convert", str(tmp_path / "d.safetensors"), "--to", "peft", "-o", str(tmp_path / "dp"))
+    res = run("compose", str(tmp_path / "dp"), str(tmp_path / "p.safetensors"), "-m", "cat", "-o", str(tmp_path / "c"), "--json")
+    assert [(x["module"], x["rank"]) for x in json.loads(res.stdout)["layers"]] == [(mod, 4)]

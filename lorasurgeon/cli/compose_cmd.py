@@ -28,7 +28,7 @@ def compose_command(
     rank: Annotated[int | None, typer.Option("--rank", help="Output rank of svd, ties, dare_*, magnitude_prune (default: the largest input rank per layer).")] = None,
     density: Annotated[float | None, typer.Option("--density", help="Fraction of each delta's entries kept by ties, dare_*, magnitude_prune (0 < D <= 1).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of DARE's random masks (per layer: seed and module name); default 0.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Output layout: peft | kohya | diffusers.")] = "peft",
+    fmt: Annotated[str | None, typer.Option("--format", help="Output layout: peft | kohya | diffusers (default: the inputs' layout when they share one, else peft).")] = None,
     fp64: Annotated[bool, typer.Option("--fp64", help="Compute in fp64.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and print the plan (ranks, errors); write nothing.")] = False,
     force: ForceOpt = False,
@@ -60,6 +60,8 @@ def render_compose(r: ComposeResult) -> None:
     tot = r.totals
     con.print(f"weights: {', '.join(f'{w:g}' for w in r.weights)}; layers: {tot['layers']}; ranks {tot['rank_min']}"
               f"..{tot['rank_max']}; parameters: {human_count(tot['input_params'])} in -> {human_count(tot['params'])} out; "
-              f"largest rel. error {tot['max_rel_error']:.3g}")
+              f"largest rel. error {tot['max_rel_error']:.3g}"
+              + (f"; storing the factors in the inputs' dtype changed them by up to {tot['max_cast_error']:.3g} (relative)"
+                 if tot.get("max_cast_error") else ""))
     if r.modules_to_save:
         con.print(f"modules_to_save: {len(r.modules_to_save)} tensor(s)" + (f", {len(r.averaged)} averaged" if r.averaged else ""))

@@ -100,6 +100,9 @@ def render_resize(r: ResizeResult) -> None:
                   f"{x.alpha_before:g} -> {x.alpha_after:g}", f"{x.scale:.4g}", f"{x.fro_kept:.4f}")
     con.print(t)
     con.print(f"parameters: {human_count(r.params_before)} -> {human_count(r.params_after)}")
+    cast = max((x.cast_error for x in r.layers), default=0.0)
+    if cast:
+        con.print(f"storing the factors in the input's dtype changed them by up to {cast:.3g} (relative)")
 
 
 def render_extract(r: ExtractResult) -> None:

@@ -564,6 +564,20 @@ def _strip_kohya_prefix(stem: str) -> str:
     return stem
 
 
+def refuse_lossy_stems(ad: Adapter, fmt: str, path: str | Path | None) -> None:
+    """kohya stems (``lora_unet_a_b``) are not module names: written to a PEFT or diffusers file
+    they would name modules no model has. Only ``convert --base`` can map them.
+
+    Raises:
+        InvalidOptionError: ``fmt`` is not kohya and some target is still a stem.
+    """
+    stems = sorted(m for m in ad.targets if is_kohya_stem(m))
+    if stems and fmt != "kohya":
+        raise InvalidOptionError(f"kohya names are lossy ('.' became '_', e.g. {stems[0]!r}) and a {fmt} file needs module "
+                                 "names: map them first with lorasurgeon convert FILE --to peft --base BASE, or write "
+                                 "--format kohya", path)
+
+
 def resolve_kohya_names(ad: Adapter, base_modules: list[str], *,
                         prefix_components: bool | None = None) -> tuple[Adapter, list[str], dict[str, str]]:
     """Map kohya stems back to the base model's module names (``.`` → ``_`` is lossy, so the
@@ -717,6 +731,11 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             state[f"{name}.lora_A.weight"] = t.A
             state[f"{name}.lora_B.weight"] = t.B
             comp, _, sub = name.partition(".")
+            if comp in ("text_encoder", "text_encoder_2"):
+                # CLIP under transformers 5 has no text_model level, and diffusers strips it from the
+                # keys but not from these names: a suffix matches either way (PEFT matches
+                # target_modules and pattern keys as dotted suffixes)
+                sub = sub.removeprefix("text_model.")
             c = per.setdefault(comp, {"r": t.rank, "lora_alpha": _alpha_for(t, ad.use_rslora), "use_rslora": ad.use_rslora,
                                       "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}})
             c["target_modules"].append(sub)

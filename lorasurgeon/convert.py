@@ -84,7 +84,7 @@ def _reparse(ad: Adapter, fmt: str) -> Adapter:
     if fmt == "peft":
         return io_ad._read_peft(dict(state), {}, config, Path("<converted>"))
     if fmt == "kohya":
-        return io_ad._read_kohya(dict(state), {}, Path("<converted>"))
+        return io_ad._read_kohya(dict(state), {k: str(v) for k, v in config.items()}, Path("<converted>"))
     return io_ad._read_diffusers(dict(state), dict(config), Path("<converted>"))
 
 

@@ -34,7 +34,9 @@ class LorasurgeonError(Exception):
     def one_line(self) -> str:
         """The message as a single line, prefixed with the path when there is one."""
         msg = " ".join(self.message.split())
-        return f"{_escape_controls(self.path)}: {msg}" if self.path else msg
+        line = f"{_escape_controls(self.path)}: {msg}" if self.path else msg
+        # "error: " + this stays within 400 characters (long lists of names); --json keeps it whole
+        return line if len(line) <= 393 else line[:392] + "…"
 
     def to_json(self) -> dict[str, str | None]:
         return {"kind": self.kind, "message": " ".join(self.message.split()), "path": self.path}

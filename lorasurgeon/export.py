@@ -1102,7 +1102,7 @@ def export_model(
     """
     adapters = one_or_many(adapters) or []
     log = log or (lambda m: None)
-    out = Path(out)
+    given, out = out, Path(out)
     if dtype not in DEFAULT_ATOL:
         raise InvalidOptionError(f"--dtype must be fp32 or fp16, got {dtype!r}")
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
@@ -1131,7 +1131,7 @@ def export_model(
     if Path(out).suffix.lower() != ".onnx":
         raise InvalidOptionError(f"name the ONNX output .onnx, got {Path(out).name!r} (a later step would read another "
                                  "extension as something else)", out)
-    check_output(out, force, [model, *adapters, baseline], directory=False)
+    check_output(given, force, [model, *adapters, baseline], directory=False)
     benchmark = benchmark or baseline is not None
 
     log("loading the model")

@@ -94,7 +94,8 @@ def _select_component(ad: Adapter, label: str, path: str | Path | None, componen
     adapter and {skipped component: its number of targets}.
 
     Raises:
-        MatchError: ``component`` is not one of the adapter's, or several parts fit and none was named.
+        MatchError: several parts fit and none was named (``_plan`` checks that ``component`` is
+            one of the adapter's parts, before kohya names are resolved).
     """
     parts: dict[str | None, list[str]] = {}
     for m in ad.targets:
@@ -105,8 +106,6 @@ def _select_component(ad: Adapter, label: str, path: str | Path | None, componen
     if all(m + ".weight" in base_weights for m in ad.targets):  # a whole pipeline's weights, prefixes and all
         return ad, {}
     if component is not None:
-        if named and component not in named:
-            raise MatchError(f"{label} has no LoRA for --component {component}; it has {', '.join(named)}", path)
         keep = component
     else:
         fits = []
@@ -219,6 +218,9 @@ def _plan(
     if component is not None and component not in DIFFUSERS_COMPONENTS:
         raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
     for i, ((ad, label, path), wi) in enumerate(zip(ads, w, strict=True)):
+        named = sorted({c for c in map(target_component, ad.targets) if c is not None})  # before names are resolved
+        if component is not None and named and component not in named:
+            raise MatchError(f"{label} has no LoRA for --component {component}; it has {', '.join(named)}", path)
         if ad.format == "kohya":
             ad, _, _ = resolve_kohya_names(ad, base_modules)
         ad, set_aside = _select_component(ad, label, path, component, base_weights, names, shape_of)

@@ -236,6 +236,9 @@ def _is_number(v: Any, *, integer: bool = False) -> bool:
 def _check_peft_config(config: dict[str, Any], cfg: Path) -> None:
     """The fields the reader computes with must have the types PEFT writes: a hand-edited or
     hostile config otherwise fails deep inside with a bare ValueError/TypeError."""
+    for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(config.get(flag, False), bool):  # a string "false" would read as true
+            raise FormatError(f"'{flag}' must be true or false, got {config[flag]!r:.40}", cfg)
     r = config.get("r", 8)
     if not _is_number(r, integer=True):
         raise FormatError(f"'r' must be a positive integer, got {r!r:.60}", cfg)
@@ -264,6 +267,10 @@ def _pair_up(
             missing = "A (down)" if "A" not in parts else "B (up)"
             raise FormatError(f"module {mod!r} has no {missing} matrix", path)
         A, B = parts["A"], parts["B"]
+        for part, t in sorted(parts.items()):
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise UnsupportedError(f"module {mod!r}: its {part} tensor is {str(t.dtype).removeprefix('torch.')}; "
+                                       "LoRA tensors must be fp16, bf16, fp32 or fp64", path)
         if A.ndim not in (2, 4) or B.ndim not in (2, 4):
             raise FormatError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)}: only Linear (2-D) and Conv2d (4-D) "
@@ -277,6 +284,17 @@ def _pair_up(
             raise FormatError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} do not chain (ranks differ)", path
             )
+        if A.shape[0] == 0 or A[0].numel() == 0 or B.shape[0] == 0:
+            raise FormatError(f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} have an empty dimension", path)
+        if B.ndim == 4 and tuple(B.shape[2:]) != (1, 1):
+            raise FormatError(f"module {mod!r}: the up factor {tuple(B.shape)} must be a 1×1 conv (out, r, 1, 1)", path)
+        if A.ndim != B.ndim:
+            raise FormatError(f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} are not both Linear or both "
+                              "Conv2d factors", path)
+        bias = parts.get("bias")
+        if bias is not None and (bias.ndim != 1 or bias.shape[0] != B.shape[0]):
+            raise FormatError(f"module {mod!r}: its LoRA bias {tuple(bias.shape)} must hold one value per output row "
+                              f"({B.shape[0]})", path)
         for part, t in sorted(parts.items()):
             if not all_finite(t):
                 raise FormatError(f"module {mod!r}: its {part} tensor holds NaN or Inf values", path)
@@ -363,11 +381,22 @@ def _read_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], path: 
                                    "dora_scale) are supported, and nothing else in the file may be skipped", path)
         else:  # a module's tensor (the modules_to_save our kohya writer adds), named as in the model
             other[key] = t
+    ours = KOHYA_MODULES_KEY in metadata or "lorasurgeon" in metadata
+    stray = sorted(k for k in other if not ours or any(f in k for f in (".lora_A.", ".lora_B.", "lora_down", "lora_up")))
+    if stray:
+        # only a kohya file lorasurgeon wrote holds whole tensors (modules_to_save); anywhere else
+        # (or a LoRA factor of another layout) it would be pasted into a merged checkpoint
+        raise UnsupportedError(f"{len(stray)} tensor(s) that are not kohya LoRA, e.g. {stray[0]!r}: a kohya file holds "
+                               "lora_down, lora_up, alpha and dora_scale per layer", path)
+    orphan = sorted(s for s in alphas if s not in groups)
+    if orphan:
+        raise FormatError(f"alpha for {orphan[0]!r}, which has no lora_down / lora_up", path)
     names = _kohya_module_names(metadata, set(groups))
     targets: dict[str, LoraTarget] = {}
     for stem, (A, B, parts) in _pair_up(groups, path).items():
         rank = int(A.shape[0])
-        if stem in alphas and (alphas[stem].numel() != 1 or not bool(torch.isfinite(alphas[stem].float()).all())):
+        if stem in alphas and (alphas[stem].numel() != 1 or alphas[stem].dtype == torch.bool
+                               or not bool(torch.isfinite(alphas[stem].float()).all())):
             raise FormatError(f"module {stem!r}: alpha must be one finite number, got shape {list(alphas[stem].shape)}", path)
         alpha = float(alphas[stem].float().item()) if stem in alphas else float(rank)
         mag = parts.get("magnitude")
@@ -407,7 +436,7 @@ def _dora_magnitude(mod: str, mag: torch.Tensor, A: torch.Tensor, B: torch.Tenso
             and all(d == 1 for d in dims[2:])):
         raise UnsupportedError(f"module {mod!r}: {what} {dims} weighs the input columns (LyCORIS DoRA with "
                                "wd_on_out=False); only DoRA on the output rows is supported", path)
-    if mag.numel() != out:
+    if mag.numel() != out or (out > 1 and sum(d != 1 for d in dims) != 1):
         raise FormatError(f"module {mod!r}: {what} has {mag.numel()} values {dims} for {out} output rows", path)
     return mag.reshape(-1)
 
@@ -433,25 +462,37 @@ def _kohya_module_names(metadata: Mapping[str, str], stems: set[str]) -> dict[st
             if isinstance(mod, str) and stem in stems and not is_kohya_stem(mod) and stem in kohya_stems(mod)}
 
 
-def _diffusers_config(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+def _diffusers_config(metadata: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
+    """``lora_adapter_metadata`` per component, each checked like a PEFT config (a string
+    ``"false"`` for ``use_rslora`` would otherwise read as true).
+
+    Raises:
+        FormatError: not a JSON object of ``"<component>.<field>"`` keys, or a field of the wrong type.
+    """
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:  # ValueError: Python's digit limit
+        raise FormatError(f"lora_adapter_metadata is not valid JSON ({type(e).__name__})", path) from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"lora_adapter_metadata must be a JSON object, got {type(flat).__name__}", path)
     per: dict[str, dict[str, Any]] = {}
-    if isinstance(flat, dict):
-        for k, v in flat.items():
-            comp, _, fieldname = k.partition(".")
-            if fieldname:
-                per.setdefault(comp, {})[fieldname] = v
+    for k, v in flat.items():
+        comp, _, fieldname = k.partition(".")
+        if fieldname:
+            per.setdefault(comp, {})[fieldname] = v
+    for comp, cfg in per.items():
+        try:
+            _check_peft_config(cfg, path)
+        except FormatError as e:
+            raise FormatError(f"lora_adapter_metadata for {comp!r}: {e.message}", path) from None
     return per
 
 
 def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Adapter:
-    per = _diffusers_config(metadata)
+    per = _diffusers_config(metadata, path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     legacy = re.compile(r"^(.*)\.processor\.(to_[a-z_]+?)_lora\.(down|up)\.weight$")
@@ -461,31 +502,37 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
     magnitude = re.compile(r"^(.*)\.lora_magnitude_vector(?:\.weight)?$")
     other = []
     for key, t in state.items():
+        def put(mod: str, part: str, t: torch.Tensor = t, key: str = key) -> None:
+            g = groups.setdefault(mod, {})
+            if part in g:  # two layouts (legacy and modern) for one module: one would silently win
+                raise FormatError(f"module {mod!r} has two {part} tensors (another is beside {key!r}): two layouts "
+                                  "in one file", path)
+            g[part] = t
+
         m = legacy.match(key)
         if m:
             base, proj, which = m.groups()
             out = "to_out.0" if proj == "to_out" else proj
-            mod = f"{base}.{out}"
-            groups.setdefault(mod, {})["A" if which == "down" else "B"] = t
+            put(f"{base}.{out}", "A" if which == "down" else "B")
             continue
         m = legacy_te.match(key)
         if m:
             mod, which = m.groups()
-            groups.setdefault(mod, {})["A" if which == "down" else "B"] = t
+            put(mod, "A" if which == "down" else "B")
             continue
         m = modern.match(key)
         if m:
             mod, kind, wb = m.groups()
             if wb == "bias" and kind not in ("lora_B", "lora.up"):
                 raise FormatError(f"module {mod!r}: unexpected {kind} bias", path)
-            groups.setdefault(mod, {})["bias" if wb == "bias" else "A" if kind in ("lora_A", "lora.down") else "B"] = t
+            put(mod, "bias" if wb == "bias" else "A" if kind in ("lora_A", "lora.down") else "B")
             continue
         m = magnitude.match(key)
         if m:
-            groups.setdefault(m.group(1), {})["magnitude"] = t
+            put(m.group(1), "magnitude")
             continue
         if key.endswith(".alpha"):
-            if t.numel() != 1 or not bool(torch.isfinite(t.float()).all()):
+            if t.numel() != 1 or t.dtype == torch.bool or not bool(torch.isfinite(t.float()).all()):
                 raise FormatError(f"{key!r} must be one finite number, got shape {list(t.shape)}", path)
             alphas[key[: -len(".alpha")]] = float(t.float().item())
             continue
@@ -493,6 +540,9 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
     if other:  # diffusers LoRA files hold LoRA tensors only: anything else would be pasted into the base
         raise UnsupportedError(f"{len(other)} tensor(s) that are not LoRA, e.g. {other[0]!r}: only lora_A/lora_B "
                                "(lora.down/up), alpha, lora_magnitude_vector and lora_B bias are understood", path)
+    orphan = sorted(m for m in alphas if m not in groups)
+    if orphan:
+        raise FormatError(f"alpha for {orphan[0]!r}, which has no LoRA factors", path)
     targets: dict[str, LoraTarget] = {}
     for mod, (A, B, parts) in _pair_up(groups, path).items():
         rank = int(A.shape[0])
@@ -528,8 +578,8 @@ def kohya_name(module: str, *, sdxl: bool = True) -> str:
     """kohya stem of a module name: the component picks the prefix, dots become underscores.
     ``text_encoder.`` gives ``lora_te1_`` (SDXL's first encoder) or, with ``sdxl`` False (a
     pipeline with one text encoder, SD 1.x/2.x), ``lora_te_``."""
-    if module.startswith(KOHYA_PREFIXES) and "." not in module:
-        return module  # already a kohya stem
+    if is_kohya_stem(module):
+        return module  # already a kohya stem (the generic lora_ prefix included)
     comp, _, rest = module.partition(".")
     if rest and comp == "text_encoder" and not sdxl:
         return "lora_te_" + rest.replace(".", "_")
@@ -602,6 +652,7 @@ def resolve_kohya_names(ad: Adapter, base_modules: list[str], *,
     targets: dict[str, LoraTarget] = {}
     unmatched: list[str] = []
     renames: dict[str, str] = {}
+    claimed: dict[str, tuple[str | None, str]] = {}  # stem -> (its part, the base module it maps to)
     for stem, t in ad.targets.items():
         if not is_kohya_stem(stem):  # already a module name
             targets[stem] = t
@@ -615,9 +666,12 @@ def resolve_kohya_names(ad: Adapter, base_modules: list[str], *,
             continue
         comp = target_component(stem)
         name = f"{comp}.{cands[0]}" if prefix_components and comp else cands[0]
-        if name in targets:
-            first = next(s for s, n in renames.items() if n == name)
-            raise FormatError(f"kohya names {first!r} and {stem!r} both map to the module {name!r}", ad.source)
+        # one base module claimed twice: by two stems of one part, or by a part-less stem
+        # (lycoris_, lora_) and a part's (lora_unet_): the merge would add both deltas
+        first = next((s for s, n in claimed.items() if n[1] == cands[0] and (n[0] == comp or None in (n[0], comp))), None)
+        if first is not None:
+            raise FormatError(f"kohya names {first!r} and {stem!r} both map to the module {cands[0]!r}", ad.source)
+        claimed[stem] = (comp, cands[0])
         targets[name] = LoraTarget(name, t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
         renames[stem] = name
     return Adapter(ad.format, dict(sorted(targets.items())), ad.modules_to_save, ad.metadata, ad.config,
@@ -715,7 +769,7 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         for n, v in ad.modules_to_save.items():
             state[n] = v
         known = {kohya_name(m, sdxl=sdxl): m for m in ad.targets if not is_kohya_stem(m)}
-        if known:
+        if known or ad.modules_to_save:  # the key also marks whole tensors as ours (the reader refuses others)
             config = {KOHYA_MODULES_KEY: json.dumps(dict(sorted(known.items())))}
     elif fmt == "diffusers":
         per: dict[str, dict[str, Any]] = {}

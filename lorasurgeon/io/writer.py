@@ -111,6 +111,9 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
     for i in inputs:
         if i is not None and not Path(i).exists():
             raise InputNotFoundError("no such file or folder", i)
+    if (path if isinstance(path, str) else getattr(path, "given", None)) == "":
+        # pathlib reads "" as "." (an unset shell variable: -o "$OUT"), and --force would replace it
+        raise InvalidOptionError("the output path is empty")
     p = Path(path)
     if directory is False:
         folder = _given_as_folder(path)

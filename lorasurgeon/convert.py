@@ -123,7 +123,8 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
             raise InvalidOptionError(f"kohya names are lossy ('.' became '_', e.g. {stems[0]!r}); pass --base to map them "
                                      "to module names", inp)
         with Checkpoint.open(base) as ck:
-            mods = sorted({n.rsplit(".", 1)[0] for n in ck.names() if n.endswith(".weight")})
+            shapes = {n[: -len(".weight")]: tuple(ck.info(n).shape) for n in ck.names() if n.endswith(".weight")}
+        mods = sorted(shapes)
         parts = sorted({io_ad.target_component(m) for m in stems} - {None})
         # diffusers files keep the part as a prefix; for PEFT it is set aside below
         ad, unmatched, ren = io_ad.resolve_kohya_names(ad, mods, prefix_components=to == "diffusers" or None)
@@ -133,6 +134,11 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
                     if len(parts) > 1 else "")
             raise FormatError(f"{len(unmatched)} kohya name(s) match no module of the base {Path(base).name}, "
                               f"e.g. {unmatched[0]!r}{hint}", inp)
+        misfit = [f"{m} ({list(t.delta_shape())} vs {list(shapes[mod])})" for m, t in ad.targets.items()
+                  for mod in [m.partition(".")[2] if io_ad.target_component(m) and m not in shapes else m]
+                  if mod in shapes and tuple(t.delta_shape()) != shapes[mod]]
+        if misfit:  # the names fit, the layers do not: not this base's adapter
+            raise FormatError(f"{len(misfit)} layer(s) do not fit the base {Path(base).name}: " + "; ".join(misfit[:3]), inp)
     if to == "peft":
         ad, ren = _strip_component(ad, inp)
         renamed = _chain(renamed, ren)

@@ -95,3 +95,13 @@ def test_an_empty_output_path_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     res = runner.invoke(app, ["resize", "k.safetensors", "--rank", "1", "--format", "peft", "-o", "", "--force"])
     assert res.exit_code == 1 and res.stderr == "error: the output path is empty\n"
     assert (tmp_path / "precious.txt").read_text() == "x"
+
+
+def test_convert_with_base_checks_the_layers_fit(tmp_path: Path) -> None:
+    """convert --base mapped names only: factors 7 wide for an 8×6 weight came out as a PEFT adapter."""
+    save_file({"x.weight": torch.randn(8, 6)}, tmp_path / "b.safetensors")
+    save_file({"lora_unet_x.lora_down.weight": torch.randn(2, 7), "lora_unet_x.lora_up.weight": U}, tmp_path / "k.safetensors")
+    res = runner.invoke(app, ["convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", str(tmp_path / "b.safetensors"),
+                              "-o", str(tmp_path / "p")])
+    assert res.exit_code == 1 and res.stderr.strip().endswith("1 layer(s) do not fit the base b.safetensors: x ([8, 7] vs [8, 6])")
+    assert not (tmp_path / "p").exists()

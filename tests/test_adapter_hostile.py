@@ -105,3 +105,16 @@ def test_convert_with_base_checks_the_layers_fit(tmp_path: Path) -> None:
                               "-o", str(tmp_path / "p")])
     assert res.exit_code == 1 and res.stderr.strip().endswith("1 layer(s) do not fit the base b.safetensors: x ([8, 7] vs [8, 6])")
     assert not (tmp_path / "p").exists()
+
+
+def test_a_bare_peft_file_has_scale_one_and_metadata_must_match_the_tensors(tmp_path: Path) -> None:
+    """A PEFT file without adapter_config.json was read at PEFT's default alpha 8 over its own rank
+    (x4 for rank 2); diffusers metadata whose r contradicted the factors was accepted."""
+    from lorasurgeon.io.adapters import read_adapter
+
+    save_file({"base_model.model.x.lora_A.weight": D, "base_model.model.x.lora_B.weight": U}, tmp_path / "p.safetensors")
+    t = read_adapter(tmp_path / "p.safetensors").targets["x"]
+    assert (t.alpha, t.scale) == (2.0, 1.0)
+    _inspect_fails(tmp_path, {"unet.x.lora_A.weight": D, "unet.x.lora_B.weight": U},
+                   "module 'unet.x' has rank 2 but lora_adapter_metadata says r=99",
+                   {"lora_adapter_metadata": json.dumps({"unet.r": 99, "unet.lora_alpha": 4})})

@@ -344,7 +344,9 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
     for mod, (A, B, parts) in _pair_up(groups, path).items():
         rank = int(A.shape[0])
         ak = pattern_key(alpha_pattern, mod, path)
-        alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
+        # a bare file with no adapter_config.json states no alpha: alpha = r (scale 1), as kohya's
+        # missing alpha and diffusers' missing metadata, not PEFT's default 8 over the file's rank
+        alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default if config else float(rank)
         rk = pattern_key(rank_pattern, mod, path)
         expected_r = int(rank_pattern[rk]) if rk is not None else r_default
         if config and expected_r != rank:
@@ -550,8 +552,13 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
         cfg = per.get(comp, {})
         rslora = bool(cfg.get("use_rslora", False))
         alpha = alphas.get(mod)
+        sub = mod.split(".", 1)[1] if "." in mod else mod
+        if "r" in cfg:  # metadata that contradicts the tensors: diffusers and PEFT would not load it either
+            rk = pattern_key(cfg.get("rank_pattern") or {}, sub, path)
+            expected = int(cfg["rank_pattern"][rk]) if rk is not None else int(cfg["r"])
+            if expected != rank:
+                raise FormatError(f"module {mod!r} has rank {rank} but lora_adapter_metadata says r={expected}", path)
         if alpha is None:
-            sub = mod.split(".", 1)[1] if "." in mod else mod
             try:
                 ak = pattern_key(cfg.get("alpha_pattern") or {}, sub, path)
                 alpha = float(cfg["alpha_pattern"][ak]) if ak is not None else float(cfg.get("lora_alpha", rank))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 from lorasurgeon._finite import json_safe
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError, VerificationError
 from lorasurgeon.io import adapters as io_ad
-from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter, LoraTarget
+from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.io.writer import check_output, provenance
 from lorasurgeon.ops.lora import delta_weight
@@ -37,25 +37,15 @@ class ConvertResult:
 
 
 def _renamed(ad: Adapter, ren: dict[str, str]) -> Adapter:
-    targets = {ren.get(m, m): LoraTarget(ren.get(m, m), t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
-               for m, t in ad.targets.items()}
-    return Adapter(ad.format, targets, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
+    return replace(ad, targets={ren.get(m, m): replace(t, module=ren.get(m, m)) for m, t in ad.targets.items()})
 
 
 def _one_component(ad: Adapter, component: str, path: str | Path) -> tuple[Adapter, dict[str, str], dict[str, int]]:
     """``--component``: keep that part's targets (dropping the other parts'), and give targets
     that name no part that part's prefix. Returns the adapter, renames and skipped counts."""
-    comps: dict[str | None, int] = {}
-    for m in ad.targets:
-        c = io_ad.target_component(m)
-        comps[c] = comps.get(c, 0) + 1
-    named = sorted(c for c in comps if c is not None)
-    if named and component not in named:
-        raise InvalidOptionError(f"the adapter has no LoRA for --component {component}; it has {', '.join(named)}", path)
-    kept = {m: t for m, t in ad.targets.items() if io_ad.target_component(m) in (component, None)}
-    ren = {m: f"{component}.{m}" for m in kept if io_ad.target_component(m) is None and not io_ad.is_kohya_stem(m)}
-    ad = Adapter(ad.format, kept, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
-    return _renamed(ad, ren), ren, {c: n for c, n in comps.items() if c is not None and c != component}
+    ad, skipped = io_ad.keep_part(ad, component, Path(path).name, path)
+    ren = {m: f"{component}.{m}" for m in ad.targets if io_ad.target_component(m) is None and not io_ad.is_kohya_stem(m)}
+    return _renamed(ad, ren), ren, skipped
 
 
 def _strip_component(ad: Adapter, path: str | Path) -> tuple[Adapter, dict[str, str]]:
@@ -134,9 +124,11 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
                     if len(parts) > 1 else "")
             raise FormatError(f"{len(unmatched)} kohya name(s) match no module of the base {Path(base).name}, "
                               f"e.g. {unmatched[0]!r}{hint}", inp)
-        misfit = [f"{m} ({list(t.delta_shape())} vs {list(shapes[mod])})" for m, t in ad.targets.items()
-                  for mod in [m.partition(".")[2] if io_ad.target_component(m) and m not in shapes else m]
-                  if mod in shapes and tuple(t.delta_shape()) != shapes[mod]]
+        misfit = []
+        for m, t in ad.targets.items():
+            mod = m if m in shapes else m.partition(".")[2]  # a diffusers name keeps its part's prefix
+            if mod in shapes and tuple(t.delta_shape()) != shapes[mod]:
+                misfit.append(f"{m} ({list(t.delta_shape())} vs {list(shapes[mod])})")
         if misfit:  # the names fit, the layers do not: not this base's adapter
             raise FormatError(f"{len(misfit)} layer(s) do not fit the base {Path(base).name}: " + "; ".join(misfit[:3]), inp)
     if to == "peft":

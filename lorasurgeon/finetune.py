@@ -69,10 +69,9 @@ def _in_label_order(ds: Dataset, names: list[str], data: str | Path) -> Dataset:
 
 def _prepare_data(lm: LoadedModel, data: str | Path, opts: TrainOptions, *, text_column: str, label_column: str | None,
                   image_size: int | None, limit: int | None, need_labels: bool,
-                  label_names: list[str] | None = None) -> tuple[Dataset, Dataset, Dataset | None, Dataset]:
-    ds = load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
-    if label_names is not None:
-        ds = _in_label_order(ds, label_names, data)
+                  loaded: Dataset | None = None) -> tuple[Dataset, Dataset, Dataset | None, Dataset]:
+    """``loaded``: the dataset, when the caller has read it already (attach looks at its classes first)."""
+    ds = loaded if loaded is not None else load_dataset(data, text_column=text_column, label_column=label_column, image_size=image_size, limit=limit)
     ds = prepare_inputs(lm, ds, data, opts.max_length)
     if need_labels and ds.labels is None:
         where = "no 'y' array" if ds.kind != "text" else f"no column {label_column!r}; use --label-column"
@@ -214,7 +213,8 @@ def attach_lora(
     own_head = classifier_head_size(model_path) if arch is None else None
     label_names = head_label_names(model_path) if arch is None else None
     if label_names is not None and probe.classes is not None:
-        num_labels = len(_in_label_order(probe, label_names, data).classes or [])  # the model's classes, by name
+        probe = _in_label_order(probe, label_names, data)  # the head's classes, by name (others refused)
+        num_labels = len(label_names)
     if own_head is not None and num_labels is not None and own_head != num_labels:
         raise FormatError(f"the data has {num_labels} classes but the model's classification head has {own_head} outputs "
                           "(train from a model folder without a head to get a new one)", data)
@@ -226,7 +226,7 @@ def attach_lora(
                                  "one, which must be trained and saved (drop --no-head)", model_path)
     lm = load_model(model_path, arch=arch, num_labels=num_labels if arch is None else None, device=opts.device)
     train, val, test, ds = _prepare_data(lm, data, opts, text_column=text_column, label_column=label_column,
-                                         image_size=image_size, limit=limit, need_labels=True, label_names=label_names)
+                                         image_size=image_size, limit=limit, need_labels=True, loaded=probe)
     model = lm.model
     with torch.no_grad():
         n_out = int(model_outputs(lm, {k: v[:1].to(opts.device) for k, v in ds.inputs.items()}).shape[-1])
@@ -467,7 +467,8 @@ def distill_student(
         s = predict(s_out, d, opts.batch_size * 2, opts.device)
         if kind == "kl":
             # agreement, with KL only breaking ties: 1e-9 keeps the reported figure (6 decimals) the agreement
-            return agreement(s, t_val)["top1_agreement"] - 1e-9 * agreement(s, t_val)["kl"]
+            a = agreement(s, t_val)
+            return a["top1_agreement"] - 1e-9 * a["kl"]
         return mean_cosine(s, t_val)
 
     before = _fidelity(kind, predict(s_out, val, opts.batch_size * 2, opts.device), t_val, val.labels)

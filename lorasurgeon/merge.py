@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ from lorasurgeon.io.adapters import (
     DIFFUSERS_COMPONENTS,
     Adapter,
     LoraTarget,
+    adapter_parts,
+    keep_part,
     read_adapter,
     refuse_adapter,
     resolve_kohya_names,
-    target_component,
 )
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, DeferredProvenance, TensorSpec, check_output, write_like_input
@@ -97,9 +98,7 @@ def _select_component(ad: Adapter, label: str, path: str | Path | None, componen
         MatchError: several parts fit and none was named (``_plan`` checks that ``component`` is
             one of the adapter's parts, before kohya names are resolved).
     """
-    parts: dict[str | None, list[str]] = {}
-    for m in ad.targets:
-        parts.setdefault(target_component(m), []).append(m)
+    parts = adapter_parts(ad)
     named = sorted(c for c in parts if c is not None)
     if component is None and len(named) <= 1:
         return ad, {}
@@ -110,8 +109,7 @@ def _select_component(ad: Adapter, label: str, path: str | Path | None, componen
     else:
         fits = []
         for c in named:
-            sub = Adapter(ad.format, {m: ad.targets[m] for m in parts[c]}, {}, ad.metadata, ad.config, ad.use_rslora,
-                          ad.source)
+            sub = replace(ad, targets={m: ad.targets[m] for m in parts[c]}, modules_to_save={})
             tmap, _, unmatched = _match(sub, base_weights, names)
             if tmap and not unmatched and all(tuple(sub.targets[m].delta_shape()) == tuple(shape_of(wn))
                                               for m, wn in tmap.items()):
@@ -123,9 +121,7 @@ def _select_component(ad: Adapter, label: str, path: str | Path | None, componen
         if not fits:
             return ad, {}  # the usual unmatched / shape errors follow
         keep = fits[0]
-    skipped = {c: len(parts[c]) for c in named if c != keep}
-    kept = {m: t for m, t in ad.targets.items() if target_component(m) in (keep, None)}
-    return Adapter(ad.format, kept, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source), skipped
+    return keep_part(ad, keep, label, path)
 
 
 def _as_classifier_folder(base: Path, added: list[str], saved: dict[str, torch.Tensor], adapters: Sequence[str | Path],
@@ -218,9 +214,8 @@ def _plan(
     if component is not None and component not in DIFFUSERS_COMPONENTS:
         raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
     for i, ((ad, label, path), wi) in enumerate(zip(ads, w, strict=True)):
-        named = sorted({c for c in map(target_component, ad.targets) if c is not None})  # before names are resolved
-        if component is not None and named and component not in named:
-            raise MatchError(f"{label} has no LoRA for --component {component}; it has {', '.join(named)}", path)
+        if component is not None:  # checked on the stems, which name their part before names are resolved
+            keep_part(ad, component, label, path)
         if ad.format == "kohya":
             ad, _, _ = resolve_kohya_names(ad, base_modules)
         ad, set_aside = _select_component(ad, label, path, component, base_weights, names, shape_of)

@@ -17,14 +17,14 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorasurgeon._finite import all_finite
-from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
+from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.checkpoint import Checkpoint, named_adapter_subfolders
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lora_transformer_", "lycoris_")
@@ -621,6 +621,29 @@ def _strip_kohya_prefix(stem: str) -> str:
     return stem
 
 
+def adapter_parts(ad: Adapter) -> dict[str | None, list[str]]:
+    """The adapter's targets by pipeline part (``target_component``; None: names no part)."""
+    parts: dict[str | None, list[str]] = {}
+    for m in ad.targets:
+        parts.setdefault(target_component(m), []).append(m)
+    return parts
+
+
+def keep_part(ad: Adapter, part: str, label: str, path: str | Path | None) -> tuple[Adapter, dict[str, int]]:
+    """The targets of pipeline part ``part`` and those that name no part; and {other part: its
+    number of targets}, set aside.
+
+    Raises:
+        MatchError: the adapter names parts, and ``part`` is not one of them.
+    """
+    parts = adapter_parts(ad)
+    named = sorted(c for c in parts if c is not None)
+    if named and part not in named:
+        raise MatchError(f"{label} has no LoRA for --component {part}; it has {', '.join(named)}", path)
+    kept = {m: t for m, t in ad.targets.items() if target_component(m) in (part, None)}
+    return replace(ad, targets=kept), {c: len(parts[c]) for c in named if c != part}
+
+
 def refuse_lossy_stems(ad: Adapter, fmt: str, path: str | Path | None) -> None:
     """kohya stems (``lora_unet_a_b``) are not module names: written to a PEFT or diffusers file
     they would name modules no model has. Only ``convert --base`` can map them.
@@ -679,10 +702,9 @@ def resolve_kohya_names(ad: Adapter, base_modules: list[str], *,
         if first is not None:
             raise FormatError(f"kohya names {first!r} and {stem!r} both map to the module {cands[0]!r}", ad.source)
         claimed[stem] = (comp, cands[0])
-        targets[name] = LoraTarget(name, t.A, t.B, t.alpha, t.scale, t.magnitude, t.bias, t.fan_in_fan_out)
+        targets[name] = replace(t, module=name)
         renames[stem] = name
-    return Adapter(ad.format, dict(sorted(targets.items())), ad.modules_to_save, ad.metadata, ad.config,
-                   ad.use_rslora, ad.source), unmatched, renames
+    return replace(ad, targets=dict(sorted(targets.items()))), unmatched, renames
 
 
 # --------------------------------------------------------------------------- writing

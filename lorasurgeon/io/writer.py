@@ -80,12 +80,11 @@ def sigterm_exits() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _given_as_folder(path: str | Path) -> str | None:
-    """The text of an output written with a trailing separator ("out/"), else None. pathlib
-    drops the separator: a str keeps it, and so does the CLI's ``-o`` (``cli.options.OutputPath``,
-    whose ``given`` is the text typed)."""
-    raw = path if isinstance(path, str) else getattr(path, "given", "")
-    return raw if raw.endswith(("/", os.sep)) else None
+def _given_text(path: str | Path) -> str | None:
+    """The output as the user typed it, where known: a str as is, and the CLI's ``-o``
+    (``cli.options.OutputPath``, whose ``given`` is the text typed). pathlib drops a trailing
+    "/" and reads "" as "."; the text keeps both."""
+    return path if isinstance(path, str) else getattr(path, "given", None)
 
 
 def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | None] = (),
@@ -111,12 +110,12 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
     for i in inputs:
         if i is not None and not Path(i).exists():
             raise InputNotFoundError("no such file or folder", i)
-    if (path if isinstance(path, str) else getattr(path, "given", None)) == "":
-        # pathlib reads "" as "." (an unset shell variable: -o "$OUT"), and --force would replace it
+    given = _given_text(path)
+    if given == "":  # an unset shell variable (-o "$OUT"): "." to pathlib, which --force would replace
         raise InvalidOptionError("the output path is empty")
     p = Path(path)
     if directory is False:
-        folder = _given_as_folder(path)
+        folder = given if given is not None and given.endswith(("/", os.sep)) else None
         if folder is not None or p.is_dir():
             raise InvalidOptionError("a folder, but this command writes one file here: give the file's name",
                                      folder if folder is not None else p)
@@ -130,26 +129,20 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
     if not os.access(os.path.dirname(os.path.abspath(p)), os.W_OK | os.X_OK):  # before hours of work, not after
         raise WriteError("output folder is not writable", p.parent)
     real_out = os.path.realpath(p)
+    out_is_dir = p.is_dir()
     for i in [*inputs, data]:
-        if i is not None and Path(i).exists() and os.path.realpath(i) == real_out:
+        if i is None or not Path(i).exists():  # a named set ("digits"), an absent option
+            continue
+        real = os.path.realpath(i)
+        if real == real_out:
             raise InvalidOptionError(f"the output is the input {Path(i).name!r}; inputs are never modified: choose "
                                      "another output", p)
-    for i in [*inputs, data]:
-        if i is None or not Path(i).is_dir():
-            continue
-        root = os.path.realpath(i)
-        if real_out != root and os.path.commonpath([root, real_out]) == root:
+        if Path(i).is_dir() and os.path.commonpath([real, real_out]) == real:
             raise InvalidOptionError(f"the output lies inside the input folder {Path(i).name!r}; writing there would "
                                      "change that input: choose another output", p)
-    if p.is_dir():
-        root = os.path.realpath(p)
-        for i in [*inputs, data]:
-            if i is None or not Path(i).exists():  # a named set ("digits"), an absent option
-                continue
-            real = os.path.realpath(i)
-            if real != root and os.path.commonpath([root, real]) == root:
-                raise InvalidOptionError(f"the output folder holds the input {Path(i).name!r}; replacing the folder "
-                                         "would delete it: choose another output", p)
+        if out_is_dir and os.path.commonpath([real_out, real]) == real_out:
+            raise InvalidOptionError(f"the output folder holds the input {Path(i).name!r}; replacing the folder "
+                                     "would delete it: choose another output", p)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from lorasurgeon.io import adapters as io_ad
 from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.io.writer import check_output, provenance
+from lorasurgeon.nn.targeting import select
 from lorasurgeon.ops.lora import delta_weight
 
 FORMATS = ("peft", "kohya", "diffusers")
@@ -79,7 +81,8 @@ def _reparse(ad: Adapter, fmt: str) -> Adapter:
 
 
 def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Path | None = None,
-                    component: str | None = None, atol: float = 1e-6, force: bool = False) -> ConvertResult:
+                    component: str | None = None, include: Sequence[str] | None = None,
+                    exclude: Sequence[str] | None = None, atol: float = 1e-6, force: bool = False) -> ConvertResult:
     """Rewrite an adapter in another layout without changing any layer's delta.
 
     kohya names are lossy (``.`` → ``_``); leaving kohya needs ``base`` to map them back, unless
@@ -92,6 +95,10 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     one. ``component`` also names the part of an adapter whose names do not say (a PEFT adapter
     made on a UNet), so that kohya and diffusers loaders find its layers.
 
+    ``include`` / ``exclude``: globs over the names the input holds (module names, or kohya stems
+    for a kohya file; ``modules_to_save`` tensors by tensor or module name) that keep only some
+    targets, e.g. to split an adapter that one output layout cannot hold whole.
+
     Raises:
         InvalidOptionError: unknown format, or kohya → other without ``base``.
         VerificationError: a layer's delta changed by more than ``atol`` (relative to its max |ΔW|), exit 3.
@@ -103,6 +110,12 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     check_output(out, force, [inp, base], directory=to == "peft")
     ad = io_ad.read_adapter(inp)
     from_format = ad.format
+    if include or exclude:
+        keep = set(select([*ad.targets, *ad.modules_to_save], include, exclude, what="target", can_allow=False).selected)
+        if not keep & set(ad.targets):
+            raise InvalidOptionError("--include/--exclude keep no LoRA target", inp)
+        ad = replace(ad, targets={m: t for m, t in ad.targets.items() if m in keep},
+                     modules_to_save={n: v for n, v in ad.modules_to_save.items() if n in keep})
     renamed: dict[str, str] = {}
     skipped: dict[str, int] = {}
     if component is not None:  # first, so that only that part's kohya stems need the base
@@ -156,12 +169,17 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
         worst = max(worst, diff)
         if diff > atol * max(scale, 1e-12):
             raise VerificationError(f"layer {m!r}: delta changed by {diff:.3g} in conversion (tolerance {atol:g} relative)", inp)
+        for part in ("magnitude", "bias"):  # DoRA magnitudes and LoRA biases: kept bit for bit
+            v0, v1 = getattr(ad.targets[m], part), getattr(back.targets[name], part)
+            if (v0 is None) != (v1 is None) or (v0 is not None and not torch.equal(v0.reshape(-1), v1.reshape(-1))):
+                raise VerificationError(f"layer {m!r}: its {'DoRA magnitude' if part == 'magnitude' else 'LoRA bias'} "
+                                        "changed in conversion", inp)
     for n, v in ad.modules_to_save.items():  # whole tensors that replace the base's: kept bit for bit
         got = back.modules_to_save.get(n)
         if got is None or got.shape != v.shape or not torch.equal(got, v):
             raise VerificationError(f"modules_to_save tensor {n!r} is {'missing' if got is None else 'changed'} "
                                     "after conversion", inp)
-    opts = {"to": to}
+    opts = {"to": to, **({"include": list(include)} if include else {}), **({"exclude": list(exclude)} if exclude else {})}
     io_ad.write_adapter(ad, out, to, provenance_meta=provenance("convert", opts, [inp] + ([base] if base else [])), force=force)
     return ConvertResult("lorasurgeon.convert/1", str(inp), str(out), from_format,
                          to, len(ad.targets), worst, renamed, skipped, warnings)

@@ -26,7 +26,7 @@ from lorasurgeon.io.adapters import refuse_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
-from lorasurgeon.nn.models import folder_module_kinds
+from lorasurgeon.nn.models import folder_module_kinds, module_kinds
 from lorasurgeon.nn.targeting import default_excluded, matches, module_of, select
 from lorasurgeon.ops import ranks, svd
 
@@ -130,6 +130,10 @@ def _candidates(
                 continue
             if kind_here == "other":
                 skipped.append({"module": mod, "reason": "not a Linear or Conv2d in the model"})
+                continue
+            if kind_here == "linear-raw":
+                skipped.append({"module": mod, "reason": "nn.MultiheadAttention reads this out_proj's weight directly: "
+                                "stays dense"})
                 continue
             if kind_here == "conv1d":
                 conv1d = sorted(c for c in {module_of(w) for w in weights if w in chosen} if kinds.get(c) == "conv1d")
@@ -257,17 +261,20 @@ def factorize_checkpoint(
     if out is not None and not dry_run:
         check_output(out, force, [inp], data=calibration.data if calibration else None, directory=inp.is_dir())
     try:
-        return _factorize(inp, out, rule, budget, include, exclude, min_params, svd_method, fp64, seed, force,
-                          dry_run, allow_unmatched, progress, calibration, arch)
+        # building an --arch model initialises its layers: the caller's random state is kept
+        with torch.random.fork_rng(devices=[]):
+            return _factorize(inp, out, rule, budget, include, exclude, min_params, svd_method, fp64, seed, force,
+                              dry_run, allow_unmatched, progress, calibration, arch)
     except FormatError as e:
         if e.path is None:  # e.g. NaN in a weight: the message names the layer, the path the file
             e.path = str(inp)
         raise
 
 
-def _conv_groups(arch: str, ck: Checkpoint) -> dict[str, int]:
-    """Each Conv2d's ``groups`` in the model ``arch`` builds (its architecture only, no weights),
-    after checking that the checkpoint's weights are that model's (same names and shapes)."""
+def _arch_kinds(arch: str, ck: Checkpoint) -> tuple[dict[str, str], dict[str, int]]:
+    """``module_kinds`` and each Conv2d's ``groups`` of the model ``arch`` builds (its
+    architecture only, no weights), after checking that the checkpoint's weights are that
+    model's (same names and shapes)."""
     from torch import nn
 
     from lorasurgeon.nn.models import build_arch
@@ -281,7 +288,7 @@ def _conv_groups(arch: str, ck: Checkpoint) -> dict[str, int]:
         raise FormatError(f"the weights are not {arch}'s: " + "; ".join(
             ([f"{len(wrong)} of another shape, e.g. {wrong[0]}"] if wrong else [])
             + ([f"{len(foreign)} it does not have, e.g. {foreign[0]!r}"] if foreign else [])), ck.path)
-    return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return module_kinds(model), {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def _factorize(
@@ -296,8 +303,13 @@ def _factorize(
         if factorized_layers(ck.metadata, inp):
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
-        groups = cal.conv_groups if cal else (_conv_groups(arch, ck) if arch else None)
-        kinds = folder_module_kinds(inp) if arch is None else None
+        groups = cal.conv_groups if cal else None
+        if arch is None:
+            kinds = folder_module_kinds(inp)
+        elif cal:  # the model the calibration built
+            kinds = module_kinds(cal.lm.model)
+        else:  # the architecture alone
+            kinds, groups = _arch_kinds(arch, ck)
         cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, groups, kinds)
         if cal is not None and not (cal.opts.sequential and rule is not None and rule.kind in ("rank", "ratio")):
             # (sequential with a shape-only rule: its own passes give every layer's statistics)
@@ -558,42 +570,64 @@ def factorize_module(
     and no ``exclude`` becomes a ``LowRankLinear`` / ``LowRankConv2d`` holding the truncated
     SVD's balanced factors, cast back to the layer's dtype once; biases are copied. The rule
     decides each rank as in ``factorize``; a rank that would not save parameters (at or above
-    the break-even rank) leaves the layer dense. ``model`` itself is not changed.
+    the break-even rank) leaves the layer dense. A module registered under several names is
+    factorized once and stays shared under all of them (its report has the first name).
+    ``nn.MultiheadAttention``'s ``out_proj`` stays dense (the attention reads its weight
+    directly). ``model`` itself is not changed.
 
     Returns:
         (the factorized copy, one LayerReport per selected layer: rank, parameters, relative
-        error, energy kept; status "dense: a rank that saves parameters does not meet the rule", as factorize).
+        error, energy kept; status "factorized" or "dense: <why>" (the rule, ``min_params``,
+        ``out_proj``), as factorize).
 
     Raises:
         InvalidOptionError: not a RankRule, a bad ``svd_method``; MatchError: a pattern matches
-            no layer; FormatError: NaN/Inf in a weight.
+            no layer, or the model has no layer to factorize (GPT-2's Conv1D layers are not
+            Linear: convert the model first); FormatError: NaN/Inf in a weight.
     """
     from lorasurgeon.nn.layers import LowRankConv2d, LowRankLinear
 
     ranks.check_rule(rule)
     if svd_method not in svd.SVD_METHODS:
         raise InvalidOptionError(f"--svd must be one of {', '.join(svd.SVD_METHODS)}, got {svd_method!r}")
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
-    chosen = select([f"{n}.weight" for n in layers], one_or_many(include), one_or_many(exclude), can_allow=False,
-                    what="Linear or Conv2d (groups 1) weight").selected
+    kinds = module_kinds(model)
+    names: dict[int, list[str]] = {}  # a module under each of its names (a shared module has several)
+    for n, m in model.named_modules(remove_duplicate=False):
+        if kinds.get(n) in ("linear", "linear-raw", "conv2d"):
+            names.setdefault(id(m), []).append(n)
+    if not names:
+        conv1d = sorted(n for n, k in kinds.items() if k == "conv1d")
+        raise MatchError("the model has no nn.Linear or nn.Conv2d (groups 1) layer to factorize"
+                         + (f"; its {len(conv1d)} GPT-2 Conv1D layers (e.g. {conv1d[0]!r}) store their weights "
+                            "transposed and are not factorized" if conv1d else ""))
+    chosen = set(select([f"{n}.weight" for ns in names.values() for n in ns], one_or_many(include),
+                        one_or_many(exclude), can_allow=False, what="Linear or Conv2d (groups 1) weight").selected)
     out = copy.deepcopy(model)
     reports: list[LayerReport] = []
-    for tensor in chosen:
-        name = tensor[: -len(".weight")]
-        old = layers[name]
+    for aliases in names.values():
+        if not any(f"{n}.weight" in chosen for n in aliases):
+            continue
+        name = aliases[0]
+        old = model.get_submodule(name)
         w = old.weight.detach()
         m, n = w.shape[0], w[0].numel()
-        if m * n < min_params:
+        kind = "conv2d" if w.ndim == 4 else "linear"
+
+        def dense(why: str, name: str = name, kind: str = kind, w: torch.Tensor = w, size: int = m * n) -> None:
+            reports.append(LayerReport(name, kind, list(w.shape), None, f"dense: {why}", size, size, 0.0, 1.0))
+
+        if kinds[name] == "linear-raw":
+            dense("nn.MultiheadAttention reads this out_proj's weight directly")
             continue
-        S = svd.singular_values(w, fp64=fp64, name=tensor) if rule.kind not in ("rank", "ratio") else torch.ones(min(m, n))
+        if m * n < min_params:
+            dense(f"{m * n} parameters < min_params {min_params}")
+            continue
+        S = svd.singular_values(w, fp64=fp64, name=f"{name}.weight") if rule.kind not in ("rank", "ratio") else torch.ones(min(m, n))
         k = ranks.choose_layer_rank(S, m, n, rule)
         if k is None:
-            kind = "conv2d" if w.ndim == 4 else "linear"
-            reports.append(LayerReport(name, kind, list(w.shape), None, "dense: a rank that saves parameters does not meet the rule", m * n, m * n,
-                                       0.0, 1.0))
+            dense("a rank that saves parameters does not meet the rule")
             continue
-        u, v, rep = factorize_weight(w, k, None, svd_method, fp64, seed, name=tensor)
+        u, v, rep = factorize_weight(w, k, None, svd_method, fp64, seed, name=f"{name}.weight")
         new: nn.Module = LowRankLinear.from_linear(old, k) if isinstance(old, nn.Linear) else LowRankConv2d(old, k)
         with torch.no_grad():
             new.weight_u.copy_(u)
@@ -601,7 +635,8 @@ def factorize_module(
             if old.bias is not None:
                 new.bias.copy_(old.bias)
         new.train(old.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
+        for alias in aliases:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
         reports.append(rep)
     return out, reports

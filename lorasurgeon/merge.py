@@ -415,7 +415,8 @@ def merge_state_dict(
     once; LoRA biases; DoRA; ``modules_to_save`` replace or add tensors) and the same name
     matching (an adapter's module ``m`` fits ``m.weight``, or the name without its first part).
     Nothing is written and ``state`` is not changed: the result is a new dict whose untouched
-    entries are the caller's tensors (not copies). Load it with ``model.load_state_dict``.
+    entries are the caller's tensors (not copies); ``modules_to_save`` tensors are copies (in the
+    dtype of the tensor they replace). Load it with ``model.load_state_dict``.
 
     Args:
         state: tensor name -> tensor (e.g. ``model.state_dict()``).
@@ -444,5 +445,6 @@ def merge_state_dict(
         bname = wname[: -len(".weight")] + ".bias"
         if any(t.bias is not None for t, _ in parts) and bname in state:
             out[bname] = lora.merge_bias(state[bname], parts, unmerge=unmerge)
-    out.update(saved)
+    # as merge_adapters: a replaced tensor takes the state's dtype; all are new tensors, not the adapter's
+    out.update({n: v.to(state[n].dtype, copy=True) if n in state else v.clone() for n, v in saved.items()})
     return out

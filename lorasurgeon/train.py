@@ -53,6 +53,16 @@ class TrainOptions:
     warmup: float = 0.0  # fraction of all optimizer steps spent warming up linearly (step k of w: (k+1)/w)
 
     def validate(self) -> None:
+        for name, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                        ("--seed", self.seed), ("--max-length", self.max_length)):
+            if isinstance(v, bool) or not isinstance(v, int):  # the library's callers: the CLI parses these
+                raise InvalidOptionError(f"{name} must be a whole number, got {v!r}")
+        for name, x in (("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--val-split", self.val_split),
+                        ("--test-split", self.test_split), ("--warmup", self.warmup)):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise InvalidOptionError(f"{name} must be a number, got {x!r}")
+        if not isinstance(self.device, str) or not isinstance(self.schedule, str):
+            raise InvalidOptionError(f"--device and --schedule are names, got {self.device!r} and {self.schedule!r}")
         for name, v in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum)):
             if v < 1:
                 raise InvalidOptionError(f"{name} must be at least 1, got {v}")

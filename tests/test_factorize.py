@@ -170,6 +170,31 @@ def test_arch_confirms_conv_groups_without_calibration(tmp_path: Path) -> None:
     assert e.value.path == str(tmp_path / "b.safetensors")
 
 
+def Encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1, enable_nested_tensor=False)
+
+
+def test_arch_keeps_multihead_attention_out_proj_dense_and_the_model_runs(tmp_path: Path) -> None:
+    # nn.MultiheadAttention reads out_proj.weight directly (a low-rank twin there cannot run);
+    # the encoder layer's inference fast path reads linear1/2's weights, and takes its plain path
+    enc = Encoder().eval()
+    p = write(tmp_path, {k: v.contiguous() for k, v in enc.state_dict().items()}, "enc.safetensors")
+    out = run("factorize", str(p), "-o", str(tmp_path / "f.safetensors"), "--rank", "4", "--arch", "tests.test_factorize:Encoder")
+    assert {x["module"] for x in out["layers"]} == {"layers.0.linear1", "layers.0.linear2"}
+    assert {s["module"]: s["reason"] for s in out["skipped"]}["layers.0.self_attn.out_proj"] == (
+        "nn.MultiheadAttention reads this out_proj's weight directly: stays dense")
+    low = load_model(tmp_path / "f.safetensors", arch="tests.test_factorize:Encoder").model.eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        got = low(x)
+    run("factorize", str(tmp_path / "f.safetensors"), "--densify", "-o", str(tmp_path / "d.safetensors"))
+    ref = Encoder().eval()
+    ref.load_state_dict(load_file(tmp_path / "d.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(got, ref(x), atol=1e-5)
+
+
 def test_model_folder_in_folder_out_and_bytes_repeatable(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -40,6 +40,11 @@ def test_calls_leave_the_callers_random_state_alone(tmp_path: Path) -> None:
         "export_model": lambda: ls.export_model(digits_cnn_weights(), tmp_path / "e.onnx", arch=ARCH, force=True),
         "attach_lora": lambda: ls.attach_lora(digits_cnn_weights(), "digits", tmp_path / "a", arch=ARCH, rank=2, limit=64,
                                               opts=ls.TrainOptions(epochs=1, batch_size=32), force=True),
+        "factorize_checkpoint --arch": lambda: ls.factorize_checkpoint(
+            digits_cnn_weights(), None, rule=RankRule("rank", 8), include="conv*", arch=ARCH, dry_run=True),
+        "factorize_checkpoint --arch --calibration": lambda: ls.factorize_checkpoint(
+            digits_cnn_weights(), tmp_path / "c.safetensors", rule=RankRule("rank", 8), include="conv*", arch=ARCH, force=True,
+            calibration=ls.CalibrationOptions("digits", method="svd-llm", samples=32, heldout=16)),
     }
     for name, call in calls.items():
         torch.manual_seed(1)
@@ -163,3 +168,87 @@ def test_merge_state_dict_refuses_two_different_replacements(tmp_path: Path) -> 
     assert torch.equal(ls.merge_state_dict(state, [a, a])["head.weight"], torch.ones(2, 4))  # the same tensor twice: fine
     with pytest.raises(UnsupportedError, match="adapter 1 and adapter 2 both replace 'head.weight' \\(modules_to_save\\) with different"):
         ls.merge_state_dict(state, [a, b])
+
+
+def test_factorize_module_keeps_layers_whose_weight_is_read_directly_working() -> None:
+    # nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward, and
+    # nn.TransformerEncoderLayer's inference fast path hands linear1/linear2's weights to a fused
+    # kernel: out_proj stays dense, and the factorized FFN makes the layer take its plain path
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                      enable_nested_tensor=False).eval()
+    small, reports = ls.factorize_module(enc, RankRule("rank", 4))
+    status = {r.module: r.status for r in reports}
+    assert status["layers.0.self_attn.out_proj"] == "dense: nn.MultiheadAttention reads this out_proj's weight directly"
+    assert status["layers.1.linear1"] == "factorized"
+    x = torch.randn(2, 5, 32)
+    plain = small(x)  # with gradients on, the plain path: each layer called
+    with torch.no_grad():
+        fast = small(x)  # without, where the fused kernel would have been taken
+    assert torch.allclose(plain, fast, atol=1e-6)  # (the attention itself may still take its own fused path)
+    # the reference: the same factors' products as dense Linear weights in the original model
+    ref = __import__("copy").deepcopy(enc)
+    with torch.no_grad():
+        for n, m in small.named_modules():
+            if hasattr(m, "dense_weight"):
+                ref.get_submodule(n).weight.copy_(m.dense_weight())
+        assert torch.allclose(ref(x), fast, atol=1e-5)
+    with pytest.raises(TypeError, match=r"linear\(\) was given a factorized layer's .weight, which is two factors"):
+        torch.nn.functional.linear(x, small.layers[0].linear1.weight)
+
+
+def test_factorize_module_shared_layers_min_params_and_nothing_to_factorize() -> None:
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(20, 20)
+            self.b = self.a
+            self.c = torch.nn.Linear(20, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Shared()
+    small, reports = ls.factorize_module(model, RankRule("rank", 3), min_params=100)
+    assert small.a is small.b and type(small.a).__name__ == "LowRankLinear"  # shared, factorized once
+    assert [(r.module, r.status) for r in reports] == [("a", "factorized"), ("c", "dense: 80 parameters < min_params 100")]
+    x = torch.randn(3, 20)
+    d = small.a.dense_weight()
+    assert torch.allclose(small(x), model.c(torch.nn.functional.linear(torch.nn.functional.linear(x, d, model.a.bias), d,
+                                                                       model.a.bias)), atol=1e-5)
+    only_b, reports = ls.factorize_module(model, RankRule("rank", 3), include="b.weight")
+    assert only_b.a is only_b.b and [r.module for r in reports] == ["a"]
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=8))
+    with pytest.raises(ls.MatchError, match=r"^the model has no nn.Linear or nn.Conv2d \(groups 1\) layer to "
+                       r"factorize; its 4 GPT-2 Conv1D layers \(e.g. 'h.0.attn.c_attn'\) store their weights transposed"):
+        ls.factorize_module(gpt2, RankRule("rank", 4))
+
+
+def test_merge_state_dict_copies_modules_to_save_in_the_states_dtype() -> None:
+    from lorasurgeon.io.adapters import Adapter, LoraTarget
+
+    t = LoraTarget("fc", torch.randn(2, 4), torch.randn(3, 2), 2.0, 1.0)
+    head, new = torch.randn(2, 3), torch.randn(5)
+    ad = Adapter("peft", {"fc": t}, modules_to_save={"head.weight": head, "extra.bias": new})
+    state = {"fc.weight": torch.zeros(3, 4, dtype=torch.bfloat16), "head.weight": torch.zeros(2, 3, dtype=torch.bfloat16)}
+    out = ls.merge_state_dict(state, ad)
+    assert out["head.weight"].dtype == torch.bfloat16 and torch.equal(out["head.weight"], head.to(torch.bfloat16))
+    assert out["extra.bias"].dtype == torch.float32 and torch.equal(out["extra.bias"], new)
+    assert out["extra.bias"].data_ptr() != new.data_ptr()
+    out["extra.bias"].add_(1)
+    assert torch.equal(ad.modules_to_save["extra.bias"], new) and not torch.equal(new, out["extra.bias"])
+
+
+def test_library_options_of_the_wrong_type_are_option_errors(tmp_path: Path) -> None:
+    from lorasurgeon.io.adapters import Adapter, LoraTarget, write_adapter
+
+    with pytest.raises(InvalidOptionError, match=r"^--batch-size must be a whole number, got 16.5$"):
+        ls.attach_lora(digits_cnn_weights(), "digits", tmp_path / "a", arch=ARCH, limit=64,
+                       opts=ls.TrainOptions(epochs=1, batch_size=16.5))  # type: ignore[arg-type]
+    with pytest.raises(InvalidOptionError, match=r"^--lr must be a number, got '1e-3'$"):
+        ls.TrainOptions(lr="1e-3").validate()  # type: ignore[arg-type]
+    ad = Adapter("peft", {"fc": LoraTarget("fc", torch.randn(2, 4), torch.randn(3, 2), 2.0, 1.0)})
+    with pytest.raises(InvalidOptionError, match="unknown adapter format 'lycoris'; choose peft, kohya or diffusers"):
+        write_adapter(ad, tmp_path / "x.safetensors", "lycoris")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "x.safetensors").exists()

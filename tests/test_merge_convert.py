@@ -457,3 +457,91 @@ def test_named_adapter_subfolders_are_pointed_at(tmp_path: Path) -> None:
     msg = fail("inspect", str(tmp_path / "ads"))
     assert msg.endswith("folder holds PEFT adapters in subfolders (styleA); give one of them")
     run("inspect", str(tmp_path / "ads" / "styleA"))
+
+
+@pytest.mark.parametrize("kind", ["dora", "lora_bias"])
+def test_dora_and_lora_bias_convert_to_diffusers_and_back(tmp_path: Path, kind: str) -> None:
+    # diffusers 0.42 loads these files into a UNet with outputs equal to peft's (0.0 apart; checked
+    # outside the suite, which has no diffusers): the same keys and switches PEFT writes
+    make_base(tmp_path)
+    cfg = dict(use_dora=True) if kind == "dora" else dict(lora_bias=True)
+    ad = make_adapter(tmp_path, "ad", 3, r=2, lora_alpha=4, target_modules=["query", "dense"], **cfg)
+    sd = load_file(ad / "adapter_model.safetensors")
+    for k in sd:  # PEFT starts magnitudes at the base's norms and biases at 0: make both matter
+        if "lora_magnitude_vector" in k or k.endswith("lora_B.bias"):
+            sd[k] = sd[k] + 0.3 * torch.randn_like(sd[k])
+    save_file(sd, ad / "adapter_model.safetensors")
+    d = tmp_path / "d.safetensors"
+    run("convert", str(ad), "--to", "diffusers", "-o", str(d))
+    from safetensors import safe_open
+    with safe_open(d, "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        keys = set(f.keys())
+    assert meta["unet.use_dora" if kind == "dora" else "unet.lora_bias"] is True
+    suffix = ".lora_magnitude_vector" if kind == "dora" else ".lora_B.bias"
+    assert {k for k in keys if k.endswith(suffix)} == {
+        "unet." + k.removeprefix("base_model.model.") for k in sd if k.endswith(suffix)}
+    run("convert", str(d), "--to", "peft", "-o", str(tmp_path / "back"))
+    x = torch.randint(0, 40, (2, 7))
+    ref = peft.PeftModel.from_pretrained(fresh(tmp_path), str(ad)).eval()(x).last_hidden_state
+    got = peft.PeftModel.from_pretrained(fresh(tmp_path), str(tmp_path / "back")).eval()(x).last_hidden_state
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_dora_on_some_modules_only_is_refused_where_one_switch_rules(tmp_path: Path) -> None:
+    # LyCORIS files hold dora_scale per module; PEFT and diffusers have one use_dora switch, and
+    # peft starts a DoRA layer's missing magnitude from the base weight's norms (not plain LoRA)
+    g = torch.Generator().manual_seed(0)
+    k: dict[str, torch.Tensor] = {}
+    for i in range(2):
+        k[f"lora_unet_b{i}.lora_down.weight"] = torch.randn(2, 8, generator=g)
+        k[f"lora_unet_b{i}.lora_up.weight"] = torch.randn(6, 2, generator=g)
+    k["lora_unet_b0.dora_scale"] = torch.rand(6, 1, generator=g) + 0.5
+    save_file(k, tmp_path / "k.safetensors")
+    save_file({"b0.weight": torch.randn(6, 8, generator=g), "b1.weight": torch.randn(6, 8, generator=g)},
+              tmp_path / "base.safetensors")
+    for fmt, out in (("peft", "p"), ("diffusers", "d.safetensors")):
+        msg = fail("convert", str(tmp_path / "k.safetensors"), "--to", fmt, "--base", str(tmp_path / "base.safetensors"),
+                   "-o", str(tmp_path / out))
+        part, per = ("", "adapter") if fmt == "peft" else ("unet.", "part")
+        assert msg.endswith(f"module '{part}b0' is DoRA and '{part}b1' is not, but {fmt} has one use_dora switch per "
+                            f"{per}; keep this adapter in kohya (LyCORIS) format, or split it (--include/--exclude)"), msg
+        assert not (tmp_path / out).exists()
+    # split it: each half converts, and merged together they give the kohya file's merge
+    base = str(tmp_path / "base.safetensors")
+    run("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", base, "-i", "lora_unet_b0", "-o", str(tmp_path / "p0"))
+    r = run("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", base, "-x", "*b0", "-o", str(tmp_path / "p1"))
+    assert r["targets"] == 1 and r["renamed"] == {"lora_unet_b1": "b1"}
+    assert json.loads((tmp_path / "p0" / "adapter_config.json").read_text())["use_dora"] is True
+    assert json.loads((tmp_path / "p1" / "adapter_config.json").read_text())["use_dora"] is False
+    run("merge", base, str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "mk.safetensors"))
+    run("merge", base, str(tmp_path / "p0"), str(tmp_path / "p1"), "-o", str(tmp_path / "mp.safetensors"))
+    mk, mp = load_file(tmp_path / "mk.safetensors"), load_file(tmp_path / "mp.safetensors")
+    assert sorted(mk) == sorted(mp) == ["b0.weight", "b1.weight"]
+    assert all(torch.allclose(mk[n], mp[n], atol=1e-6) for n in mk)
+    msg = fail("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", base, "-i", "*attn*", "-o", str(tmp_path / "p2"))
+    assert msg.endswith("--include '*attn*' matches no target; check the pattern (globs over names, e.g. '*.attention.*')"), msg
+
+
+def test_peft_switches_that_contradict_the_tensors_are_refused(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    dora = make_adapter(tmp_path, "dora", 1, r=2, target_modules=["query"], use_dora=True)
+    out = str(tmp_path / "m")
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
+    msg = fail("merge", str(tmp_path / "base"), str(dora), "-o", out)
+    assert msg.endswith("module 'encoder.layer.0.attention.self.query' has a lora_magnitude_vector, but "
+                        "adapter_config.json does not set use_dora (peft would ignore it)"), msg
+    plain = make_adapter(tmp_path, "plain", 1, r=2, target_modules=["query"])
+    cfg = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    msg = fail("merge", str(tmp_path / "base"), str(plain), "-o", out)
+    assert msg.endswith("adapter_config.json sets use_dora, but module 'encoder.layer.0.attention.self.query' has no "
+                        "lora_magnitude_vector (peft would start its magnitude from the base weight's norms)"), msg
+    bias = make_adapter(tmp_path, "bias", 1, r=2, target_modules=["query"], lora_bias=True)
+    cfg = json.loads((bias / "adapter_config.json").read_text())
+    (bias / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": False}))
+    msg = fail("merge", str(tmp_path / "base"), str(bias), "-o", out)
+    assert msg.endswith("module 'encoder.layer.0.attention.self.query' has a lora_B bias, but adapter_config.json "
+                        "does not set lora_bias (peft would ignore it)"), msg
+    assert not Path(out).exists()

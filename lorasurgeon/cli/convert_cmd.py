@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lorasurgeon.cli.options import ForceOpt, JsonOpt, QuietOpt, output_path
+from lorasurgeon.cli.options import ExcludeOpt, ForceOpt, IncludeOpt, JsonOpt, QuietOpt, output_path
 from lorasurgeon.cli.output import handle_errors, log, print_json, stdout_console
 from lorasurgeon.convert import convert_adapter
 
@@ -22,13 +22,15 @@ def convert_command(
     output: Annotated[Path, typer.Option("--output", "-o", readable=False, parser=output_path, metavar="<path>", help="Output (a folder for peft, a .safetensors file otherwise).")],
     base: Annotated[Path | None, typer.Option("--base", readable=False, help="Base checkpoint: maps kohya's lossy names back to modules (kohya files lorasurgeon wrote record them).")] = None,
     component: Annotated[str | None, typer.Option("--component", help="The pipeline part (unet, text_encoder, text_encoder_2, transformer): keep only its LoRA, or name the part of targets whose names do not say.")] = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert an adapter between PEFT, kohya and diffusers layouts; every delta is checked first."""
     with handle_errors(json_out):
-        r = convert_adapter(adapter, to, output, base=base, component=component, force=force)
+        r = convert_adapter(adapter, to, output, base=base, component=component, include=include, exclude=exclude, force=force)
         for w in r.warnings:
             log(f"warning: {w}", quiet)
         for c, n in r.skipped_components.items():

@@ -31,11 +31,11 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or lo
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 IncludeOpt = Annotated[
     list[str] | None,
-    typer.Option("--include", "-i", help="Glob over tensor or module names to keep (repeatable). Each must match something."),
+    typer.Option("--include", "-i", metavar="<glob>", help="Glob over tensor or module names to keep (repeatable). Each must match something."),
 ]
 ExcludeOpt = Annotated[
     list[str] | None,
-    typer.Option("--exclude", "-x", help="Glob over tensor or module names to drop (repeatable). Each must match something."),
+    typer.Option("--exclude", "-x", metavar="<glob>", help="Glob over tensor or module names to drop (repeatable). Each must match something."),
 ]
 InputPath = Annotated[
     Path,

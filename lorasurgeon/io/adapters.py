@@ -361,7 +361,41 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
         )
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
+    if config:
+        _check_switches(targets, config, "adapter_config.json", path)
     return Adapter("peft", targets, saved, metadata, config, rslora, str(path))
+
+
+def _check_switches(targets: dict[str, LoraTarget], cfg: dict[str, Any], where: str, path: Path) -> None:
+    """PEFT's ``use_dora`` and ``lora_bias`` are one switch for every target of a config: tensors
+    that contradict a stated switch would be read one way here and another way by peft (a DoRA
+    layer without its magnitude starts from the base weight's row norms; a magnitude or a
+    ``lora_B`` bias the config does not switch on is ignored)."""
+    if "use_dora" in cfg:
+        with_mag = sorted(m for m, t in targets.items() if t.magnitude is not None)
+        if cfg["use_dora"] and len(with_mag) < len(targets):
+            lacking = sorted(m for m, t in targets.items() if t.magnitude is None)
+            raise FormatError(f"{where} sets use_dora, but module {lacking[0]!r} has no lora_magnitude_vector "
+                              "(peft would start its magnitude from the base weight's norms)", path)
+        if not cfg["use_dora"] and with_mag:
+            raise FormatError(f"module {with_mag[0]!r} has a lora_magnitude_vector, but {where} does not set "
+                              "use_dora (peft would ignore it)", path)
+    if "lora_bias" in cfg and not cfg["lora_bias"]:
+        with_bias = sorted(m for m, t in targets.items() if t.bias is not None)
+        if with_bias:
+            raise FormatError(f"module {with_bias[0]!r} has a lora_B bias, but {where} does not set lora_bias "
+                              "(peft would ignore it)", path)
+
+
+def _one_dora_switch(targets: dict[str, LoraTarget], fmt: str, source: str | None) -> bool:
+    """Whether these targets (one PEFT config's) are DoRA; refused when only some are."""
+    with_mag = sorted(m for m, t in targets.items() if t.magnitude is not None)
+    if with_mag and len(with_mag) < len(targets):
+        without = sorted(m for m, t in targets.items() if t.magnitude is None)
+        raise UnsupportedError(f"module {with_mag[0]!r} is DoRA and {without[0]!r} is not, but {fmt} has one "
+                               f"use_dora switch per {'adapter' if fmt == 'peft' else 'part'}; keep this adapter in kohya (LyCORIS) format, or split "
+                               "it (--include/--exclude)", source)
+    return bool(with_mag)
 
 
 def _read_kohya(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Adapter:
@@ -572,6 +606,9 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
                                   parts.get("bias"))
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
+    for comp, cfg in per.items():
+        _check_switches({m: t for m, t in targets.items() if m.split(".", 1)[0] == comp}, cfg,
+                        f"lora_adapter_metadata for {comp!r}", path)
     return Adapter("diffusers", targets, {}, metadata, per, any(c.get("use_rslora") for c in per.values()), str(path))
 
 
@@ -767,8 +804,8 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             "rank_pattern": {re.escape(m): t.rank for m, t in sorted(ad.targets.items()) if t.rank != r_default},
             "alpha_pattern": {re.escape(m): a for m, a in sorted(alphas.items()) if a != a_default},
             "use_rslora": rs,
-            "use_dora": any(t.magnitude is not None for t in ad.targets.values()),
-            "lora_bias": any(t.bias is not None for t in ad.targets.values()),
+            "use_dora": _one_dora_switch(ad.targets, "peft", ad.source),
+            "lora_bias": any_bias,
             "fan_in_fan_out": any(t.fan_in_fan_out for t in ad.targets.values()),
             "modules_to_save": saved_modules or None,
             "bias": ("none" if not biases else "lora_only" if all(n.rsplit(".", 1)[0] in ad.targets for n in biases)
@@ -802,18 +839,26 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
             config = {KOHYA_MODULES_KEY: json.dumps(dict(sorted(known.items())))}
     elif fmt == "diffusers":
         per: dict[str, dict[str, Any]] = {}
-        for m, t in ad.targets.items():
-            if t.magnitude is not None or t.bias is not None:
-                raise UnsupportedError(f"module {m!r}: DoRA / LoRA bias are not written to diffusers files; use peft",
-                                       ad.source)
         if ad.modules_to_save:
             raise UnsupportedError(f"diffusers LoRA files cannot hold modules_to_save ({', '.join(sorted(ad.modules_to_save)[:3])}"
                                    f"{', ...' if len(ad.modules_to_save) > 3 else ''}); use peft or kohya", ad.source)
+        named = {m: m if m.split(".", 1)[0] in DIFFUSERS_COMPONENTS else f"unet.{m}" for m in ad.targets}
+        parts: dict[str, dict[str, LoraTarget]] = {}
         for m, t in ad.targets.items():
-            name = m if m.split(".", 1)[0] in DIFFUSERS_COMPONENTS else f"unet.{m}"
+            parts.setdefault(named[m].partition(".")[0], {})[m] = t
+        # each part is one PEFT config when diffusers loads it: one use_dora and one lora_bias switch
+        dora = {comp: _one_dora_switch(ts, "diffusers", ad.source) for comp, ts in parts.items()}
+        bias = {comp: any(t.bias is not None for t in ts.values()) for comp, ts in parts.items()}
+        for m, t in ad.targets.items():
+            name = named[m]
             state[f"{name}.lora_A.weight"] = t.A
             state[f"{name}.lora_B.weight"] = t.B
             comp, _, sub = name.partition(".")
+            if bias[comp]:  # the others get zero biases, as peft gives them
+                state[f"{name}.lora_B.bias"] = t.bias if t.bias is not None else t.B.new_zeros(t.B.shape[0])
+            if t.magnitude is not None:  # PEFT's shapes: (out,) for Linear, (1, out, 1, 1) for Conv2d
+                state[f"{name}.lora_magnitude_vector"] = (
+                    t.magnitude.reshape(1, -1, 1, 1) if t.is_conv else t.magnitude.reshape(-1))
             if comp in ("text_encoder", "text_encoder_2"):
                 # CLIP under transformers 5 has no text_model level, and diffusers strips it from the
                 # keys but not from these names: a suffix matches either way (PEFT matches
@@ -821,6 +866,10 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
                 sub = sub.removeprefix("text_model.")
             c = per.setdefault(comp, {"r": t.rank, "lora_alpha": _alpha_for(t, ad.use_rslora), "use_rslora": ad.use_rslora,
                                       "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}})
+            if dora[comp]:
+                c["use_dora"] = True
+            if bias[comp]:
+                c["lora_bias"] = True
             c["target_modules"].append(sub)
             if t.rank != c["r"]:
                 c["rank_pattern"][re.escape(sub)] = t.rank
@@ -829,7 +878,7 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         flat = {f"{comp}.{k}": v for comp, c in sorted(per.items()) for k, v in c.items()}
         config = {"lora_adapter_metadata": json.dumps(flat, sort_keys=True)}
     else:
-        raise UnsupportedError(f"unknown adapter format {fmt!r}; choose peft, kohya or diffusers")
+        raise InvalidOptionError(f"unknown adapter format {fmt!r}; choose peft, kohya or diffusers")
     return state, config
 
 

@@ -32,6 +32,17 @@ class FactorizedWeight:
     def size(self, dim: int | None = None) -> torch.Size | int:
         return self.shape if dim is None else self.shape[dim]
 
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        """Declared so that torch sees an object it must not compute with: fused fast paths
+        that take layers' weights directly (``nn.TransformerEncoderLayer`` in inference) check
+        for it and take their plain path, which calls the layers; a function that would compute
+        with it fails with this message, not a wrong matrix."""
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"{name}() was given a factorized layer's .weight, which is two factors, not a tensor: "
+                        "this model code reads the weight directly; keep that layer dense (factorize -x), or "
+                        "densify the model (factorize --densify)")
+
 
 class LowRankLinear(nn.Module):
     """A Linear layer stored as two factors: W ≈ weight_u @ weight_v."""

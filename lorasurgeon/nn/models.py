@@ -357,17 +357,15 @@ def prepare_inputs(lm: LoadedModel, ds: Dataset, data: str | Path, max_length: i
 
 
 def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
-    """What each module of a Hugging Face model folder is, by the names its checkpoint uses:
-    ``linear``, ``conv2d`` (groups 1), ``conv2d-grouped``, ``conv1d`` (GPT-2's Conv1D, weight
-    stored in×out), ``embedding`` or ``other``. None for anything but a model folder, or when
-    transformers cannot build it. A state dict cannot show these; the folder's config can: the
-    model is built on the meta device (no memory, no weights) and its modules are looked at."""
+    """``module_kinds`` of a Hugging Face model folder's model, by the names its checkpoint uses.
+    None for anything but a model folder, or when transformers cannot build it. A state dict
+    cannot show these; the folder's config can: the model is built on the meta device (no
+    memory, no weights) and its modules are looked at."""
     p = Path(path)
     if not (p.is_dir() and (p / "config.json").is_file()):
         return None
     try:
         import transformers
-        from transformers.pytorch_utils import Conv1D
     except ImportError:
         return None
     try:
@@ -379,12 +377,27 @@ def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
                 model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     except Exception:  # noqa: BLE001 - an exotic config: no knowledge, as for a state dict
         return None
+    return module_kinds(model)
+
+
+def module_kinds(model: nn.Module) -> dict[str, str]:
+    """What each module (with parameters of its own) of ``model`` is, under every name it has:
+    ``linear``, ``linear-raw`` (a Linear whose parent reads its weight directly instead of calling
+    it: ``nn.MultiheadAttention``'s ``out_proj``, so a low-rank twin in its place would break the
+    parent), ``conv2d`` (groups 1), ``conv2d-grouped``, ``conv1d`` (GPT-2's Conv1D, weight stored
+    in×out), ``embedding`` or ``other``. A Hugging Face model's names are also given without its
+    ``base_model_prefix`` (checkpoints hold either)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # no transformers: no Conv1D layers either
+        Conv1D = ()  # noqa: N806
+    raw = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     kinds: dict[str, str] = {}
-    for n, m in model.named_modules():
+    for n, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, Conv1D):
             kinds[n] = "conv1d"
         elif isinstance(m, nn.Linear):
-            kinds[n] = "linear"
+            kinds[n] = "linear-raw" if id(m) in raw else "linear"
         elif isinstance(m, nn.Conv2d):
             kinds[n] = "conv2d" if m.groups == 1 else "conv2d-grouped"
         elif isinstance(m, nn.Embedding):

@@ -173,7 +173,9 @@ def _candidates(
             continue
         out.append(_Candidate(mod, n, kind, shape, m, k))
     if not out:
-        raise MatchError("no weight to factorize among the selected tensors (2-D Linear or named conv weights)", ck.path)
+        raise MatchError("no weight to factorize among the selected tensors (2-D Linear or named conv weights in fp16, "
+                         "bf16, fp32 or fp64)" + (f"; skipped: {skipped[0]['module']} ({skipped[0]['reason']})"
+                                                  if len(skipped) == 1 else ""), ck.path)
     return out, skipped
 
 

@@ -376,7 +376,8 @@ def _spectra(
         elif is_matrix_weight(ck.info(n).shape, ck.info(n).dtype):
             todo.append(n)
     if not todo:
-        raise FormatError("no 2-D or conv weights among the selected tensors for --spectrum", ck.path)
+        raise FormatError("no 2-D or conv weights among the selected tensors for --spectrum (only fp16, bf16, fp32 "
+                          "and fp64 weights are analysed; fp8 and integer tensors are quantized data)", ck.path)
     out = []
     for i, n in enumerate(todo):
         if progress:

@@ -13,10 +13,13 @@ once the pages touched since opening pass a small budget, so resident memory sta
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
+import stat
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,12 +116,49 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def require_regular_file(path: Path) -> None:
+    """A checkpoint is read at offsets, more than once: a FIFO, device or socket would block or
+    read differently each time.
+
+    Raises:
+        FormatError: ``path`` is not a regular file (symlinks to one are fine).
+    """
+    what = _not_a_file(path)
+    if what:
+        raise FormatError(f"is {what}, not a checkpoint file: save the weights to a file first", path)
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file ("a FIFO (named pipe)", ...), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", path) from e
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:  # json.loads would keep the last silently; the safetensors library refuses the file
+            raise FormatError(f"corrupt safetensors header: {_q(k)} appears twice")
+        seen[k] = v
+    return seen
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, _StEntry], dict[str, str]]:
-    """Parse and validate a safetensors header without reading tensor data.
+    """Parse and validate a safetensors header without reading tensor data, as strictly as the
+    safetensors library does: every name once, ``__metadata__`` a map of strings, and the
+    tensors' bytes exactly tiling the data section (no overlap, gap or trailing bytes).
 
     Raises:
         FormatError: the header's length, JSON, dtypes, shapes or offsets do not fit the file.
     """
+    require_regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -142,12 +182,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     except OSError as e:
         raise FormatError(f"cannot read: {e.strerror or e}", path) from e
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"corrupt safetensors header: not valid UTF-8 JSON ({e})", path) from None
+    except FormatError as e:
+        raise FormatError(e.message, path) from None
     if not isinstance(header, dict):
         raise FormatError("corrupt safetensors header: not a JSON object", path)
-    meta_raw = header.pop("__metadata__", None) or {}
+    meta_raw = header.pop("__metadata__", None)
+    meta_raw = {} if meta_raw is None else meta_raw
     if not isinstance(meta_raw, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in meta_raw.items()
     ):
@@ -197,9 +240,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         entries[name] = _StEntry(path, data_start + b, nbytes)
         spans.append((b, e, name))
     spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise FormatError(f"tensors {_q(n0)} and {_q(n1)} overlap in the data section", path)
+    end, last = 0, None
+    for b, e, name in spans:
+        if b < end:
+            raise FormatError(f"tensors {_q(last or '')} and {_q(name)} overlap in the data section", path)
+        if b > end:
+            raise FormatError(f"corrupt safetensors file: {b - end} unused bytes before tensor {_q(name)} (the "
+                              "safetensors library refuses gaps in the data section)", path)
+        end, last = e, name
+    if end != data_len:
+        raise FormatError(f"corrupt safetensors file: {data_len - end} bytes after the last tensor's data (the "
+                          "safetensors library refuses them)", path)
     return infos, entries, dict(meta_raw)
 
 
@@ -221,6 +272,8 @@ def is_utf8(text: str) -> bool:
 def _looks_like_safetensors(path: Path) -> bool:
     """A safetensors file starts with its header's length (u64, little-endian) and then ``{``."""
     try:
+        if not path.is_file():  # a FIFO would block the read
+            return False
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(9)
@@ -322,6 +375,7 @@ class Checkpoint:
             raise InputNotFoundError("no such file or folder", p)
         if p.is_dir():
             return cls._open_folder(p)
+        require_regular_file(p)
         name = p.name.lower()
         if name.endswith(".index.json"):
             return cls._open_index(p)
@@ -402,8 +456,11 @@ class Checkpoint:
         shards: dict[str, Path] = {}
         for rel in sorted(set(wm.values()), key=str):
             target = _safe_join(folder, rel, index)
-            if not target.is_file():
+            if not target.exists():
                 raise FormatError(f"shard index points to a missing shard {rel!r}", index)
+            what = _not_a_file(target)
+            if what:
+                raise FormatError(f"shard index names {rel!r}, which is {what}, not a file", index)
             shards[rel] = target
         if all(str(r).lower().endswith(".safetensors") for r in shards):
             infos: dict[str, TensorInfo] = {}
@@ -426,20 +483,35 @@ class Checkpoint:
             ck._st = entries
             ck.weights_file = index
             return ck
-        ck = cls._open_pickles(index, list(shards.values()))
+        ck = cls._open_pickles(index, list(shards.values()),
+                               {n: shards[rel] for n, rel in wm.items() if isinstance(n, str)})
         ck.kind = "sharded-pickle"
         return ck
 
     @classmethod
-    def _open_pickles(cls, p: Path, files: list[Path]) -> Checkpoint:
+    def _open_pickles(cls, p: Path, files: list[Path], weight_map: dict[str, Path] | None = None) -> Checkpoint:
+        """One ``.pt``/``.bin`` file, or the shards of an index: then each tensor comes from the
+        shard ``weight_map`` names (as transformers reads them), and a listed tensor that its
+        shard lacks is an error."""
         infos: dict[str, TensorInfo] = {}
         owners: dict[str, Path] = {}
         for f in files:
             sd = _load_pickle_state_dict(f)
             for n, t in sd.items():
-                infos[n] = TensorInfo(n, tuple(t.shape), dtype_name(t.dtype), t.numel() * t.element_size(), f.name)
+                if weight_map is not None and weight_map.get(n) != f:
+                    continue
+                try:
+                    dt = dtype_name(t.dtype)
+                except FormatError as e:
+                    raise FormatError(f"tensor {_q(n)}: {e.message}", f) from None
+                infos[n] = TensorInfo(n, tuple(t.shape), dt, t.numel() * t.element_size(), f.name)
                 owners[n] = f
             del sd
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(infos))
+            if missing:
+                raise FormatError(
+                    f"shard index lists {len(missing)} tensor(s) missing from their shards, e.g. {missing[0]!r}", p)
         ck = cls(p, "pickle" if len(files) == 1 else "sharded-pickle", infos, {}, files)
         ck._pt_files = owners
         ck.weights_file = p
@@ -485,11 +557,17 @@ class Checkpoint:
                 return torch.empty(info.shape, dtype=ST_DTYPES[info.dtype])
             return buf.view(ST_DTYPES[info.dtype]).reshape(info.shape)
         f = self._pt_files[name]
-        sd, touched = self._pt_cache.get(f, (None, 0))
-        if sd is None or touched > _PT_REOPEN_BYTES:
+        cached = self._pt_cache.get(f)
+        if cached is None or (cached[1] > _PT_REOPEN_BYTES and _is_zip_pickle(f)):
             # Drop the old mapping (its pages leave our resident set) and map the file again.
+            # torch frees a mapped file's storages through the garbage collector: collect
+            # before mapping again, or both mappings stay resident. A legacy (not zip) .pt
+            # cannot be mapped: it is loaded whole once and kept (memory ~ its size).
+            cached = None
             self._pt_cache.pop(f, None)
-            sd, touched = _load_pickle_state_dict(f), 0
+            gc.collect()
+            cached = (_load_pickle_state_dict(f), 0)
+        sd, touched = cached
         t = sd[name].detach().clone(memory_format=torch.contiguous_format)
         self._pt_cache[f] = (sd, touched + info.nbytes)
         return t
@@ -500,7 +578,9 @@ class Checkpoint:
             yield n, self.get(n)
 
     def close(self) -> None:
-        self._pt_cache.clear()
+        if self._pt_cache:
+            self._pt_cache.clear()
+            gc.collect()  # release the mapped files' pages now (see ``get``)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -519,9 +599,12 @@ class Checkpoint:
 
 def _load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True (mmap when the file allows); unwrap nested dicts."""
+    require_regular_file(path)
     mmap = _is_zip_pickle(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about raw pickles on stderr; the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         text = str(e)
         if "GLOBAL" in text or "Unsupported global" in text:

@@ -29,7 +29,13 @@ import torch
 
 from lorasurgeon._finite import json_safe
 from lorasurgeon._version import __version__
-from lorasurgeon.errors import InputNotFoundError, InvalidOptionError, OutputExistsError, WriteError
+from lorasurgeon.errors import (
+    InputNotFoundError,
+    InvalidOptionError,
+    LorasurgeonError,
+    OutputExistsError,
+    WriteError,
+)
 from lorasurgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, dtype_name
 
 METADATA_KEY = "lorasurgeon"
@@ -189,7 +195,16 @@ def _atomic_path(shown: Path, force: bool, directory: bool) -> Iterator[Path]:
     with _live_lock:
         _live_temps.add(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except LorasurgeonError as e:  # a file inside the temporary: name it under the output, as given
+            if e.path is not None:
+                inner = Path(os.path.abspath(e.path))
+                if inner == tmp:
+                    e.path = str(shown)
+                elif directory and tmp in inner.parents:
+                    e.path = str(shown / inner.relative_to(tmp))
+            raise
         if directory:
             for f in sorted(tmp.rglob("*")):
                 if f.is_file():

@@ -258,3 +258,90 @@ def test_pickle_with_nested_tensor_mappings_keeps_them(tmp_path: Path) -> None:
     with Checkpoint.open(tmp_path / "c.pt") as ck:
         assert ck.names() == ["ema.fc.weight", "fc.weight"]
         assert torch.equal(ck.get("ema.fc.weight"), torch.full((2, 2), 2.0))
+
+
+def _raw_header(tmp_path: Path, header_json: bytes, data: bytes, name: str = "raw.safetensors") -> Path:
+    p = tmp_path / name
+    p.write_bytes(struct.pack("<Q", len(header_json)) + header_json + data)
+    return p
+
+
+def test_headers_the_safetensors_library_refuses_are_refused(tmp_path: Path) -> None:
+    # json.loads keeps the last of two equal keys: this reader would have read one tensor and the
+    # safetensors library refuses the file; gaps, trailing bytes and non-map metadata likewise
+    from safetensors import SafetensorError, safe_open
+
+    a = b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+    cases = {
+        "dup": (b"{" + a + b", " + a.replace(b"[0, 8]", b"[8, 16]") + b"}", b"\0" * 16, "corrupt safetensors header: 'a' appears twice"),
+        "gap": (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}', b"\0" * 12,
+                "corrupt safetensors file: 4 unused bytes before tensor 'a'"),
+        "trailing": (b"{" + a + b"}", b"\0" * 9, "corrupt safetensors file: 1 bytes after the last tensor's data"),
+        "meta0": (b'{"__metadata__": 0, ' + a + b"}", b"\0" * 8, "__metadata__ must map strings to strings"),
+        "metalist": (b'{"__metadata__": [], ' + a + b"}", b"\0" * 8, "__metadata__ must map strings to strings"),
+    }
+    for name, (header, data, message) in cases.items():
+        p = _raw_header(tmp_path, header, data, f"{name}.safetensors")
+        with pytest.raises(FormatError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            Checkpoint.open(p)
+        with pytest.raises(SafetensorError), safe_open(p, "pt") as f:  # the peer agrees
+            f.get_tensor("a")
+    # zero-size tensors sit anywhere in the tiling; null metadata is none
+    ok = _raw_header(tmp_path, b'{"__metadata__": null, "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}, '
+                     + a + b"}", b"\0" * 8, "ok.safetensors")
+    assert Checkpoint.open(ok).names() == ["a", "e"]
+
+
+def test_fifos_and_devices_are_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "w.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    with pytest.raises(FormatError, match=r"^is a FIFO \(named pipe\), not a checkpoint file"):
+        Checkpoint.open(fifo)
+    dev = tmp_path / "zero.safetensors"
+    dev.symlink_to("/dev/zero")
+    with pytest.raises(FormatError, match="^is a device, not a checkpoint file"):
+        Checkpoint.open(dev)
+    (tmp_path / "sh").mkdir()
+    save_file({"a": torch.ones(2)}, tmp_path / "sh" / "one.safetensors")
+    os.mkfifo(tmp_path / "sh" / "two.safetensors")
+    (tmp_path / "sh" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}))
+    with pytest.raises(FormatError, match=r"shard index names 'two.safetensors', which is a FIFO \(named pipe\), not a file") as e:
+        Checkpoint.open(tmp_path / "sh")
+    assert e.value.path.endswith("model.safetensors.index.json")
+
+
+def test_bin_shard_index_decides_which_shard_holds_each_tensor(tmp_path: Path) -> None:
+    # as transformers reads it: "w" from the shard the index names, not whichever loaded last
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save({"w": torch.ones(2), "x": torch.zeros(3)}, d / "pytorch_model-00001-of-00002.bin")
+    torch.save({"w": -torch.ones(2)}, d / "pytorch_model-00002-of-00002.bin")
+    index = d / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "pytorch_model-00001-of-00002.bin",
+                                                "x": "pytorch_model-00001-of-00002.bin"}}))
+    with Checkpoint.open(d) as ck:
+        assert ck.names() == ["w", "x"] and ck.info("w").file == "pytorch_model-00001-of-00002.bin"
+        assert torch.equal(ck.get("w"), torch.ones(2))
+    index.write_text(json.dumps({"weight_map": {"w": "pytorch_model-00002-of-00002.bin",
+                                                "ghost": "pytorch_model-00002-of-00002.bin"}}))
+    with pytest.raises(FormatError, match=r"shard index lists 1 tensor\(s\) missing from their shards, e.g. 'ghost'"):
+        Checkpoint.open(d)
+
+
+def test_pickled_tensor_of_a_dtype_safetensors_lacks_names_file_and_tensor(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2), "c": torch.ones(2, dtype=torch.complex64)}, tmp_path / "c.pt")
+    with pytest.raises(FormatError, match=r"^tensor 'c': dtype torch.complex64 cannot be stored in safetensors$") as e:
+        Checkpoint.open(tmp_path / "c.pt")
+    assert e.value.path == str(tmp_path / "c.pt")
+
+
+def test_raw_pickles_are_one_error_and_no_torch_warning(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    import pickle
+
+    (tmp_path / "raw.pth").write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    with pytest.raises(FormatError, match=r"^not a valid PyTorch checkpoint \(Unsupported operand 149"):
+        Checkpoint.open(tmp_path / "raw.pth")
+    assert not [w for w in recwarn if "pickle" in str(w.message).lower()]

@@ -239,3 +239,23 @@ def test_failed_folder_swap_puts_the_old_output_back(tmp_path: Path, monkeypatch
         with writer.atomic_path(out, force=True, directory=True) as tmp:
             (tmp / "new.txt").write_text("new")
     assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "old.txt").read_text() == "old"
+
+
+def test_errors_inside_a_temporary_name_the_output_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a full disk while a folder's file is written: the line names out/model.safetensors, not the
+    # deleted .out.tmp-XXXX/model.safetensors by its absolute path
+    from lorasurgeon.io.writer import atomic_path
+
+    monkeypatch.chdir(tmp_path)
+
+    def full(*a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("lorasurgeon.io.writer._fsync_file", full)
+    with pytest.raises(WriteError) as e, atomic_path("out", directory=True) as tmp:
+        save_state_dict(tmp / "model.safetensors", {"a": torch.ones(2)}, {})
+    assert e.value.path == str(Path("out") / "model.safetensors") and "No space left on device" in e.value.message
+    with pytest.raises(WriteError) as e, atomic_path("one.safetensors") as tmp:
+        raise WriteError("write failed: No space left on device", tmp)
+    assert e.value.path == "one.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

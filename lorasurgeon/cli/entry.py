@@ -22,15 +22,15 @@ def _interrupted_while_starting(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Console entry point: ``cli.app.main`` once the imports are done."""
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.SIG_IGN:  # ignored by the parent (a background job): leave it so
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # ignored by the parent (a background job): leave it so
+            signal.signal(s, _interrupted_while_starting)
+    try:
         from lorasurgeon.cli.app import main as run
-    else:
-        signal.signal(signal.SIGINT, _interrupted_while_starting)
-        try:
-            from lorasurgeon.cli.app import main as run
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     try:
         run()
         code: object = 0

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lorasurgeon._finite import json_safe
 from lorasurgeon._units import human_bytes  # noqa: F401 - the commands' renderers use it from here
-from lorasurgeon.errors import EXIT_ERROR, LorasurgeonError
+from lorasurgeon.errors import EXIT_ERROR, LorasurgeonError, WriteError
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by a closed pipe
 
@@ -47,10 +47,40 @@ def secondary_process() -> bool:
     return os.environ.get("RANK", "0") not in ("", "0")
 
 
+class _StdoutGuard:
+    """stdout for rich: a failed write (a full disk, an I/O error) is the command's one-line
+    ``WriteError`` naming ``<stdout>``, not an internal error; a closed pipe stays a
+    BrokenPipeError (a quiet 141)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with _stdout_errors():
+            return int(self._stream.write(text))
+
+    def flush(self) -> None:
+        with _stdout_errors():
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_errors() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise WriteError(f"write failed: {e.strerror or e}", "<stdout>") from None
+
+
 def stdout_console() -> Console:
     tty = _is_tty(sys.stdout)
-    return Console(file=_tolerant(sys.stdout), width=None if tty else 160, soft_wrap=False, highlight=False,
-                   quiet=secondary_process())
+    return Console(file=_StdoutGuard(_tolerant(sys.stdout)), width=None if tty else 160, soft_wrap=False,
+                   highlight=False, quiet=secondary_process())
 
 
 def stderr_console() -> Console:
@@ -61,15 +91,39 @@ def stderr_console() -> Console:
 def print_json(obj: Any) -> None:
     if secondary_process():
         return
-    sys.stdout.write(json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    _write_stdout(json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
+
+
+def _write_stdout(text: str) -> None:
+    """All of ``text`` on stdout, or an error: written to the file descriptor in 64 KiB pieces, so
+    that a reader that leaves (``| head -c 1``) is a BrokenPipeError (a quiet 141) however large
+    the output (a buffered write of a large string can stop short without one), and a full disk
+    a ``WriteError``."""
+    with _stdout_errors():
+        sys.stdout.flush()
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, ValueError, OSError):  # a captured stdout (tests, notebooks)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        view = memoryview(text.encode(sys.stdout.encoding or "utf-8", errors="backslashreplace"))
+        while view:
+            view = view[os.write(fd, view[: 1 << 16]):]
+
+
+def _write_stderr(text: str) -> None:
+    """Logs and error lines: a stderr that cannot be written (``2>/dev/full``, closed) must not
+    change the command's result or keep its --json object off stdout."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def log(message: str, quiet: bool = False) -> None:
     """One line on stderr, unless --quiet (or in a torchrun worker other than rank 0)."""
     if not quiet and not secondary_process():
-        sys.stderr.write(message.rstrip() + "\n")
-        sys.stderr.flush()
+        _write_stderr(message.rstrip() + "\n")
 
 
 @contextlib.contextmanager
@@ -121,9 +175,10 @@ def handle_errors(json_mode: bool) -> Iterator[None]:
     except LorasurgeonError as e:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {e.one_line()}\n")
+        _write_stderr(f"error: {e.one_line()}\n")
         if json_mode:
-            print_json({"error": e.to_json()})
+            with contextlib.suppress(OSError, LorasurgeonError):  # stdout is what failed, or its reader left
+                print_json({"error": e.to_json()})
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
         raise
@@ -133,9 +188,10 @@ def handle_errors(json_mode: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
-        sys.stderr.write(f"error: internal error ({type(e).__name__}: {msg[:300]}); rerun with LORASURGEON_DEBUG=1 and report it\n")
+        _write_stderr(f"error: internal error ({type(e).__name__}: {msg[:300]}); rerun with LORASURGEON_DEBUG=1 and report it\n")
         if json_mode:
-            print_json({"error": {"kind": "internal", "message": msg[:300], "path": None}})
+            with contextlib.suppress(OSError, LorasurgeonError):
+                print_json({"error": {"kind": "internal", "message": msg[:300], "path": None}})
         raise typer.Exit(EXIT_ERROR) from None
 
 

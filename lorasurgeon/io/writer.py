@@ -324,14 +324,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _input_name(p: Path) -> str:
+    """An input's basename however its path was spelled (``.``, ``sub/..``); a symlink keeps its
+    own name (a hub cache's links name files, their blobs do not)."""
+    return Path(os.path.abspath(p)).name
+
+
 def input_record(path: str | Path) -> dict[str, Any]:
     """Basename and sha256 of an input: a file, or a folder's files in sorted order."""
     p = Path(path)
     if p.is_dir():
         files = {str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-        return {"name": p.name, "sha256": digest, "files": len(files)}
-    return {"name": p.name, "sha256": sha256_file(p)}
+        return {"name": _input_name(p), "sha256": digest, "files": len(files)}
+    return {"name": _input_name(p), "sha256": sha256_file(p)}
 
 
 class HashedInputs:
@@ -429,8 +435,8 @@ class DeferredProvenance:
 def _placeholder_record(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
-        return {"name": p.name, "sha256": _PLACEHOLDER_SHA, "files": sum(1 for f in p.rglob("*") if f.is_file())}
-    return {"name": p.name, "sha256": _PLACEHOLDER_SHA}
+        return {"name": _input_name(p), "sha256": _PLACEHOLDER_SHA, "files": sum(1 for f in p.rglob("*") if f.is_file())}
+    return {"name": _input_name(p), "sha256": _PLACEHOLDER_SHA}
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -106,22 +106,59 @@ def test_closed_stdout_without_json_is_141_too(tmp_path: Path, args: list[str]) 
     assert proc.wait() == 141 and "error" not in err
 
 
-def test_sigint_during_start_up_is_a_quiet_130(tmp_path: Path) -> None:
-    """Ctrl-C while the imports run (before any command code): exit 130, no traceback."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_is_a_quiet_exit(tmp_path: Path, signame: str) -> None:
+    """Ctrl-C or SIGTERM while the imports run (before any command code): exit 130 / 143 (a
+    harness would otherwise see death by the signal), no traceback."""
     import signal
     import time
 
+    sig = getattr(signal, signame)
     p = tmp_path / "m.safetensors"
     save_file({"l.weight": torch.randn(8, 8)}, p)
     for delay in (0.15, 0.4):
         proc = subprocess.Popen([*LS, "inspect", str(p)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate()
         if proc.returncode == 0:  # finished before the signal (a fast machine): nothing to check
             continue
-        assert proc.returncode == 130 and b"Traceback" not in err, (delay, err[-300:])
+        assert proc.returncode == 128 + sig and b"Traceback" not in err, (delay, err[-300:])
+
+
+def test_an_unwritable_stderr_changes_nothing(tmp_path: Path) -> None:
+    # 2>/dev/full: logs are lost, the result and its --json object are not
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(16, 16)}, p)
+    with open("/dev/full", "w") as full:
+        ok = subprocess.run([*LS, "factorize", str(p), "--rank", "2", "-o", str(tmp_path / "f.safetensors"), "--json"],
+                            stdout=subprocess.PIPE, stderr=full)
+        bad = subprocess.run([*LS, "inspect", str(tmp_path / "missing.safetensors"), "--json"], stdout=subprocess.PIPE,
+                             stderr=full)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["layers"][0]["rank"] == 2
+    assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["kind"] == "not_found"
+
+
+@pytest.mark.parametrize("json_out", [True, False])
+def test_a_full_stdout_is_one_error_line(tmp_path: Path, json_out: bool) -> None:
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(16, 16)}, p)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*LS, "inspect", str(p), *(["--json"] if json_out else [])], stdout=full,
+                              stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1 and proc.stderr == "error: <stdout>: write failed: No space left on device\n"
+
+
+def test_a_large_json_to_a_reader_that_leaves_is_141(tmp_path: Path) -> None:
+    # more than a pipe's 64 KiB: a buffered write of it could stop short without an error
+    p = tmp_path / "many.safetensors"
+    save_file({f"t{i}.weight": torch.zeros(1) for i in range(3000)}, p)
+    proc = subprocess.Popen([*LS, "inspect", str(p), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
 
 
 def test_json_has_no_nan(tmp_path: Path) -> None:

@@ -259,3 +259,15 @@ def test_errors_inside_a_temporary_name_the_output_as_given(tmp_path: Path, monk
         raise WriteError("write failed: No space left on device", tmp)
     assert e.value.path == "one.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_inputs_recorded_name_does_not_depend_on_how_its_path_is_spelled(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorasurgeon.io.writer import input_record
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "x.json").write_text("{}")
+    want = input_record(tmp_path / "adapter")
+    assert want["name"] == "adapter"
+    monkeypatch.chdir(tmp_path / "adapter")
+    assert input_record(".") == input_record("../adapter/.") == want

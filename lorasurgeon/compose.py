@@ -19,6 +19,7 @@ from lorasurgeon.io.adapters import (
     LoraTarget,
     is_kohya_stem,
     kohya_stems,
+    name_part,
     read_adapter,
     refuse_lossy_stems,
     target_component,
@@ -245,7 +246,7 @@ def _compose_saved(
 def compose_adapters(
     inputs: Sequence[str | Path], out: str | Path | None, method: str, *, weights: Sequence[float] | None = None,
     rank: int | None = None, density: float | None = None, seed: int | None = None, fmt: str | None = None, fp64: bool = False,
-    force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
+    force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None, component: str | None = None,
 ) -> ComposeResult:
     """Compose LoRA adapters into one adapter at scale 1 (see ``ops.compose`` for the methods).
 
@@ -287,6 +288,8 @@ def compose_adapters(
     seed = 0 if seed is None else seed
     if fmt is not None and fmt not in FORMATS:
         raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if component is not None and fmt is not None:
+        name_part(Adapter(fmt, {}), fmt, component)  # a bad --component fails before any work
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:
@@ -377,6 +380,10 @@ def compose_adapters(
         "max_rel_error": max((x.rel_error for x in layers), default=0.0),
         "max_cast_error": max((x.cast_error for x in layers), default=0.0),
     }
+    composed = Adapter(fmt, targets, saved, {}, {}, False, None)  # type: ignore[arg-type]
+    composed, note = name_part(composed, fmt, component)  # type: ignore[arg-type]
+    if note:
+        warnings.append(note)
     result = ComposeResult(
         # exact: the written factors equal the weighted sum (svd: only when its rank sufficed for
         # every layer; narrow dtypes: only when the cast changed nothing beyond fp32 rounding)
@@ -388,8 +395,9 @@ def compose_adapters(
     if not dry_run:
         first_cfg = next((ad.config for ad in adapters if ad.format == "peft" and ad.config), {})
         config = {k: first_cfg.get(k) for k in ("task_type", "base_model_name_or_path") if first_cfg.get(k) is not None}
-        composed = Adapter(fmt, targets, saved, {}, config, False, None)
-        opts: dict[str, Any] = {"method": m.name, "weights": w, "rank": rank, "format": fmt, "fp64": fp64}
+        composed = replace(composed, config=config)
+        opts: dict[str, Any] = {"method": m.name, "weights": w, "rank": rank, "format": fmt, "fp64": fp64,
+                                **({"component": component} if component else {})}
         if m.uses_density:
             opts["density"] = density
         if m.uses_seed:

@@ -147,13 +147,8 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     if to == "peft":
         ad, ren = _strip_component(ad, inp)
         renamed = _chain(renamed, ren)
-    warnings = []
-    partless = sorted(m for m in ad.targets if io_ad.target_component(m) is None)
-    if partless and to != "peft" and not all(io_ad.is_kohya_stem(m) for m in partless):
-        warnings.append(f"{len(partless)} target(s) name no pipeline part (e.g. {partless[0]!r}): "
-                        + ("kohya loaders find layers by lora_unet_ / lora_te_ prefixes and will skip them"
-                           if to == "kohya" else "the diffusers file puts them under unet.")
-                        + "; pass --component to say which part they belong to")
+    _, note = io_ad.name_part(ad, to, None)  # (--component, when given, already named the part above)
+    warnings = [note] if note else []
     back = _reparse(ad, to)
     worst = 0.0
     src_names = sorted(ad.targets)

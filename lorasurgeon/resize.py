@@ -17,6 +17,7 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, Unsu
 from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
+    name_part,
     read_adapter,
     refuse_adapter,
     refuse_lossy_stems,
@@ -55,6 +56,7 @@ class ResizeResult:
     layers: list[ResizeLayer]
     params_before: int
     params_after: int
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -106,11 +108,14 @@ def resize_target(
 def resize_adapter(
     inp: str | Path, out: str | Path | None, rule: ranks.RankRule, *, fmt: str | None = None,
     fp64: bool = False, force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
+    component: str | None = None,
 ) -> ResizeResult:
     """Re-rank every target of a LoRA adapter by the rule, exactly (see ``resize_target``).
 
     Args:
         fmt: the output layout (peft, kohya or diffusers); None keeps the input's.
+        component: a kohya or diffusers output's pipeline part, for targets whose names say none
+            (``io.adapters.name_part``); without it such targets give a warning.
 
     Returns:
         ResizeResult with each layer's old and new rank and the energy kept.
@@ -131,6 +136,7 @@ def resize_adapter(
     # adapter-sized inputs the sha256 is done by the time the layers are re-ranked.
     hashes = None if dry_run else HashedInputs([inp])
     ad = read_adapter(inp)
+    name_part(Adapter(fmt or ad.format, {}), fmt or ad.format, component)  # a bad --component fails before any work
     refuse_lossy_stems(ad, fmt or ad.format, inp)
     if any(t.magnitude is not None for t in ad.targets.values()):
         raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
@@ -150,14 +156,43 @@ def resize_adapter(
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),
         sum(t.A.numel() + t.B.numel() for t in new.values()),
     )
+    resized = Adapter(ad.format, new, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
+    resized, note = name_part(resized, fmt or ad.format, component)
+    if note:
+        result.warnings.append(note)
     if not dry_run:
-        resized = Adapter(ad.format, new, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
-        prov = provenance("resize", {"rule": _rule_json(rule), "fp64": fp64, "format": fmt or ad.format}, hashes)
+        prov = provenance("resize", {"rule": _rule_json(rule), "fp64": fp64, "format": fmt or ad.format,
+                                     **({"component": component} if component else {})}, hashes)
         write_adapter(resized, out, fmt or ad.format, provenance_meta=prov, force=force)
     return result
 
 
 # --------------------------------------------------------------------------- extract
+def _pair_names(base: list[str], tuned: list[str]) -> tuple[dict[str, str], str | None]:
+    """Tuned tensor name -> the base's name for it. Equal names pair; when a first name part
+    (``bert.``) on one side pairs more tensors than equal names do, it is dropped or added."""
+    bset, tset = set(base), set(tuned)
+    same = {n: n for n in tuned if n in bset}
+    best, note = same, None
+
+    def first_parts(names: list[str], other: set[str]) -> list[str]:
+        counts: dict[str, int] = {}
+        for n in names:
+            if n not in other and "." in n:
+                counts[n.split(".", 1)[0]] = counts.get(n.split(".", 1)[0], 0) + 1
+        return sorted(counts, key=lambda p: (-counts[p], p))[:3]
+
+    for p in first_parts(tuned, bset):  # the tuned model has the longer names
+        cand = {**same, **{n: n[len(p) + 1:] for n in tuned if n.startswith(p + ".") and n[len(p) + 1:] in bset}}
+        if len(cand) > len(best):
+            best, note = cand, f"the tuned model's names start with {p + '.'!r} where the base's do not: paired without it"
+    for p in first_parts(base, tset):  # the base has the longer names
+        cand = {**same, **{n: f"{p}.{n}" for n in tuned if f"{p}.{n}" in bset}}
+        if len(cand) > len(best):
+            best, note = cand, f"the base's names start with {p + '.'!r} where the tuned model's do not: paired with it"
+    return best, note
+
+
 @dataclass
 class ExtractLayer:
     module: str
@@ -165,6 +200,7 @@ class ExtractLayer:
     rank: int
     delta_norm: float
     rel_error: float  # ||ΔW − B·A||_F / ||ΔW||_F
+    cast_error: float = 0.0  # ||B'A' − B·A||_F / ||B·A||_F from storing the factors in the weights' dtype (bf16, fp16)
 
 
 @dataclass
@@ -182,6 +218,7 @@ class ExtractResult:
     saved_other: list[str]
     adapter_params: int
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -191,12 +228,19 @@ def extract_adapter(
     base: str | Path, tuned: str | Path, out: str | Path | None, rule: ranks.RankRule, *,
     fmt: str = "peft", include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
     save_other: bool = False, svd_method: str = "auto", fp64: bool = False, seed: int = 0,
-    force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
+    force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None, component: str | None = None,
 ) -> ExtractResult:
     """LoRA from a fine-tune: per 2-D/conv weight, ΔW = tuned − base (fp32), truncated SVD by the
     rule (S into B), alpha = rank so the scale is 1. Zero deltas are skipped; other changed
     tensors (biases, norms, new heads) are reported and, with ``save_other``, saved whole per
     module as modules_to_save. Streams one tensor pair at a time.
+
+    Names: the adapter's modules are the base's. A tuned model saved with a head class's names
+    (``bert.encoder...`` beside a bare ``encoder...`` base, as ``attach --full`` writes) is paired
+    by its first name part, with a warning; base weights the tuned model lacks get no LoRA and
+    are listed (``extra.missing_in_tuned``), with a warning. ``component`` names the pipeline part
+    of a kohya or diffusers output (``lora_unet_``, ``unet.``); without it such an output warns that
+    loaders will not find its layers.
 
     Raises:
         FormatError: shapes differ between base and tuned; NaN/Inf in a delta.
@@ -212,30 +256,39 @@ def extract_adapter(
         check_output(out, force, [base, tuned], directory=fmt == "peft")
     from lorasurgeon.nn.models import folder_module_kinds
 
-    kinds = folder_module_kinds(tuned) or folder_module_kinds(base)  # a model folder's module names and types
+    name_part(Adapter(fmt, {}), fmt, component)  # a bad --component fails before any work
+    kinds = folder_module_kinds(base) or folder_module_kinds(tuned)  # a model folder's module names and types
     conv1d = {n for n, k in (kinds or {}).items() if k == "conv1d"}  # GPT-2 style: weights stored in×out
+    warnings: list[str] = []
     with Checkpoint.open(base) as cb, Checkpoint.open(tuned) as ct:
         for p, c in ((base, cb), (tuned, ct)):
             refuse_adapter(p, c, "a model", "extract compares two models' weights; merge the adapter into its base first")
         for ck, what in ((cb, base), (ct, tuned)):
             if factorized_layers(ck.metadata, ck.path):  # its weights are factors: no dense delta to take
                 raise UnsupportedError("is a factorized checkpoint; densify it first (factorize --densify)", what)
+        base_of, prefix_note = _pair_names(cb.names(), ct.names())
+        if prefix_note:
+            warnings.append(prefix_note)
         names = select(ct.names(), include, exclude, what="tensor", can_allow=False).selected
         targets: dict[str, LoraTarget] = {}
         layers: list[ExtractLayer] = []
         unchanged: list[str] = []
         other: list[str] = []
-        for i, n in enumerate(names):
+        dtypes: set[tuple[str, str]] = set()
+        for i, tn in enumerate(names):
             if progress:
-                progress(i, len(names), n)
-            ti = ct.info(n)
-            if n not in cb:
-                other.append(n)
+                progress(i, len(names), tn)
+            ti = ct.info(tn)
+            n = base_of.get(tn)  # the base's name: the adapter's module names are the base's
+            if n is None:
+                other.append(tn)
                 continue
             bi = cb.info(n)
             if bi.shape != ti.shape:
                 raise FormatError(f"tensor {n!r} is {list(bi.shape)} in the base but {list(ti.shape)} in the tuned model", tuned)
-            t_new = ct.get(n)
+            if bi.dtype != ti.dtype:
+                dtypes.add((bi.dtype, ti.dtype))
+            t_new = ct.get(tn)
             t_old = cb.get(n)
             for t, src in ((t_new, tuned), (t_old, base)):
                 if not all_finite(t):
@@ -246,7 +299,7 @@ def extract_adapter(
             floating = ti.dtype in ("F16", "BF16", "F32", "F64")
             is_weight = n.endswith(".weight") and len(ti.shape) in (2, 4) and floating and min(ti.shape[0], ti.numel // ti.shape[0]) > 1
             if not is_weight or default_excluded(n, include):  # (an embedding table goes whole with --save-other)
-                other.append(n)
+                other.append(tn)
                 continue
             delta = t_new.to(torch.float64 if fp64 else torch.float32) - t_old.to(torch.float64 if fp64 else torch.float32)
             del t_new, t_old
@@ -257,8 +310,8 @@ def extract_adapter(
                     f"the tensor {n!r} has no module of that name in the model the folder's config.json builds "
                     "(transformers renames some models' tensors on load, e.g. ViT in transformers 5): an adapter "
                     "for it would not load (exclude it with -x)", tuned)
-            if kinds is not None and kinds[m] not in ("linear", "conv2d", "conv1d"):  # an embedding (T5's `shared`)...
-                other.append(n)  # ... goes whole with --save-other, as named embeddings do
+            if kinds is not None and kinds[m] not in ("linear", "linear-raw", "conv2d", "conv1d"):  # an embedding (T5's `shared`)...
+                other.append(tn)  # ... goes whole with --save-other, as named embeddings do
                 continue
             fifo = m in conv1d and delta.ndim == 2
             if fifo:  # PEFT's fan_in_fan_out: B @ A is the (out×in) transpose of the stored delta
@@ -268,47 +321,65 @@ def extract_adapter(
             else:
                 k = ranks.select_rank(svd.singular_values(delta, fp64=fp64, name=n), rule)
             res = svd.truncated_svd(delta, k, method=svd_method, fp64=fp64, seed=seed, name=n)
-            B, A = svd.split_lora(res)
+            B0, A0 = svd.split_lora(res)
             err = svd.relative_error(delta, res)
-            B = B.to(ST_DTYPES[ti.dtype])
-            A = A.to(ST_DTYPES[ti.dtype])
+            B = B0.to(ST_DTYPES[ti.dtype])
+            A = A0.to(ST_DTYPES[ti.dtype])
+            cast = 0.0 if (B.dtype, A.dtype) == (B0.dtype, A0.dtype) else svd.product_rel_diff(B, A, B0, A0)
             if delta.ndim == 4:
                 B = B.reshape(delta.shape[0], k, 1, 1)
                 A = A.reshape(k, *delta.shape[1:])
             targets[m] = LoraTarget(m, A.contiguous(), B.contiguous(), float(k), 1.0, fan_in_fan_out=fifo)
-            layers.append(ExtractLayer(m, list(ti.shape), k, float(delta.norm()), round(err, 6)))
+            layers.append(ExtractLayer(m, list(ti.shape), k, float(delta.norm()), round(err, 6), cast))
         if not targets:
-            if names and not any(n in cb for n in names):
-                raise MatchError("the base and the tuned model share no tensor names: they are not the same model", tuned)
+            if names and not any(n in base_of for n in names):
+                raise MatchError("the base and the tuned model share no tensor names, even without a first part such as "
+                                 "'bert.': they are not the same model", tuned)
             raise MatchError("no weight differs between base and tuned model; nothing to extract", tuned)
+        chosen_base = set(select(cb.names(), include, exclude, allow_unmatched=True).selected)
+        missing = sorted(n for n in chosen_base - set(base_of.values()))
+        if missing:  # no delta can be taken: those layers get no LoRA
+            warnings.append(f"{len(missing)} tensor(s) of the base are not in the tuned model and get no LoRA, e.g. "
+                            f"{missing[0]!r} (listed in extra.missing_in_tuned)")
+        for b_dt, t_dt in sorted(dtypes):
+            warnings.append(f"the base holds {b_dt} and the tuned model {t_dt} tensors: their rounding counts as change "
+                            "(cast one to the other's dtype first to extract only the fine-tune)")
         saved: dict[str, torch.Tensor] = {}
         lora_bias: list[str] = []
         if save_other and other:
-            mods = {module_of(n) for n in other}
-            for n in ct.names():
+            mods = {module_of(n) for n in other}  # (tuned names)
+            for tn in ct.names():
+                n = base_of.get(tn, tn)  # the base's name; a tensor only the tuned model has keeps its own
                 mo = module_of(n)
-                if mo in targets and n in other and n == f"{mo}.bias" and n in cb:
+                if mo in targets and tn in other and n == f"{mo}.bias" and tn in base_of:
                     # A LoRA'd module's changed bias: a LoRA bias (PEFT lora_bias, on lora_B, scaled
                     # like the delta; the scale is 1 here). modules_to_save would replace the weight too.
                     if fmt != "peft":
                         raise UnsupportedError(f"the bias of {mo!r} changed too: only PEFT adapters hold a LoRA bias "
                                                "(lora_bias); use --format peft, or leave out --save-other", tuned)
-                    db = ct.get(n).to(torch.float64) - cb.get(n).to(torch.float64)
+                    db = ct.get(tn).to(torch.float64) - cb.get(n).to(torch.float64)
                     t = targets[mo]
-                    targets[mo] = LoraTarget(mo, t.A, t.B, t.alpha, t.scale, None, (db / t.scale).to(ST_DTYPES[ct.info(n).dtype]),
+                    targets[mo] = LoraTarget(mo, t.A, t.B, t.alpha, t.scale, None, (db / t.scale).to(ST_DTYPES[ct.info(tn).dtype]),
                                              t.fan_in_fan_out)
                     lora_bias.append(n)
-                elif mo in mods and mo not in targets:
-                    saved[n] = ct.get(n)
+                elif module_of(tn) in mods and mo not in targets:
+                    saved[n] = ct.get(tn)
     result = ExtractResult(
         "lorasurgeon.extract/1", str(base), str(tuned), None if dry_run else str(out), fmt, _rule_json(rule), dry_run,
         layers, unchanged, other, sorted([*saved, *lora_bias]), sum(t.A.numel() + t.B.numel() for t in targets.values()),
     )
     if lora_bias:
         result.extra["lora_bias"] = sorted(lora_bias)
+    if missing:
+        result.extra["missing_in_tuned"] = missing
+    ad = Adapter(fmt, targets, saved, {}, {}, False, str(tuned))
+    ad, note = name_part(ad, fmt, component)
+    if note:
+        warnings.append(note)
+    result.warnings = warnings
     if not dry_run:
-        ad = Adapter(fmt, targets, saved, {}, {}, False, str(tuned))
         opts = {"rule": _rule_json(rule), "format": fmt, "include": list(include or []), "exclude": list(exclude or []),
-                "save_other": save_other, "svd": svd_method, "fp64": fp64, "seed": seed}
+                "save_other": save_other, "svd": svd_method, "fp64": fp64, "seed": seed,
+                **({"component": component} if component else {})}
         write_adapter(ad, out, fmt, provenance_meta=provenance("extract", opts, [base, tuned]), force=force)
     return result

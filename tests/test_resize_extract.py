@@ -254,3 +254,72 @@ def test_extract_from_a_factorized_checkpoint_says_so(tmp_path: Path) -> None:
     res = runner.invoke(app, ["extract", "--base", digits_cnn_weights(), "--tuned", str(f), "--rank", "2", "-o", str(tmp_path / "e")])
     assert res.exit_code == 1 and not (tmp_path / "e").exists()
     assert res.stderr.strip() == f"error: {f}: is a factorized checkpoint; densify it first (factorize --densify)"
+
+
+def test_extract_pairs_a_head_models_names_reports_what_the_tuned_model_lacks_and_names_parts(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BertModel(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    # a full fine-tune saved by a head class: "bert." before every name, a classifier, no pooler
+    tuned = transformers.BertForSequenceClassification(cfg)
+    tuned.bert.load_state_dict(base.state_dict())
+    q = "encoder.layer.0.attention.self.query.weight"
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g)
+    sd = {k: v.clone() for k, v in tuned.state_dict().items() if not k.startswith("bert.pooler.")}
+    sd[f"bert.{q}"] += delta
+    save_file(sd, tmp_path / "tuned.safetensors")
+    res = runner.invoke(app, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned.safetensors"),
+                              "--rank", "2", "-o", str(tmp_path / "ad"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert [x["module"] for x in r["layers"]] == ["encoder.layer.0.attention.self.query"] and r["layers"][0]["rel_error"] < 1e-5
+    assert r["extra"]["missing_in_tuned"] == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert sorted(r["other_changed"]) == ["classifier.bias", "classifier.weight"]
+    assert "warning: the tuned model's names start with 'bert.' where the base's do not: paired without it" in res.stderr
+    assert ("warning: 2 tensor(s) of the base are not in the tuned model and get no LoRA, e.g. 'pooler.dense.bias' "
+            "(listed in extra.missing_in_tuned)") in res.stderr
+    t = read_adapter(tmp_path / "ad").targets["encoder.layer.0.attention.self.query"]
+    assert torch.allclose(t.scale * t.B @ t.A, delta, atol=1e-5)
+    # a kohya output names its pipeline part only when told; PEFT names none
+    args = ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned.safetensors"), "--rank", "2"]
+    res = runner.invoke(app, [*args, "--format", "kohya", "-o", str(tmp_path / "k.safetensors")])
+    assert res.exit_code == 0 and "1 target(s) name no pipeline part (e.g. 'encoder.layer.0.attention.self.query'): kohya " \
+        "loaders find layers by lora_unet_ / lora_te_ prefixes and will skip them; pass --component" in res.stderr
+    run(*args, "--format", "kohya", "--component", "text_encoder", "-o", str(tmp_path / "k2.safetensors"))
+    assert set(load_file(tmp_path / "k2.safetensors")) == {f"lora_te_encoder_layer_0_attention_self_query.{x}"
+                                                          for x in ("lora_down.weight", "lora_up.weight", "alpha")}
+    run(*args, "--component", "unet", "-o", str(tmp_path / "p"), code=1)
+    assert not (tmp_path / "p").exists()
+    # resize and compose take the part too
+    run("resize", str(tmp_path / "ad"), "--rank", "1", "--format", "diffusers", "--component", "unet",
+        "-o", str(tmp_path / "r.safetensors"))
+    assert all(k.startswith("unet.encoder.layer.0.") for k in load_file(tmp_path / "r.safetensors"))
+    c = run("compose", str(tmp_path / "ad"), str(tmp_path / "ad"), "--format", "kohya", "-o", str(tmp_path / "c.safetensors"))
+    assert any("name no pipeline part" in w for w in c["warnings"])
+
+
+def test_extract_states_what_narrow_factors_and_mixed_dtypes_cost(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 24, generator=g)
+    d = torch.randn(32, 24, generator=g) * 0.1
+    save_file({"l.weight": w.to(torch.bfloat16)}, tmp_path / "b.safetensors")
+    save_file({"l.weight": (w + d).to(torch.bfloat16)}, tmp_path / "t.safetensors")
+    r = run("extract", "--base", str(tmp_path / "b.safetensors"), "--tuned", str(tmp_path / "t.safetensors"), "--rank", "4",
+            "--svd", "exact", "-o", str(tmp_path / "a"))
+    layer = r["layers"][0]
+    t = read_adapter(tmp_path / "a").targets["l"]
+    delta = (w + d).to(torch.bfloat16).float() - w.to(torch.bfloat16).float()
+    U, S, Vh = torch.linalg.svd(delta.double())
+    best = (U[:, :4] * S[:4]) @ Vh[:4]
+    stored = (t.B.double() @ t.A.double())
+    assert layer["cast_error"] == pytest.approx(float((stored - best).norm() / best.norm()), rel=0.02)
+    assert 1e-4 < layer["cast_error"] < 1e-2
+    save_file({"l.weight": w}, tmp_path / "b32.safetensors")
+    res = runner.invoke(app, ["extract", "--base", str(tmp_path / "b32.safetensors"), "--tuned", str(tmp_path / "t.safetensors"),
+                              "--rank", "4", "--dry-run"])
+    assert res.exit_code == 0 and ("warning: the base holds F32 and the tuned model BF16 tensors: their rounding counts as "
+                                   "change (cast one to the other's dtype first to extract only the fine-tune)") in res.stderr

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorasurgeon.cli.options import ForceOpt, JsonOpt, QuietOpt, output_path
+from lorasurgeon.cli.options import ComponentOpt, ForceOpt, JsonOpt, QuietOpt, output_path
 from lorasurgeon.cli.output import handle_errors, human_count, log, print_json, progress, stdout_console
 from lorasurgeon.compose import ComposeResult, compose_adapters
 from lorasurgeon.ops.compose import COMPOSE_METHODS, method_names
@@ -29,6 +29,7 @@ def compose_command(
     density: Annotated[float | None, typer.Option("--density", help="Fraction of each delta's entries kept by ties, dare_*, magnitude_prune (0 < D <= 1).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of DARE's random masks (per layer: seed and module name); default 0.")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="Output layout: peft | kohya | diffusers (default: the inputs' layout when they share one, else peft).")] = None,
+    component: ComponentOpt = None,
     fp64: Annotated[bool, typer.Option("--fp64", help="Compute in fp64.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and print the plan (ranks, errors); write nothing.")] = False,
     force: ForceOpt = False,
@@ -40,7 +41,8 @@ def compose_command(
     with handle_errors(json_out):
         with progress("compose", quiet) as cb:
             r = compose_adapters(adapters, output, method, weights=weight, rank=rank, density=density, seed=seed,
-                                 fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb)
+                                 fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb,
+                                 component=component)
         for w in r.warnings:
             log(f"warning: {w}", quiet)
         if not dry_run:

@@ -42,3 +42,8 @@ InputPath = Annotated[
     # readable=False: an unreadable input is our one-line error (exit 1, JSON with --json), not a parser error
     typer.Argument(readable=False, help="A .safetensors file, sharded folder or index, .pt/.bin/.pth state dict, model folder or adapter."),
 ]
+ComponentOpt = Annotated[
+    str | None,
+    typer.Option("--component", help="kohya/diffusers output: the pipeline part (unet, text_encoder, text_encoder_2, "
+                 "transformer) of the layers whose names say none."),
+]

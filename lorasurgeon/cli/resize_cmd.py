@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from lorasurgeon.cli.options import (
+    ComponentOpt,
     ExcludeOpt,
     ForceOpt,
     IncludeOpt,
@@ -52,13 +53,17 @@ def resize_command(
     rank: RankOpt = None, ratio: RatioOpt = None, energy: EnergyOpt = None, sv_ratio: SvRatioOpt = None,
     sv_fro: SvFroOpt = None, sv_cumulative: SvCumOpt = None, max_rank: MaxRankOpt = None, kohya_legacy: KohyaLegacyOpt = False,
     fmt: Annotated[str | None, typer.Option("--format", help="peft | kohya | diffusers (default: the input's).")] = None,
+    component: ComponentOpt = None,
     fp64: Fp64Opt = False, dry_run: DryRunOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Re-rank a LoRA exactly: SVD of B·A from the factors, alpha rewritten to keep the scale."""
     with handle_errors(json_out):
         rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank, kohya_legacy)
         with progress("resize", quiet) as cb:
-            r = resize_adapter(adapter, output, rule, fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb)
+            r = resize_adapter(adapter, output, rule, fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb,
+                               component=component)
+        for w in r.warnings:
+            log(f"warning: {w}", quiet)
         if not dry_run:
             log(f"wrote {output}", quiet)
         print_json(r.to_json()) if json_out else render_resize(r)
@@ -73,6 +78,7 @@ def extract_command(
     fmt: Annotated[str, typer.Option("--format", help="peft | kohya | diffusers.")] = "peft",
     include: IncludeOpt = None, exclude: ExcludeOpt = None,
     save_other: Annotated[bool, typer.Option("--save-other", help="Save changed non-LoRA tensors (biases, norms, heads) as modules_to_save.")] = False,
+    component: ComponentOpt = None,
     svd_method: Annotated[str, typer.Option("--svd", help="exact | randomized | auto.")] = "auto",
     fp64: Fp64Opt = False, seed: Annotated[int, typer.Option("--seed")] = 0,
     dry_run: DryRunOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -84,7 +90,10 @@ def extract_command(
         rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank, kohya_legacy)
         with progress("extract", quiet) as cb:
             r = extract_adapter(base, tuned, output, rule, fmt=fmt, include=include, exclude=exclude, save_other=save_other,
-                                svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run, progress=cb)
+                                svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run, progress=cb,
+                                component=component)
+        for w in r.warnings:
+            log(f"warning: {w}", quiet)
         if not dry_run:
             log(f"wrote {output}", quiet)
         print_json(r.to_json()) if json_out else render_extract(r)
@@ -116,3 +125,6 @@ def render_extract(r: ExtractResult) -> None:
     con.print(f"unchanged tensors: {len(r.unchanged)}; other changed tensors: {len(r.other_changed)}"
               + (f" (saved: {len(r.saved_other)})" if r.saved_other else " (pass --save-other to keep them)" if r.other_changed else ""))
     con.print(f"adapter parameters: {human_count(r.adapter_params)}")
+    cast = max((x.cast_error for x in r.layers), default=0.0)
+    if cast:
+        con.print(f"storing the factors in the weights' dtype changed them by up to {cast:.3g} (relative)")

@@ -681,6 +681,32 @@ def keep_part(ad: Adapter, part: str, label: str, path: str | Path | None) -> tu
     return replace(ad, targets=kept), {c: len(parts[c]) for c in named if c != part}
 
 
+def name_part(ad: Adapter, fmt: str, component: str | None) -> tuple[Adapter, str | None]:
+    """A kohya or diffusers output's targets need their pipeline part: kohya loaders find layers
+    by ``lora_unet_`` / ``lora_te_`` prefixes, diffusers by ``unet.`` / ``text_encoder.``.
+    ``component`` gives it to the targets whose names say none; without it, such targets give a
+    warning (returned), since the file would load as nothing (kohya) or under ``unet.``.
+
+    Raises:
+        InvalidOptionError: ``component`` for a PEFT output (an adapter for one model), or not a part.
+    """
+    if component is not None:
+        if component not in DIFFUSERS_COMPONENTS:
+            raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
+        if fmt == "peft":
+            raise InvalidOptionError("--component names the pipeline part of a kohya or diffusers output; a PEFT adapter "
+                                     "is for one model and names none")
+        ren = {m: f"{component}.{m}" for m in ad.targets if target_component(m) is None and not is_kohya_stem(m)}
+        return replace(ad, targets={ren.get(m, m): replace(t, module=ren.get(m, m)) for m, t in ad.targets.items()}), None
+    partless = sorted(m for m in ad.targets if target_component(m) is None)
+    if fmt == "peft" or not partless or all(is_kohya_stem(m) for m in partless):
+        return ad, None
+    return ad, (f"{len(partless)} target(s) name no pipeline part (e.g. {partless[0]!r}): "
+                + ("kohya loaders find layers by lora_unet_ / lora_te_ prefixes and will skip them"
+                   if fmt == "kohya" else "the diffusers file puts them under unet.")
+                + "; pass --component to say which part they belong to")
+
+
 def refuse_lossy_stems(ad: Adapter, fmt: str, path: str | Path | None) -> None:
     """kohya stems (``lora_unet_a_b``) are not module names: written to a PEFT or diffusers file
     they would name modules no model has. Only ``convert --base`` can map them.

@@ -3,6 +3,7 @@ match its teacher)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -299,7 +300,7 @@ def attach_lora(
     metrics["fit"].pop("resumed_from", None)  # a resumed run's files equal an uninterrupted run's (--json keeps it)
     files = {"metrics.json": json.dumps(json_safe(metrics), indent=2, sort_keys=True, allow_nan=False) + "\n"}
     if full:
-        _save_full(lm, model, out, prov, force or resume, files)
+        _save_full(lm, model, out, prov, force or resume, files, [str(c) for c in ds.classes or []])
     else:
         targets_out: dict[str, LoraTarget] = {}
         for n in matched:
@@ -315,15 +316,26 @@ def attach_lora(
     return result
 
 
-def _save_full(lm: LoadedModel, model: nn.Module, out: Path, prov: dict[str, Any], force: bool, files: dict[str, str]) -> None:
+def _save_full(lm: LoadedModel, model: nn.Module, out: Path, prov: dict[str, Any], force: bool, files: dict[str, str],
+               classes: list[str]) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
     meta = {METADATA_KEY: prov}
     if lm.kind == "hf":
+        import transformers
+
         from lorasurgeon.io.writer import atomic_path
 
+        # the config of the model trained (a head class, e.g. BertForSequenceClassification, not
+        # the base's BertModel), with the classes it was trained on as its labels
+        config = copy.deepcopy(model.config)
+        if getattr(transformers, type(model).__name__, None) is type(model):
+            config.architectures = [type(model).__name__]
+        if len(classes) == getattr(config, "num_labels", None):
+            config.id2label = dict(enumerate(classes))
+            config.label2id = {c: i for i, c in enumerate(classes)}
         with atomic_path(out, force, directory=True) as tmp:
-            model.config.save_pretrained(tmp)
+            config.save_pretrained(tmp)
             if lm.tokenizer is not None:
                 lm.tokenizer.save_pretrained(tmp)
             write_safetensors(tmp / "model.safetensors", specs, state.items(), meta)

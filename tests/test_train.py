@@ -588,3 +588,20 @@ def test_distill_refuses_what_it_cannot_compare_and_records_its_data(tmp_path: P
     assert out["fit"]["best_metric"] == max(h["val_metric"] for h in out["fit"]["history"])
     # the reported agreement is k/n itself (KL breaks ties far below the 6 decimals reported)
     assert out["fit"]["best_metric"] * 40 == pytest.approx(round(out["fit"]["best_metric"] * 40), abs=1e-8)
+
+
+def test_full_fine_tune_folder_states_its_class_and_labels_and_extracts_against_its_base(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    enc = _tiny_bert(tmp_path, "enc", None)  # a bare BertModel: attach gives it a new head
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{('a a', 'b b', 'c c')[i % 3]},{'xyz'[i % 3]}\n" for i in range(60)))
+    r = run("attach", str(enc), "--data", str(tmp_path / "d.csv"), "--full", "--epochs", "4", "--lr", "0.003", "--batch-size", "8",
+            "-o", str(tmp_path / "ft"))
+    assert r["fit"]["best_epoch"] > 0  # (else the starting weights are kept, and there is nothing to extract)
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"]
+    assert cfg["id2label"] == {"0": "x", "1": "y", "2": "z"} and cfg["label2id"] == {"x": 0, "y": 1, "z": 2}
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft")
+    assert model.config.id2label[2] == "z"
+    # and extract takes it against the bare base: the LoRA plus the head is the fine-tune
+    r = run("extract", "--base", str(enc), "--tuned", str(tmp_path / "ft"), "--rank", "16", "--save-other", "-o", str(tmp_path / "ad"))
+    assert r["layers"] and "classifier.weight" in r["saved_other"]

@@ -10,7 +10,13 @@ from typing import Any
 import torch
 
 from lorasurgeon._finite import json_safe
-from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError, VerificationError
+from lorasurgeon.errors import (
+    FormatError,
+    InvalidOptionError,
+    MatchError,
+    UnsupportedError,
+    VerificationError,
+)
 from lorasurgeon.io import adapters as io_ad
 from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter
 from lorasurgeon.io.checkpoint import Checkpoint
@@ -111,7 +117,11 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     ad = io_ad.read_adapter(inp)
     from_format = ad.format
     if include or exclude:
-        keep = set(select([*ad.targets, *ad.modules_to_save], include, exclude, what="target", can_allow=False).selected)
+        names = [*ad.targets, *ad.modules_to_save]
+        try:
+            keep = set(select(names, include, exclude, what="target", can_allow=False).selected)
+        except MatchError as e:  # say what the names look like: a kohya file lorasurgeon wrote has module names
+            raise MatchError(f"{e.message}; this adapter's targets are named like {sorted(names)[0]!r}", inp) from None
         if not keep & set(ad.targets):
             raise InvalidOptionError("--include/--exclude keep no LoRA target", inp)
         ad = replace(ad, targets={m: t for m, t in ad.targets.items() if m in keep},

@@ -602,12 +602,15 @@ def factorize_module(
         raise MatchError("the model has no nn.Linear or nn.Conv2d (groups 1) layer to factorize"
                          + (f"; its {len(conv1d)} GPT-2 Conv1D layers (e.g. {conv1d[0]!r}) store their weights "
                             "transposed and are not factorized" if conv1d else ""))
+    exclude = one_or_many(exclude)
     chosen = set(select([f"{n}.weight" for ns in names.values() for n in ns], one_or_many(include),
-                        one_or_many(exclude), can_allow=False, what="Linear or Conv2d (groups 1) weight").selected)
+                        exclude, can_allow=False, what="Linear or Conv2d (groups 1) weight").selected)
     out = copy.deepcopy(model)
     reports: list[LayerReport] = []
     for aliases in names.values():
-        if not any(f"{n}.weight" in chosen for n in aliases):
+        # a shared module is one layer: chosen under any of its names, kept dense when any is excluded
+        if not any(f"{n}.weight" in chosen for n in aliases) or any(
+                matches(f"{n}.weight", p) for n in aliases for p in exclude or []):
             continue
         name = aliases[0]
         old = model.get_submodule(name)

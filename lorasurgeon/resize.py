@@ -182,12 +182,15 @@ def _pair_names(base: list[str], tuned: list[str]) -> tuple[dict[str, str], str 
                 counts[n.split(".", 1)[0]] = counts.get(n.split(".", 1)[0], 0) + 1
         return sorted(counts, key=lambda p: (-counts[p], p))[:3]
 
+    # a prefixed name pairs only with a base name the tuned model does not hold itself: copies
+    # under a prefix beside the weights (an EMA's ema.<name>) stay the tuned model's own tensors
     for p in first_parts(tuned, bset):  # the tuned model has the longer names
-        cand = {**same, **{n: n[len(p) + 1:] for n in tuned if n.startswith(p + ".") and n[len(p) + 1:] in bset}}
+        cand = {**same, **{n: n[len(p) + 1:] for n in tuned
+                           if n.startswith(p + ".") and n[len(p) + 1:] in bset and n[len(p) + 1:] not in tset}}
         if len(cand) > len(best):
             best, note = cand, f"the tuned model's names start with {p + '.'!r} where the base's do not: paired without it"
     for p in first_parts(base, tset):  # the base has the longer names
-        cand = {**same, **{n: f"{p}.{n}" for n in tuned if f"{p}.{n}" in bset}}
+        cand = {**same, **{n: f"{p}.{n}" for n in tuned if f"{p}.{n}" in bset and f"{p}.{n}" not in tset}}
         if len(cand) > len(best):
             best, note = cand, f"the base's names start with {p + '.'!r} where the tuned model's do not: paired with it"
     return best, note
@@ -337,7 +340,8 @@ def extract_adapter(
                                  "'bert.': they are not the same model", tuned)
             raise MatchError("no weight differs between base and tuned model; nothing to extract", tuned)
         chosen_base = set(select(cb.names(), include, exclude, allow_unmatched=True).selected)
-        missing = sorted(n for n in chosen_base - set(base_of.values()))
+        missing = sorted(n for n in chosen_base - set(base_of.values())
+                         if cb.info(n).dtype in ("F16", "BF16", "F32", "F64"))  # (not int buffers: position_ids)
         if missing:  # no delta can be taken: those layers get no LoRA
             warnings.append(f"{len(missing)} tensor(s) of the base are not in the tuned model and get no LoRA, e.g. "
                             f"{missing[0]!r} (listed in extra.missing_in_tuned)")
@@ -354,9 +358,10 @@ def extract_adapter(
                 if mo in targets and tn in other and n == f"{mo}.bias" and tn in base_of:
                     # A LoRA'd module's changed bias: a LoRA bias (PEFT lora_bias, on lora_B, scaled
                     # like the delta; the scale is 1 here). modules_to_save would replace the weight too.
-                    if fmt != "peft":
-                        raise UnsupportedError(f"the bias of {mo!r} changed too: only PEFT adapters hold a LoRA bias "
-                                               "(lora_bias); use --format peft, or leave out --save-other", tuned)
+                    if fmt == "kohya":
+                        raise UnsupportedError(f"the bias of {mo!r} changed too: kohya files hold no LoRA bias "
+                                               "(PEFT's lora_bias); use --format peft or diffusers, or leave out --save-other",
+                                               tuned)
                     db = ct.get(tn).to(torch.float64) - cb.get(n).to(torch.float64)
                     t = targets[mo]
                     targets[mo] = LoraTarget(mo, t.A, t.B, t.alpha, t.scale, None, (db / t.scale).to(ST_DTYPES[ct.info(tn).dtype]),

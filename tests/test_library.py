@@ -219,6 +219,8 @@ def test_factorize_module_shared_layers_min_params_and_nothing_to_factorize() ->
                                                                        model.a.bias)), atol=1e-5)
     only_b, reports = ls.factorize_module(model, RankRule("rank", 3), include="b.weight")
     assert only_b.a is only_b.b and [r.module for r in reports] == ["a"]
+    not_b, reports = ls.factorize_module(model, RankRule("rank", 3), exclude="b.weight")  # one layer: kept dense
+    assert not_b.a is not_b.b and type(not_b.a).__name__ == "Linear" and [r.module for r in reports] == ["c"]
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=8))
     with pytest.raises(ls.MatchError, match=r"^the model has no nn.Linear or nn.Conv2d \(groups 1\) layer to "
                        r"factorize; its 4 GPT-2 Conv1D layers \(e.g. 'h.0.attn.c_attn'\) store their weights transposed"):

@@ -520,7 +520,23 @@ def test_dora_on_some_modules_only_is_refused_where_one_switch_rules(tmp_path: P
     assert sorted(mk) == sorted(mp) == ["b0.weight", "b1.weight"]
     assert all(torch.allclose(mk[n], mp[n], atol=1e-6) for n in mk)
     msg = fail("convert", str(tmp_path / "k.safetensors"), "--to", "peft", "--base", base, "-i", "*attn*", "-o", str(tmp_path / "p2"))
-    assert msg.endswith("--include '*attn*' matches no target; check the pattern (globs over names, e.g. '*.attention.*')"), msg
+    assert msg.endswith("--include '*attn*' matches no target; check the pattern (globs over names, e.g. '*.attention.*'); "
+                        "this adapter's targets are named like 'lora_unet_b0'"), msg
+    # a FIFO as --base (only hashed for the provenance when going to kohya) is refused, not waited on
+    import os
+
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    msg = fail("convert", str(tmp_path / "p0"), "--to", "kohya", "--base", str(tmp_path / "fifo.safetensors"),
+               "-o", str(tmp_path / "k0.safetensors"))
+    assert msg.endswith("fifo.safetensors: is a FIFO (named pipe), not a checkpoint file: save the weights to a file first"), msg
+    # --component gives a partless kohya stem its part's prefix
+    r = run("convert", str(tmp_path / "k.safetensors"), "--to", "kohya", "-o", str(tmp_path / "k1.safetensors"))
+    assert r["warnings"] == []  # (lora_unet_ stems name their part)
+    save_file({"lora_fc1.lora_down.weight": torch.randn(2, 8, generator=g), "lora_fc1.lora_up.weight": torch.randn(6, 2, generator=g)},
+              tmp_path / "generic.safetensors")
+    run("resize", str(tmp_path / "generic.safetensors"), "--rank", "1", "--component", "unet", "-o", str(tmp_path / "g1.safetensors"))
+    assert sorted(load_file(tmp_path / "g1.safetensors")) == ["lora_unet_fc1.alpha", "lora_unet_fc1.lora_down.weight",
+                                                              "lora_unet_fc1.lora_up.weight"]
 
 
 def test_peft_switches_that_contradict_the_tensors_are_refused(tmp_path: Path) -> None:

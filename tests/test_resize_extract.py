@@ -174,8 +174,17 @@ def test_extract_low_rank_error_and_kohya(tmp_path: Path) -> None:
     assert json.loads(res.stdout)["kind"] == "kohya"
     res = runner.invoke(app, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o",
                               str(tmp_path / "k2.safetensors"), "--rank", "3", "--format", "kohya", "--save-other"])
-    assert res.exit_code == 1 and ("the bias of 'encoder.layer.0.attention.self.query' changed too: only PEFT adapters "
-                                   "hold a LoRA bias") in res.stderr and not (tmp_path / "k2.safetensors").exists()
+    assert res.exit_code == 1 and ("the bias of 'encoder.layer.0.attention.self.query' changed too: kohya files hold "
+                                   "no LoRA bias") in res.stderr and not (tmp_path / "k2.safetensors").exists()
+    # diffusers files hold it (lora_B.bias): the same extract there keeps it, and reads back equal
+    r = run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o", str(tmp_path / "d.safetensors"),
+            "--rank", "3", "--format", "diffusers", "--save-other", "--svd", "exact", "-i", "*.query.*")
+    assert "encoder.layer.0.attention.self.query.bias" in r["extra"]["lora_bias"]
+    p = run("extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "-o", str(tmp_path / "p"),
+            "--rank", "3", "--save-other", "--svd", "exact", "-i", "*.query.*")
+    d_t = read_adapter(tmp_path / "d.safetensors").targets["unet.encoder.layer.0.attention.self.query"]
+    p_t = read_adapter(tmp_path / "p").targets["encoder.layer.0.attention.self.query"]
+    assert torch.equal(d_t.bias, p_t.bias) and p["extra"]["lora_bias"] == r["extra"]["lora_bias"]
 
 
 def test_extract_identical_models_is_an_error(tmp_path: Path) -> None:
@@ -323,3 +332,23 @@ def test_extract_states_what_narrow_factors_and_mixed_dtypes_cost(tmp_path: Path
                               "--rank", "4", "--dry-run"])
     assert res.exit_code == 0 and ("warning: the base holds F32 and the tuned model BF16 tensors: their rounding counts as "
                                    "change (cast one to the other's dtype first to extract only the fine-tune)") in res.stderr
+
+
+def test_extract_keeps_prefixed_copies_beside_the_weights_apart(tmp_path: Path) -> None:
+    # an EMA copy (ema.<name>) beside the weights must not pair with the base's tensors: each
+    # layer once, from the model's own weights (the copy was pairing too, and the last one won)
+    g = torch.Generator().manual_seed(0)
+    base = {"fc.weight": torch.randn(8, 6, generator=g), "head.weight": torch.randn(3, 8, generator=g)}
+    d = {n: torch.randn(w.shape[0], 1, generator=g) @ torch.randn(1, w.shape[1], generator=g) for n, w in base.items()}
+    tuned = {n: w + d[n] for n, w in base.items()}
+    tuned.update({f"ema.{n}": w + 2 * d[n] for n, w in base.items()})
+    save_file(base, tmp_path / "b.safetensors")
+    save_file(tuned, tmp_path / "t.safetensors")
+    r = run("extract", "--base", str(tmp_path / "b.safetensors"), "--tuned", str(tmp_path / "t.safetensors"), "--rank", "1",
+            "--svd", "exact", "-o", str(tmp_path / "a"))
+    assert [x["module"] for x in r["layers"]] == ["fc", "head"] and sorted(r["other_changed"]) == ["ema.fc.weight", "ema.head.weight"]
+    assert not r.get("warnings")
+    ad = read_adapter(tmp_path / "a")
+    for n in ("fc", "head"):
+        t = ad.targets[n]
+        assert torch.allclose(t.scale * t.B @ t.A, d[f"{n}.weight"], atol=1e-5)

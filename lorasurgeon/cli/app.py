@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -86,5 +87,6 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         if os.environ.get("LORASURGEON_DEBUG") == "1":
             traceback.print_exc()
-        sys.stderr.write(f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]})\n")
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.write(f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]})\n")
         sys.exit(EXIT_ERROR)

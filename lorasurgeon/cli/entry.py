@@ -43,12 +43,12 @@ def main() -> None:
         from lorasurgeon.cli.output import EXIT_BROKEN_PIPE  # (loaded with the app already)
 
         code = EXIT_BROKEN_PIPE if code in (0, None) else code
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # (AttributeError: started with stdout closed, None)
         pass
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         sys.stderr.flush()
     if isinstance(code, str):  # sys.exit("message"): print it, exit 1, as Python would
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             sys.stderr.write(code + "\n")
             sys.stderr.flush()
         code = 1

@@ -57,14 +57,22 @@ class _StdoutGuard:
 
     def write(self, text: str) -> int:
         with _stdout_errors():
-            return int(self._stream.write(text))
+            return int(_open_stdout(self._stream).write(text))
 
     def flush(self) -> None:
         with _stdout_errors():
-            self._stream.flush()
+            _open_stdout(self._stream).flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def _open_stdout(stream: Any) -> Any:
+    """stdout, or the command's one-line error when the process started with it closed (``>&-``:
+    Python then has None there)."""
+    if stream is None:
+        raise WriteError("write failed: stdout is closed", "<stdout>")
+    return stream
 
 
 @contextlib.contextmanager
@@ -100,7 +108,7 @@ def _write_stdout(text: str) -> None:
     the output (a buffered write of a large string can stop short without one), and a full disk
     a ``WriteError``."""
     with _stdout_errors():
-        sys.stdout.flush()
+        _open_stdout(sys.stdout).flush()
         try:
             fd = sys.stdout.fileno()
         except (AttributeError, ValueError, OSError):  # a captured stdout (tests, notebooks)
@@ -115,7 +123,7 @@ def _write_stdout(text: str) -> None:
 def _write_stderr(text: str) -> None:
     """Logs and error lines: a stderr that cannot be written (``2>/dev/full``, closed) must not
     change the command's result or keep its --json object off stdout."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # (AttributeError: started with 2>&-, None)
         sys.stderr.write(text)
         sys.stderr.flush()
 

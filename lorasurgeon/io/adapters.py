@@ -696,7 +696,9 @@ def name_part(ad: Adapter, fmt: str, component: str | None) -> tuple[Adapter, st
         if fmt == "peft":
             raise InvalidOptionError("--component names the pipeline part of a kohya or diffusers output; a PEFT adapter "
                                      "is for one model and names none")
-        ren = {m: f"{component}.{m}" for m in ad.targets if target_component(m) is None and not is_kohya_stem(m)}
+        sdxl = any(target_component(m) == "text_encoder_2" for m in ad.targets)
+        ren = {m: (kohya_name(f"{component}.{_strip_kohya_prefix(m)}", sdxl=sdxl) if is_kohya_stem(m) else f"{component}.{m}")
+               for m in ad.targets if target_component(m) is None}  # a kohya stem (lora_fc1) gets the part's prefix
         return replace(ad, targets={ren.get(m, m): replace(t, module=ren.get(m, m)) for m, t in ad.targets.items()}), None
     partless = sorted(m for m in ad.targets if target_component(m) is None)
     if fmt == "peft" or not partless or all(is_kohya_stem(m) for m in partless):

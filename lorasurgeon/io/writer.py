@@ -36,7 +36,7 @@ from lorasurgeon.errors import (
     OutputExistsError,
     WriteError,
 )
-from lorasurgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, dtype_name
+from lorasurgeon.io.checkpoint import PICKLE_SUFFIXES, Checkpoint, dtype_name, require_regular_file
 
 METADATA_KEY = "lorasurgeon"
 FORMAT_VERSION = 1
@@ -331,8 +331,14 @@ def _input_name(p: Path) -> str:
 
 
 def input_record(path: str | Path) -> dict[str, Any]:
-    """Basename and sha256 of an input: a file, or a folder's files in sorted order."""
+    """Basename and sha256 of an input: a file, or a folder's files in sorted order.
+
+    Raises:
+        FormatError: a FIFO, device or socket (hashing would block on it, or consume it).
+    """
     p = Path(path)
+    if not p.is_dir():
+        require_regular_file(p)
     if p.is_dir():
         files = {str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
@@ -434,6 +440,8 @@ class DeferredProvenance:
 
 def _placeholder_record(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if not p.is_dir():
+        require_regular_file(p)  # (before the hashing thread would block on a FIFO)
     if p.is_dir():
         return {"name": _input_name(p), "sha256": _PLACEHOLDER_SHA, "files": sum(1 for f in p.rglob("*") if f.is_file())}
     return {"name": _input_name(p), "sha256": _PLACEHOLDER_SHA}

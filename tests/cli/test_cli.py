@@ -140,6 +140,18 @@ def test_an_unwritable_stderr_changes_nothing(tmp_path: Path) -> None:
     assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["kind"] == "not_found"
 
 
+def test_closed_standard_streams(tmp_path: Path) -> None:
+    # started with 2>&- or >&-: Python has None there
+    p = tmp_path / "m.safetensors"
+    save_file({"l.weight": torch.randn(16, 16)}, p)
+    no_stderr = subprocess.run([*LS, "factorize", str(p), "--rank", "2", "-o", str(tmp_path / "f.safetensors"), "--json"],
+                               stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    assert no_stderr.returncode == 0 and json.loads(no_stderr.stdout)["layers"][0]["rank"] == 2
+    no_stdout = subprocess.run([*LS, "inspect", str(p), "--json"], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: os.close(1))
+    assert no_stdout.returncode == 1 and no_stdout.stderr == "error: <stdout>: write failed: stdout is closed\n"
+
+
 @pytest.mark.parametrize("json_out", [True, False])
 def test_a_full_stdout_is_one_error_line(tmp_path: Path, json_out: bool) -> None:
     p = tmp_path / "m.safetensors"

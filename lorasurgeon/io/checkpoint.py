@@ -151,9 +151,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, _StEntry], dict[str, str]]:
-    """Parse and validate a safetensors header without reading tensor data, as strictly as the
-    safetensors library does: every name once, ``__metadata__`` a map of strings, and the
-    tensors' bytes exactly tiling the data section (no overlap, gap or trailing bytes).
+    """Parse and validate a safetensors header without reading tensor data, at least as strictly
+    as the safetensors library does: every name once (a key twice is refused even where both
+    copies agree), ``__metadata__`` a map of strings, and the tensors' bytes exactly tiling the
+    data section (no overlap, gap or trailing bytes).
 
     Raises:
         FormatError: the header's length, JSON, dtypes, shapes or offsets do not fit the file.

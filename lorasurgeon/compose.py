@@ -17,11 +17,13 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
+    check_component,
     is_kohya_stem,
     kohya_stems,
     name_part,
     read_adapter,
     refuse_lossy_stems,
+    rename_targets,
     target_component,
     write_adapter,
 )
@@ -155,8 +157,8 @@ def _unify_names(adapters: Sequence[Adapter], paths: Sequence[str | Path]) -> li
             raise UnsupportedError(
                 f"kohya name {unknown[0]!r} is a lossy underscored stem that no other input names, and the other "
                 "inputs use module paths; map it first: lorasurgeon convert FILE --to peft --base BASE", paths[i])
-        targets = {known.get(m, m): replace(t, module=known.get(m, m)) for m, t in ad.targets.items()}
-        out[i] = replace(ad, targets=dict(sorted(targets.items())))
+        renamed = rename_targets(ad, known)
+        out[i] = replace(renamed, targets=dict(sorted(renamed.targets.items())))
     return out
 
 
@@ -288,8 +290,8 @@ def compose_adapters(
     seed = 0 if seed is None else seed
     if fmt is not None and fmt not in FORMATS:
         raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if component is not None and fmt is not None:
-        name_part(Adapter(fmt, {}), fmt, component)  # a bad --component fails before any work
+    if fmt is not None:
+        check_component(fmt, component)
     if out is None and not dry_run:
         raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
     if out is not None and not dry_run:

@@ -44,16 +44,12 @@ class ConvertResult:
         return json_safe(asdict(self))
 
 
-def _renamed(ad: Adapter, ren: dict[str, str]) -> Adapter:
-    return replace(ad, targets={ren.get(m, m): replace(t, module=ren.get(m, m)) for m, t in ad.targets.items()})
-
-
 def _one_component(ad: Adapter, component: str, path: str | Path) -> tuple[Adapter, dict[str, str], dict[str, int]]:
     """``--component``: keep that part's targets (dropping the other parts'), and give targets
     that name no part that part's prefix. Returns the adapter, renames and skipped counts."""
     ad, skipped = io_ad.keep_part(ad, component, Path(path).name, path)
-    ren = {m: f"{component}.{m}" for m in ad.targets if io_ad.target_component(m) is None and not io_ad.is_kohya_stem(m)}
-    return _renamed(ad, ren), ren, skipped
+    ad, ren = io_ad.give_part(ad, component)
+    return ad, ren, skipped
 
 
 def _strip_component(ad: Adapter, path: str | Path) -> tuple[Adapter, dict[str, str]]:
@@ -66,7 +62,7 @@ def _strip_component(ad: Adapter, path: str | Path) -> tuple[Adapter, dict[str, 
     if len(comps) != 1 or None in comps:
         return ad, {}
     ren = {m: m.split(".", 1)[1] for m in ad.targets}
-    return _renamed(ad, ren), ren
+    return io_ad.rename_targets(ad, ren), ren
 
 
 def _chain(first: dict[str, str], then: dict[str, str]) -> dict[str, str]:

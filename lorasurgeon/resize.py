@@ -17,6 +17,7 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, Unsu
 from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
+    check_component,
     name_part,
     read_adapter,
     refuse_adapter,
@@ -136,7 +137,7 @@ def resize_adapter(
     # adapter-sized inputs the sha256 is done by the time the layers are re-ranked.
     hashes = None if dry_run else HashedInputs([inp])
     ad = read_adapter(inp)
-    name_part(Adapter(fmt or ad.format, {}), fmt or ad.format, component)  # a bad --component fails before any work
+    check_component(fmt or ad.format, component)
     refuse_lossy_stems(ad, fmt or ad.format, inp)
     if any(t.magnitude is not None for t in ad.targets.values()):
         raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
@@ -259,7 +260,7 @@ def extract_adapter(
         check_output(out, force, [base, tuned], directory=fmt == "peft")
     from lorasurgeon.nn.models import folder_module_kinds
 
-    name_part(Adapter(fmt, {}), fmt, component)  # a bad --component fails before any work
+    check_component(fmt, component)
     kinds = folder_module_kinds(base) or folder_module_kinds(tuned)  # a model folder's module names and types
     conv1d = {n for n, k in (kinds or {}).items() if k == "conv1d"}  # GPT-2 style: weights stored in×out
     warnings: list[str] = []

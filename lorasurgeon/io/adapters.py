@@ -681,6 +681,36 @@ def keep_part(ad: Adapter, part: str, label: str, path: str | Path | None) -> tu
     return replace(ad, targets=kept), {c: len(parts[c]) for c in named if c != part}
 
 
+def give_part(ad: Adapter, component: str) -> tuple[Adapter, dict[str, str]]:
+    """The targets that name no pipeline part get ``component``'s: ``unet.`` before a module name,
+    a kohya stem's prefix swapped (``lora_fc1`` -> ``lora_unet_fc1``). Returns the adapter and
+    the renames."""
+    sdxl = any(target_component(m) == "text_encoder_2" for m in ad.targets)
+    ren = {m: (kohya_name(f"{component}.{_strip_kohya_prefix(m)}", sdxl=sdxl) if is_kohya_stem(m) else f"{component}.{m}")
+           for m in ad.targets if target_component(m) is None}
+    return rename_targets(ad, ren), ren
+
+
+def rename_targets(ad: Adapter, ren: Mapping[str, str]) -> Adapter:
+    """``ad`` with targets renamed by ``ren`` (old -> new; the others keep their names)."""
+    return replace(ad, targets={ren.get(m, m): replace(t, module=ren.get(m, m)) for m, t in ad.targets.items()})
+
+
+def check_component(fmt: str, component: str | None) -> None:
+    """A ``--component`` for an output of layout ``fmt`` (called before any work is done).
+
+    Raises:
+        InvalidOptionError: not a pipeline part, or given for a PEFT output (an adapter for one model).
+    """
+    if component is None:
+        return
+    if component not in DIFFUSERS_COMPONENTS:
+        raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
+    if fmt == "peft":
+        raise InvalidOptionError("--component names the pipeline part of a kohya or diffusers output; a PEFT adapter "
+                                 "is for one model and names none")
+
+
 def name_part(ad: Adapter, fmt: str, component: str | None) -> tuple[Adapter, str | None]:
     """A kohya or diffusers output's targets need their pipeline part: kohya loaders find layers
     by ``lora_unet_`` / ``lora_te_`` prefixes, diffusers by ``unet.`` / ``text_encoder.``.
@@ -688,18 +718,11 @@ def name_part(ad: Adapter, fmt: str, component: str | None) -> tuple[Adapter, st
     warning (returned), since the file would load as nothing (kohya) or under ``unet.``.
 
     Raises:
-        InvalidOptionError: ``component`` for a PEFT output (an adapter for one model), or not a part.
+        InvalidOptionError: see ``check_component``.
     """
+    check_component(fmt, component)
     if component is not None:
-        if component not in DIFFUSERS_COMPONENTS:
-            raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
-        if fmt == "peft":
-            raise InvalidOptionError("--component names the pipeline part of a kohya or diffusers output; a PEFT adapter "
-                                     "is for one model and names none")
-        sdxl = any(target_component(m) == "text_encoder_2" for m in ad.targets)
-        ren = {m: (kohya_name(f"{component}.{_strip_kohya_prefix(m)}", sdxl=sdxl) if is_kohya_stem(m) else f"{component}.{m}")
-               for m in ad.targets if target_component(m) is None}  # a kohya stem (lora_fc1) gets the part's prefix
-        return replace(ad, targets={ren.get(m, m): replace(t, module=ren.get(m, m)) for m, t in ad.targets.items()}), None
+        return give_part(ad, component)[0], None
     partless = sorted(m for m in ad.targets if target_component(m) is None)
     if fmt == "peft" or not partless or all(is_kohya_stem(m) for m in partless):
         return ad, None
@@ -778,6 +801,18 @@ def _alpha_for(t: LoraTarget, rslora: bool) -> float:
     return t.scale * math.sqrt(t.rank) if rslora else t.scale * t.rank
 
 
+def _peft_tensors(t: LoraTarget, lora_bias: bool) -> dict[str, torch.Tensor]:
+    """A target's tensors in PEFT's keys (a diffusers file uses the same ones): the factors, the
+    DoRA magnitude (PEFT's shapes: (out,) for Linear, (1, out, 1, 1) for Conv2d) and, when the
+    config's one ``lora_bias`` switch is on, a bias (zeros for targets without one, as peft has)."""
+    out = {"lora_A.weight": t.A, "lora_B.weight": t.B}
+    if lora_bias:
+        out["lora_B.bias"] = t.bias if t.bias is not None else t.B.new_zeros(t.B.shape[0])
+    if t.magnitude is not None:
+        out["lora_magnitude_vector"] = t.magnitude.reshape(1, -1, 1, 1) if t.is_conv else t.magnitude.reshape(-1)
+    return out
+
+
 def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors (and, for PEFT, the adapter_config.json) of ``ad`` in layout ``fmt``.
 
@@ -803,13 +838,7 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         a_default = max(set(alpha_values), key=lambda a: (alpha_values.count(a), -a)) if alpha_values else 8
         any_bias = any(t.bias is not None for t in ad.targets.values())
         for m, t in ad.targets.items():
-            state[f"{PEFT_PREFIX}{m}.lora_A.weight"] = t.A
-            state[f"{PEFT_PREFIX}{m}.lora_B.weight"] = t.B
-            if any_bias:  # lora_bias is one switch for every target in PEFT: the others get zero biases
-                state[f"{PEFT_PREFIX}{m}.lora_B.bias"] = t.bias if t.bias is not None else t.B.new_zeros(t.B.shape[0])
-            if t.magnitude is not None:  # PEFT's shapes: (out,) for Linear, (1, out, 1, 1) for Conv2d
-                state[f"{PEFT_PREFIX}{m}.lora_magnitude_vector"] = (
-                    t.magnitude.reshape(1, -1, 1, 1) if t.is_conv else t.magnitude.reshape(-1))
+            state.update({f"{PEFT_PREFIX}{m}.{k}": v for k, v in _peft_tensors(t, any_bias).items()})
         biases = peft_bias_tensors(ad)
         for n, v in ad.modules_to_save.items():
             mod = n.rsplit(".", 1)[0]
@@ -879,14 +908,8 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         bias = {comp: any(t.bias is not None for t in ts.values()) for comp, ts in parts.items()}
         for m, t in ad.targets.items():
             name = named[m]
-            state[f"{name}.lora_A.weight"] = t.A
-            state[f"{name}.lora_B.weight"] = t.B
             comp, _, sub = name.partition(".")
-            if bias[comp]:  # the others get zero biases, as peft gives them
-                state[f"{name}.lora_B.bias"] = t.bias if t.bias is not None else t.B.new_zeros(t.B.shape[0])
-            if t.magnitude is not None:  # PEFT's shapes: (out,) for Linear, (1, out, 1, 1) for Conv2d
-                state[f"{name}.lora_magnitude_vector"] = (
-                    t.magnitude.reshape(1, -1, 1, 1) if t.is_conv else t.magnitude.reshape(-1))
+            state.update({f"{name}.{k}": v for k, v in _peft_tensors(t, bias[comp]).items()})
             if comp in ("text_encoder", "text_encoder_2"):
                 # CLIP under transformers 5 has no text_model level, and diffusers strips it from the
                 # keys but not from these names: a suffix matches either way (PEFT matches

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from lorasurgeon.cli.options import (
@@ -21,7 +23,14 @@ from lorasurgeon.cli.options import (
 from lorasurgeon.cli.output import handle_errors, human_count, log, print_json, progress, stdout_console
 from lorasurgeon.errors import InvalidOptionError
 from lorasurgeon.factorize import make_rule
-from lorasurgeon.resize import ExtractResult, ResizeResult, extract_adapter, resize_adapter
+from lorasurgeon.resize import (
+    ExtractLayer,
+    ExtractResult,
+    ResizeLayer,
+    ResizeResult,
+    extract_adapter,
+    resize_adapter,
+)
 
 P = "Rank rule (exactly one)"
 RankOpt = Annotated[int | None, typer.Option("--rank", help="Fixed rank.", rich_help_panel=P)]
@@ -99,6 +108,12 @@ def extract_command(
         print_json(r.to_json()) if json_out else render_extract(r)
 
 
+def _print_cast(con: Console, layers: Sequence[ResizeLayer | ExtractLayer], whose: str) -> None:
+    cast = max((x.cast_error for x in layers), default=0.0)
+    if cast:
+        con.print(f"storing the factors in {whose} dtype changed them by up to {cast:.3g} (relative)")
+
+
 def render_resize(r: ResizeResult) -> None:
     con = stdout_console()
     t = Table(title="Resized targets", title_justify="left")
@@ -109,9 +124,7 @@ def render_resize(r: ResizeResult) -> None:
                   f"{x.alpha_before:g} -> {x.alpha_after:g}", f"{x.scale:.4g}", f"{x.fro_kept:.4f}")
     con.print(t)
     con.print(f"parameters: {human_count(r.params_before)} -> {human_count(r.params_after)}")
-    cast = max((x.cast_error for x in r.layers), default=0.0)
-    if cast:
-        con.print(f"storing the factors in the input's dtype changed them by up to {cast:.3g} (relative)")
+    _print_cast(con, r.layers, "the input's")
 
 
 def render_extract(r: ExtractResult) -> None:
@@ -125,6 +138,4 @@ def render_extract(r: ExtractResult) -> None:
     con.print(f"unchanged tensors: {len(r.unchanged)}; other changed tensors: {len(r.other_changed)}"
               + (f" (saved: {len(r.saved_other)})" if r.saved_other else " (pass --save-other to keep them)" if r.other_changed else ""))
     con.print(f"adapter parameters: {human_count(r.adapter_params)}")
-    cast = max((x.cast_error for x in r.layers), default=0.0)
-    if cast:
-        con.print(f"storing the factors in the weights' dtype changed them by up to {cast:.3g} (relative)")
+    _print_cast(con, r.layers, "the weights'")

@@ -337,12 +337,11 @@ def input_record(path: str | Path) -> dict[str, Any]:
         FormatError: a FIFO, device or socket (hashing would block on it, or consume it).
     """
     p = Path(path)
-    if not p.is_dir():
-        require_regular_file(p)
     if p.is_dir():
         files = {str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         return {"name": _input_name(p), "sha256": digest, "files": len(files)}
+    require_regular_file(p)
     return {"name": _input_name(p), "sha256": sha256_file(p)}
 
 
@@ -440,10 +439,9 @@ class DeferredProvenance:
 
 def _placeholder_record(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_dir():
-        require_regular_file(p)  # (before the hashing thread would block on a FIFO)
     if p.is_dir():
         return {"name": _input_name(p), "sha256": _PLACEHOLDER_SHA, "files": sum(1 for f in p.rglob("*") if f.is_file())}
+    require_regular_file(p)  # (before the hashing thread would block on a FIFO)
     return {"name": _input_name(p), "sha256": _PLACEHOLDER_SHA}
 
 

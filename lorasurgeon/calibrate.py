@@ -31,7 +31,7 @@ from torch import nn
 from lorasurgeon.data import Dataset
 from lorasurgeon.errors import FormatError, InvalidOptionError
 from lorasurgeon.nn.layers import apply_factorization
-from lorasurgeon.nn.models import LoadedModel, model_outputs
+from lorasurgeon.nn.models import LoadedModel, conv_groups, model_outputs
 from lorasurgeon.ops import svd
 
 METHODS = ("svd", "asvd", "svd-llm", "fwsvd")
@@ -527,7 +527,7 @@ class CalibrationSession:
         self.lm, self.calib, self.heldout, self.opts = lm, calib, heldout, opts
         self.stats: dict[str, LayerStats] = {}
         self.fitted: dict[str, tuple[torch.Tensor, torch.Tensor, float, LayerStats]] = {}
-        self.conv_groups = {n: m.groups for n, m in lm.model.named_modules() if isinstance(m, nn.Conv2d)}
+        self.conv_groups = conv_groups(lm.model)
 
     @classmethod
     def prepare(cls, model_path: Path, opts: CalibrationOptions) -> CalibrationSession:

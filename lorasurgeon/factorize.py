@@ -26,7 +26,7 @@ from lorasurgeon.io.adapters import refuse_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
-from lorasurgeon.nn.models import folder_module_kinds, module_kinds
+from lorasurgeon.nn.models import conv_groups, folder_module_kinds, module_kinds
 from lorasurgeon.nn.targeting import default_excluded, matches, module_of, select
 from lorasurgeon.ops import ranks, svd
 
@@ -277,8 +277,6 @@ def _arch_kinds(arch: str, ck: Checkpoint) -> tuple[dict[str, str], dict[str, in
     """``module_kinds`` and each Conv2d's ``groups`` of the model ``arch`` builds (its
     architecture only, no weights), after checking that the checkpoint's weights are that
     model's (same names and shapes)."""
-    from torch import nn
-
     from lorasurgeon.nn.models import build_arch
 
     model = build_arch(arch)
@@ -290,7 +288,7 @@ def _arch_kinds(arch: str, ck: Checkpoint) -> tuple[dict[str, str], dict[str, in
         raise FormatError(f"the weights are not {arch}'s: " + "; ".join(
             ([f"{len(wrong)} of another shape, e.g. {wrong[0]}"] if wrong else [])
             + ([f"{len(foreign)} it does not have, e.g. {foreign[0]!r}"] if foreign else [])), ck.path)
-    return module_kinds(model), {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return module_kinds(model), conv_groups(model)
 
 
 def _factorize(

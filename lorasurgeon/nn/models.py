@@ -380,6 +380,11 @@ def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
     return module_kinds(model)
 
 
+def conv_groups(model: nn.Module) -> dict[str, int]:
+    """Each Conv2d's ``groups`` by module name (a state dict cannot show it)."""
+    return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
 def module_kinds(model: nn.Module) -> dict[str, str]:
     """What each module (with parameters of its own) of ``model`` is, under every name it has:
     ``linear``, ``linear-raw`` (a Linear whose parent reads its weight directly instead of calling

@@ -22,6 +22,7 @@ from lorasurgeon.io.adapters import (
     kohya_stems,
     name_part,
     read_adapter,
+    refuse_base_changing,
     refuse_lossy_stems,
     rename_targets,
     target_component,
@@ -301,6 +302,7 @@ def compose_adapters(
     hashes = None if dry_run else HashedInputs(inputs)
     adapters = [read_adapter(p) for p in inputs]
     for ad, p in zip(adapters, inputs, strict=True):
+        refuse_base_changing(ad, "adapters made with it do not add")
         dora = sorted(n for n, t in ad.targets.items() if t.magnitude is not None)
         if dora:
             raise UnsupportedError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,11 +19,12 @@ from lorasurgeon.errors import (
     VerificationError,
 )
 from lorasurgeon.io import adapters as io_ad
-from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter
+from lorasurgeon.io.adapters import DIFFUSERS_COMPONENTS, Adapter, LoraTarget
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.io.writer import check_output, provenance
+from lorasurgeon.merge import _match
 from lorasurgeon.nn.targeting import select
-from lorasurgeon.ops.lora import delta_weight
+from lorasurgeon.ops.lora import check_init, delta_weight, init_correction
 
 FORMATS = ("peft", "kohya", "diffusers")
 
@@ -82,9 +84,53 @@ def _reparse(ad: Adapter, fmt: str) -> Adapter:
     return io_ad._read_diffusers(dict(state), dict(config), Path("<converted>"))
 
 
+def _make_plain(ad: Adapter, base: str | Path, inp: str | Path, atol: float) -> tuple[Adapter, int, float]:
+    """Targets made with a base-changing initialisation (PiSSA, OLoRA: ``LoraTarget.init``) as the
+    plain LoRA that gives the same merged weight on ``base``: the adapter's s·B·A next to minus
+    what the initialisation takes out of the base weight (``ops/lora.py::init_correction``), rank
+    2r, scale 1, fp32 factors (fp64 for fp64 ones). PEFT's ``path_initial_model_for_weight_conversion``
+    makes the same rank-2r adapter when it saves. Each new delta is checked against the adapter's
+    plus the correction, in fp64. Returns the adapter, the number of targets rewritten and the
+    largest difference."""
+    todo = {m: t for m, t in ad.targets.items() if t.init}
+    if not todo:
+        return ad, 0, 0.0
+    targets = dict(ad.targets)
+    worst = 0.0
+    with Checkpoint.open(base) as ck:
+        names = set(ck.names())
+        tmap, _, unmatched = _match(replace(ad, targets=todo, modules_to_save={}), {n for n in names if n.endswith(".weight")},
+                                    names)
+        if unmatched:
+            raise MatchError(f"{len(unmatched)} target(s) match no weight of the base, e.g. {unmatched[0]!r}", base)
+        for m, t in sorted(todo.items()):
+            try:
+                check_init([(t, 1.0)], unmerge=False)
+            except UnsupportedError as e:
+                raise UnsupportedError(e.message, inp) from None
+            W = ck.get(tmap[m])
+            if tuple(W.shape) != tuple(t.delta_shape()):
+                raise MatchError(f"{m!r}: adapter {list(t.delta_shape())} vs base {list(W.shape)}", base)
+            c = init_correction(W, t)
+            dt = torch.float64 if t.A.dtype == torch.float64 else torch.float32
+            A = torch.cat([t.A.to(torch.float64), c.A]).to(dt)
+            B = torch.cat([t.B.to(torch.float64) * t.scale, c.B * c.scale], dim=1).to(dt)
+            k = int(A.shape[0])
+            new = LoraTarget(m, A, B, math.sqrt(k) if ad.use_rslora else float(k), 1.0, None, t.bias, t.fan_in_fan_out)
+            want = delta_weight(t, dtype=torch.float64) + delta_weight(c, dtype=torch.float64)
+            diff = float((delta_weight(new, dtype=torch.float64) - want).abs().max())
+            if diff > atol * max(float(want.abs().max()), 1e-12):
+                raise VerificationError(f"layer {m!r}: the plain LoRA's delta is {diff:.3g} from the adapter's on this base "
+                                        f"(tolerance {atol:g} relative)", inp)
+            worst = max(worst, diff)
+            targets[m] = new
+    return replace(ad, targets=targets), len(todo), worst
+
+
 def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Path | None = None,
                     component: str | None = None, include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None, atol: float = 1e-6, force: bool = False) -> ConvertResult:
+                    exclude: Sequence[str] | None = None, plain: bool = False, atol: float = 1e-6,
+                    force: bool = False) -> ConvertResult:
     """Rewrite an adapter in another layout without changing any layer's delta.
 
     kohya names are lossy (``.`` → ``_``); leaving kohya needs ``base`` to map them back, unless
@@ -101,6 +147,12 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
     for a kohya file; ``modules_to_save`` tensors by tensor or module name) that keep only some
     targets, e.g. to split an adapter that one output layout cannot hold whole.
 
+    ``plain`` (needs ``base``): targets of a PEFT adapter made with a base-changing
+    initialisation (``init_lora_weights`` "pissa" or "olora", which peft runs again on the base it
+    loads the adapter onto) become plain LoRA of twice the rank that give the same merged weight
+    on ``base`` (``_make_plain``). Without it, PEFT and diffusers outputs keep
+    ``init_lora_weights`` and a kohya output is refused.
+
     Raises:
         InvalidOptionError: unknown format, or kohya → other without ``base``.
         VerificationError: a layer's delta changed by more than ``atol`` (relative to its max |ΔW|), exit 3.
@@ -109,6 +161,8 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
         raise InvalidOptionError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     if component is not None and component not in DIFFUSERS_COMPONENTS:
         raise InvalidOptionError(f"--component must be one of {', '.join(DIFFUSERS_COMPONENTS)}, got {component!r}")
+    if plain and base is None:
+        raise InvalidOptionError("--plain needs --base: the plain LoRA depends on the base weights")
     check_output(out, force, [inp, base], directory=to == "peft")
     ad = io_ad.read_adapter(inp)
     from_format = ad.format
@@ -150,11 +204,19 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
                 misfit.append(f"{m} ({list(t.delta_shape())} vs {list(shapes[mod])})")
         if misfit:  # the names fit, the layers do not: not this base's adapter
             raise FormatError(f"{len(misfit)} layer(s) do not fit the base {Path(base).name}: " + "; ".join(misfit[:3]), inp)
+    warnings: list[str] = []
+    if plain:
+        ad, n_plain, plain_diff = _make_plain(ad, base, inp, atol)  # type: ignore[arg-type]
+        if n_plain:
+            warnings.append(f"{n_plain} target(s) made with a base-changing initialisation are now plain LoRA of twice "
+                            f"their rank for {Path(base).name} (largest delta difference {plain_diff:.3g})")  # type: ignore[arg-type]
+        else:
+            warnings.append("--plain: no target was made with a base-changing initialisation; nothing to rewrite")
     if to == "peft":
         ad, ren = _strip_component(ad, inp)
         renamed = _chain(renamed, ren)
     _, note = io_ad.name_part(ad, to, None)  # (--component, when given, already named the part above)
-    warnings = [note] if note else []
+    warnings += [note] if note else []
     back = _reparse(ad, to)
     worst = 0.0
     src_names = sorted(ad.targets)
@@ -170,6 +232,8 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
         worst = max(worst, diff)
         if diff > atol * max(scale, 1e-12):
             raise VerificationError(f"layer {m!r}: delta changed by {diff:.3g} in conversion (tolerance {atol:g} relative)", inp)
+        if ad.targets[m].init != back.targets[name].init:
+            raise VerificationError(f"layer {m!r}: its init_lora_weights {ad.targets[m].init!r} changed in conversion", inp)
         for part in ("magnitude", "bias"):  # DoRA magnitudes and LoRA biases: kept bit for bit
             v0, v1 = getattr(ad.targets[m], part), getattr(back.targets[name], part)
             if (v0 is None) != (v1 is None) or (v0 is not None and not torch.equal(v0.reshape(-1), v1.reshape(-1))):
@@ -180,7 +244,8 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
         if got is None or got.shape != v.shape or not torch.equal(got, v):
             raise VerificationError(f"modules_to_save tensor {n!r} is {'missing' if got is None else 'changed'} "
                                     "after conversion", inp)
-    opts = {"to": to, **({"include": list(include)} if include else {}), **({"exclude": list(exclude)} if exclude else {})}
+    opts = {"to": to, **({"include": list(include)} if include else {}), **({"exclude": list(exclude)} if exclude else {}),
+            **({"plain": True} if plain else {})}
     io_ad.write_adapter(ad, out, to, provenance_meta=provenance("convert", opts, [inp] + ([base] if base else [])), force=force)
     return ConvertResult("lorasurgeon.convert/1", str(inp), str(out), from_format,
                          to, len(ad.targets), worst, renamed, skipped, warnings)

@@ -554,8 +554,9 @@ def _adapter_targets(read: Sequence[tuple[Path, Adapter, dict[str, str]]]) -> li
         for m, mod in tmap.items():
             t = ad.targets[m]
             has_bias = t.bias is not None and bool(t.bias.any())
-            if t.is_conv or t.magnitude is not None or has_bias or t.fan_in_fan_out:
-                what = "conv" if t.is_conv else "DoRA" if t.magnitude is not None else "LoRA bias" if has_bias else "fan_in_fan_out"
+            if t.is_conv or t.magnitude is not None or has_bias or t.fan_in_fan_out or t.init:
+                what = ("conv" if t.is_conv else "DoRA" if t.magnitude is not None else "LoRA bias" if has_bias
+                        else "fan_in_fan_out" if t.fan_in_fan_out else f"initialised with {t.init!r} (it changes the base)")
                 raise UnsupportedError(f"--separate-adapters supports plain LoRA on Linear layers; {m!r} is {what}: merge it instead", path)
             mods.add(mod)
     return sorted(mods)

@@ -84,6 +84,9 @@ class AdapterSummary:
     use_rslora: bool
     modules_to_save: list[str]
     rows: list[AdapterTargetRow]
+    # PEFT's init_lora_weights when it changed the base weights (PiSSA, OLoRA...): merges take
+    # the initial s·B₀·A₀ out of the base first, as peft does when it loads the adapter
+    base_changing_init: str | None = None
 
 
 @dataclass
@@ -345,6 +348,7 @@ def summarize_adapter(ad: Adapter, keep: set[str] | None = None) -> AdapterSumma
         use_rslora=ad.use_rslora,
         modules_to_save=sorted(m for m in ad.modules_to_save if m in keep),
         rows=rows,
+        base_changing_init=next((t.init for t in ad.targets.values() if t.init), None),
     )
 
 

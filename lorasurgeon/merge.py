@@ -264,11 +264,16 @@ def _plan(
         raise MatchError("no adapter target matches a base weight: the adapters are not for this model", where)
     if unmatched_all and warn:
         warn(f"skipping {len(unmatched_all)} unmatched target(s): " + ", ".join(unmatched_all[:10]))
-    for parts in per_weight.values():  # DoRA rules
+    for parts in per_weight.values():  # DoRA rules, and those of base-changing initialisations (PiSSA...)
         try:
             lora.check_dora([(t, wi) for t, wi, _ in parts], unmerge=unmerge)
         except UnsupportedError as e:  # name the (first) DoRA adapter's file
             e.path = str(ads[next((i for t, _, i in parts if t.magnitude is not None), parts[0][2])][2])
+            raise
+        try:
+            lora.check_init([(t, wi) for t, wi, _ in parts], unmerge=unmerge)
+        except UnsupportedError as e:
+            e.path = str(ads[next((i for t, _, i in parts if t.init), parts[0][2])][2])
             raise
     return per_weight, saved, unmatched_all
 

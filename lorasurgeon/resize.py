@@ -21,6 +21,7 @@ from lorasurgeon.io.adapters import (
     name_part,
     read_adapter,
     refuse_adapter,
+    refuse_base_changing,
     refuse_lossy_stems,
     write_adapter,
 )
@@ -141,6 +142,7 @@ def resize_adapter(
     refuse_lossy_stems(ad, fmt or ad.format, inp)
     if any(t.magnitude is not None for t in ad.targets.values()):
         raise UnsupportedError("resizing a DoRA adapter is ill-posed without its base weights; merge it instead", inp)
+    refuse_base_changing(ad, "peft would take a different amount out of the base at another rank")
     new: dict[str, LoraTarget] = {}
     layers: list[ResizeLayer] = []
     # one thread: the per-layer algebra (a QR per factor, an r x r SVD) is too small for two

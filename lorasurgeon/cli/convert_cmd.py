@@ -24,13 +24,14 @@ def convert_command(
     component: Annotated[str | None, typer.Option("--component", help="The pipeline part (unet, text_encoder, text_encoder_2, transformer): keep only its LoRA, or name the part of targets whose names do not say.")] = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    plain: Annotated[bool, typer.Option("--plain", help="With --base: rewrite targets of a PiSSA or OLoRA adapter (PEFT init_lora_weights, which changes the base) as plain LoRA of twice the rank for that base.")] = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Convert an adapter between PEFT, kohya and diffusers layouts; every delta is checked first."""
     with handle_errors(json_out):
-        r = convert_adapter(adapter, to, output, base=base, component=component, include=include, exclude=exclude, force=force)
+        r = convert_adapter(adapter, to, output, base=base, component=component, include=include, exclude=exclude, plain=plain, force=force)
         for w in r.warnings:
             log(f"warning: {w}", quiet)
         for c, n in r.skipped_components.items():

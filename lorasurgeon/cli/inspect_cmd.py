@@ -107,6 +107,7 @@ def render(r: InspectResult, show_tensors: bool) -> None:
         con.print(
             f"adapter: {a.format}, {a.targets} targets, ranks {a.ranks}, alphas {a.alphas}"
             + (", rslora" if a.use_rslora else "")
+            + (f", init_lora_weights {a.base_changing_init} (changes the base weights)" if a.base_changing_init else "")
             + (f", modules_to_save: {len(a.modules_to_save)} tensors" if a.modules_to_save else "")
         )
         t = Table(title="Adapter targets", title_justify="left")

@@ -66,6 +66,10 @@ class LoraTarget:
         magnitude: DoRA magnitude vector (out,), or None.
         bias: LoRA bias on B (out,), or None.
         fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D); delta is transposed.
+        init: PEFT's ``init_lora_weights`` when it changed the base weight as the adapter was
+            made (``BASE_CHANGING_INITS``: "pissa", "olora", ...), else None. Like peft, which
+            runs that initialisation again when it loads the adapter, a merge first takes the
+            initial s·B₀·A₀ out of the base weight (``ops/lora.py::init_correction``).
     """
 
     module: str
@@ -76,6 +80,7 @@ class LoraTarget:
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     fan_in_fan_out: bool = False
+    init: str | None = None
 
     @property
     def rank(self) -> int:
@@ -233,9 +238,84 @@ def _is_number(v: Any, *, integer: bool = False) -> bool:
     return (isinstance(v, int) and v >= 1) if integer else math.isfinite(v)
 
 
+# PEFT LoRA variants whose tensors do not mean delta W = s·B·A on the named module (or that are
+# no weight update at all), by the adapter_config.json field that switches them on: refused by
+# name rather than read as plain LoRA. (VeLoRA, MiCA, EVA, "gaussian" and "orthogonal" change only
+# training or the initial values, so their adapters are plain LoRA and are read.)
+PEFT_VARIANTS = {
+    "alora_invocation_tokens": "Activated LoRA (aLoRA) acts only on the tokens from its invocation string on, so it "
+                               "is no weight update (PEFT cannot merge it either)",
+    "use_qalora": "QALoRA pools the inputs in groups of qalora_group_size before lora_A",
+    "layer_replication": "it stacks repeated base layers into a deeper model, and its adapter names "
+                         "layers the base does not hold",
+    "target_parameters": "LoRA on parameters (target_parameters, e.g. MoE expert tensors) is not LoRA on a module's "
+                         "weight",
+    "kasa_config": "KaSA truncates the base weight's smallest singular components and scales B·A by a learned "
+                   "diagonal (lora_diag)",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors in a packed layout",
+    "arrow_config": "Arrow routes each token between several LoRA experts",
+    "monteclora_config": "MonteCLoRA samples its factors from learned distributions",
+}
+# PEFT initialisations that change the base weights when the adapter is created (PiSSA, OLoRA,
+# CorDA and LoRA-GA subtract s·B₀·A₀; LoftQ quantizes W): an adapter saved without PEFT's
+# ``path_initial_model_for_weight_conversion`` applies to that changed base, not to the original.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _peft_variant(config: dict[str, Any]) -> str | None:
+    """The first LoRA variant this PEFT config switches on that the reader refuses, or None."""
+    for key in PEFT_VARIANTS:
+        v = config.get(key)
+        if v not in (None, False, [], {}, ""):
+            return key
+    return None
+
+
+def _base_changing(config: dict[str, Any]) -> str | None:
+    """The config's ``init_lora_weights`` if it is one of ``BASE_CHANGING_INITS``, else None."""
+    v = config.get("init_lora_weights")
+    return v if isinstance(v, str) and v.lower().startswith(BASE_CHANGING_INITS) else None
+
+
+def base_changing_init(targets: Mapping[str, LoraTarget]) -> str | None:
+    """The one base-changing initialisation of these targets (one PEFT config's), or None.
+
+    Raises:
+        UnsupportedError: only some targets, or targets with different initialisations (PEFT has
+            one ``init_lora_weights`` per config).
+    """
+    inits = {t.init for t in targets.values()}
+    if len(inits) > 1:
+        named = sorted((m for m, t in targets.items() if t.init), key=str)
+        plain = sorted(m for m, t in targets.items() if not t.init)
+        other = plain[0] if plain else sorted(m for m, t in targets.items() if t.init != targets[named[0]].init)[0]
+        raise UnsupportedError(f"module {named[0]!r} was initialised with {targets[named[0]].init!r} and {other!r} "
+                               f"{'was not' if plain else f'with {targets[other].init!r}'}, but PEFT has one "
+                               "init_lora_weights per adapter")
+    return inits.pop() if inits else None
+
+
+def refuse_base_changing(ad: Adapter, what: str) -> None:
+    """Refuse an operation the initialisation's base change makes ill-posed (compose, resize...).
+
+    Raises:
+        UnsupportedError: a target was made with a base-changing initialisation.
+    """
+    t = next((t for t in ad.targets.values() if t.init), None)
+    if t is not None:
+        raise UnsupportedError(f"module {t.module!r} was initialised with init_lora_weights={t.init!r}, which changes "
+                               f"the base weights, so {what}; convert it to a plain LoRA first (lorasurgeon convert "
+                               "--to peft --plain --base BASE)", ad.source)
+
+
 def _check_peft_config(config: dict[str, Any], cfg: Path) -> None:
     """The fields the reader computes with must have the types PEFT writes: a hand-edited or
-    hostile config otherwise fails deep inside with a bare ValueError/TypeError."""
+    hostile config otherwise fails deep inside with a bare ValueError/TypeError. LoRA variants
+    whose tensors mean something else (``PEFT_VARIANTS``) are refused by name."""
+    variant = _peft_variant(config)
+    if variant is not None:
+        raise UnsupportedError(f"{variant} is set: {PEFT_VARIANTS[variant]}; only plain LoRA, DoRA and LoRA bias "
+                               "adapters are supported", cfg)
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(config.get(flag, False), bool):  # a string "false" would read as true
             raise FormatError(f"'{flag}' must be true or false, got {config[flag]!r:.40}", cfg)
@@ -328,6 +408,10 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
         if not m or (".lora_embedding_" in key):
             if ".lora_embedding_" in key:
                 raise UnsupportedError("embedding LoRA (lora_embedding_A/B) is not supported yet", path)
+            unknown = re.search(r"\.(lora_[A-Za-z0-9_]+)\.", key + ".")
+            if unknown:  # e.g. KaSA's lora_diag: pasted into the base as a modules_to_save tensor otherwise
+                raise UnsupportedError(f"tensor {key!r} is a LoRA part this reader does not know ({unknown.group(1)}); "
+                                       "only lora_A, lora_B, lora_magnitude_vector and lora_B bias are understood", path)
             saved[peft_saved_name(key)] = t
             continue
         mod, kind, _adapter_name, wb = m.groups()
@@ -357,7 +441,7 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
         targets[mod] = LoraTarget(
             mod, A, B, alpha, lora_scale(alpha, rank, rslora),
             _dora_magnitude(mod, mag, A, B, path, "lora_magnitude_vector") if mag is not None else None,
-            parts.get("bias"), fifo
+            parts.get("bias"), fifo, _base_changing(config)
         )
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
@@ -603,7 +687,7 @@ def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], pa
         mag = parts.get("magnitude")
         targets[mod] = LoraTarget(mod, A, B, alpha, lora_scale(alpha, rank, rslora),
                                   _dora_magnitude(mod, mag, A, B, path, "lora_magnitude_vector") if mag is not None else None,
-                                  parts.get("bias"))
+                                  parts.get("bias"), init=_base_changing(cfg))
     if not targets:
         raise FormatError("holds no LoRA tensors", path)
     for comp, cfg in per.items():
@@ -869,7 +953,8 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
                      else "all"),
             "lora_dropout": float(ad.config.get("lora_dropout") or 0.0),  # attach's --dropout (no effect on merging)
             "inference_mode": True,
-            "init_lora_weights": True,
+            # a base-changing initialisation stays stated: peft reads the adapter against that base
+            "init_lora_weights": base_changing_init(ad.targets) or True,
         }
     elif fmt == "kohya":
         sdxl = any(target_component(m) == "text_encoder_2" for m in ad.targets)
@@ -883,6 +968,10 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         for m, t in ad.targets.items():
             if t.bias is not None:
                 raise UnsupportedError(f"kohya files cannot hold a LoRA bias (module {m!r}); use peft", ad.source)
+            if t.init:
+                raise UnsupportedError(f"module {m!r} was initialised with init_lora_weights={t.init!r}, which changes the "
+                                       "base weights, and kohya files cannot say so; convert it to a plain LoRA for its "
+                                       "base (--plain --base BASE), or use peft", ad.source)
             stem = kohya_name(m, sdxl=sdxl)
             state[f"{stem}.lora_down.weight"] = t.A
             state[f"{stem}.lora_up.weight"] = t.B
@@ -906,6 +995,7 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         # each part is one PEFT config when diffusers loads it: one use_dora and one lora_bias switch
         dora = {comp: _one_dora_switch(ts, "diffusers", ad.source) for comp, ts in parts.items()}
         bias = {comp: any(t.bias is not None for t in ts.values()) for comp, ts in parts.items()}
+        init = {comp: base_changing_init(ts) for comp, ts in parts.items()}
         for m, t in ad.targets.items():
             name = named[m]
             comp, _, sub = name.partition(".")
@@ -919,6 +1009,8 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
                                       "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}})
             if dora[comp]:
                 c["use_dora"] = True
+            if init[comp]:
+                c["init_lora_weights"] = init[comp]
             if bias[comp]:
                 c["lora_bias"] = True
             c["target_modules"].append(sub)

@@ -49,6 +49,58 @@ def check_dora(parts: Sequence[tuple[LoraTarget, float]], *, unmerge: bool) -> l
     return dora
 
 
+# Initialisations whose base change a merge can recompute from the base weight alone, as peft
+# does when it loads the adapter: PiSSA's full SVD and OLoRA's QR. The others (PiSSA's randomized
+# "pissa_niter_N", CorDA, LoRA-GA, LoftQ) depend on a random state, data or quantization.
+RECOMPUTABLE_INITS = ("pissa", "olora")
+
+
+def check_init(parts: Sequence[tuple[LoraTarget, float]], *, unmerge: bool) -> list[LoraTarget]:
+    """The targets among ``parts`` made with a base-changing initialisation (``LoraTarget.init``),
+    after refusing what cannot be merged as peft would: an initialisation a merge cannot
+    recompute, unmerging or weighting such an adapter, two of them on one module, a conv or DoRA
+    one, and OLoRA on a fan_in_fan_out weight (peft cannot make that either).
+
+    Raises:
+        UnsupportedError: one of those cases.
+    """
+    inits = [(t, w) for t, w in parts if t.init]
+    for t, w in inits:
+        m = f"module {t.module!r} was initialised with init_lora_weights={t.init!r}, which changes the base weight"
+        if t.init.lower() not in RECOMPUTABLE_INITS:
+            raise UnsupportedError(f"{m} in a way a merge cannot recompute (only 'pissa' and 'olora' are); save it "
+                                   "with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA")
+        if unmerge:
+            raise UnsupportedError(f"{m}: unmerging it is ill-posed (the base is not recoverable)")
+        if w != 1.0:
+            raise UnsupportedError(f"{m}: weighting it is ill-posed; merge it with weight 1")
+        if t.is_conv or t.magnitude is not None:
+            raise UnsupportedError(f"{m}: only Linear, non-DoRA targets of such adapters are supported")
+        if t.init.lower() == "olora" and t.fan_in_fan_out:
+            raise UnsupportedError(f"{m}: OLoRA on a fan_in_fan_out (Conv1D) weight is not supported")
+    if len(inits) > 1:
+        raise UnsupportedError(f"module {inits[0][0].module!r}: two adapters whose initialisations change the base "
+                               "weight cannot be merged together (each would start from the base the other left)")
+    return [t for t, _ in inits]
+
+
+def init_correction(W: torch.Tensor, t: LoraTarget) -> LoraTarget:
+    """What a base-changing initialisation took out of the base weight ``W``, as a rank-r target
+    (scale 1 or s) whose delta is minus that amount: PiSSA, the best rank-r approximation of W
+    (W = U S Vᵀ, the r largest singular values); OLoRA, s·Q_r·R_r from W = QR. Merging it with the
+    adapter gives what peft gives when it loads the adapter on ``W`` (which runs the
+    initialisation again) and merges. Computed in fp64."""
+    W64 = W.detach().to(torch.float64)
+    r = t.rank
+    if t.init is not None and t.init.lower() == "olora":
+        Q, R = torch.linalg.qr(W64)
+        return LoraTarget(t.module, R[:r].contiguous(), (-Q[:, :r]).contiguous(), float(r), t.scale)
+    M = W64.T if t.fan_in_fan_out else W64  # PiSSA factorizes the (out, in) matrix
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return LoraTarget(t.module, Vh[:r].contiguous(), (-U[:, :r] * S[:r]).contiguous(), float(r), 1.0,
+                      fan_in_fan_out=t.fan_in_fan_out)
+
+
 @dataclass(frozen=True)
 class MergeStats:
     """Norms gathered while merging one weight: per-block norms in the accumulation dtype, summed in fp64."""
@@ -112,6 +164,8 @@ def merge_weight_stats(
     """
     acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     dora = check_dora(parts, unmerge=unmerge)
+    if check_init(parts, unmerge=unmerge):
+        parts = [*parts, *((init_correction(W, t), 1.0) for t, _ in parts if t.init)]
     sign = -1.0 if unmerge else 1.0
     if out is None:
         out = torch.empty_like(W, memory_format=torch.contiguous_format)

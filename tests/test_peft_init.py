@@ -1,0 +1,200 @@
+"""PEFT initialisations that change the base weights (PiSSA, OLoRA), and PEFT LoRA variants whose
+tensors are not delta W = s·B·A: peft itself is the reference, or the refusal names the feature."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from lorasurgeon.cli.app import app
+from lorasurgeon.io.adapters import read_adapter
+from lorasurgeon.merge import merge_state_dict
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 12)
+        self.b = nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def trained(tmp_path: Path, init: str, **cfg) -> tuple[dict[str, torch.Tensor], Path, dict[str, torch.Tensor]]:
+    """(original base state, adapter folder, peft's merge of the adapter loaded on the original base)."""
+    torch.manual_seed(0)
+    base = Net()
+    orig = {k: v.clone() for k, v in base.state_dict().items()}
+    save_file(orig, tmp_path / "base.safetensors")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=cfg.pop("lora_alpha", 8), target_modules=["a", "b"], init_lora_weights=init, **cfg))
+    with torch.no_grad():  # "training": the factors move away from their initial values
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / init)
+    fresh = Net()
+    fresh.load_state_dict(orig)
+    ref = peft.PeftModel.from_pretrained(fresh, str(tmp_path / init)).merge_and_unload().state_dict()
+    return orig, tmp_path / init, ref
+
+
+def cli(*args: str, code: int = 0) -> str:
+    res = runner.invoke(app, list(args))
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    return res.stderr.strip()
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", False), ("pissa", True)])
+def test_merge_equals_peft_loading_the_adapter_on_the_original_base(tmp_path: Path, init: str, rslora: bool) -> None:
+    orig, ad, ref = trained(tmp_path, init, use_rslora=rslora)
+    # peft runs the initialisation again on the base it loads onto: the change is large, and a
+    # plain W + s·B·A misses it
+    read = read_adapter(ad)
+    assert {t.init for t in read.targets.values()} == {init}
+    naive = merge_state_dict(orig, replace(read, targets={m: replace(t, init=None) for m, t in read.targets.items()}))
+    assert max_diff(naive, ref) > 0.05
+    cli("merge", str(tmp_path / "base.safetensors"), str(ad), "-o", str(tmp_path / "m.safetensors"), "-q")
+    assert max_diff(load_file(tmp_path / "m.safetensors"), ref) < 1e-5
+    assert max_diff(merge_state_dict(orig, ad), ref) < 1e-5
+    assert orig["a.weight"].equal(load_file(tmp_path / "base.safetensors")["a.weight"])  # the caller's state untouched
+
+
+def test_convert_keeps_the_initialisation_for_peft_and_makes_it_plain_for_kohya(tmp_path: Path) -> None:
+    orig, ad, ref = trained(tmp_path, "pissa")
+    base = str(tmp_path / "base.safetensors")
+    # PEFT output: init_lora_weights stays, and peft reads the copy as it reads the original
+    cli("convert", str(ad), "--to", "peft", "-o", str(tmp_path / "p"), "-q")
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    fresh = Net()
+    fresh.load_state_dict(orig)
+    got = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "p")).merge_and_unload().state_dict()
+    assert max_diff(got, ref) < 1e-6
+    # diffusers keeps it in the part's metadata (diffusers loads through peft)
+    cli("convert", str(ad), "--to", "diffusers", "--component", "unet", "-o", str(tmp_path / "d.safetensors"), "-q")
+    assert {t.init for t in read_adapter(tmp_path / "d.safetensors").targets.values()} == {"pissa"}
+    # kohya cannot say so: refused, nothing written; --plain needs the base
+    err = cli("convert", str(ad), "--to", "kohya", "-o", str(tmp_path / "k.safetensors"), code=1)
+    assert "was initialised with init_lora_weights='pissa', which changes the base weights, and kohya files cannot say so" in err
+    assert not (tmp_path / "k.safetensors").exists()
+    err = cli("convert", str(ad), "--to", "kohya", "--plain", "-o", str(tmp_path / "k.safetensors"), code=1)
+    assert "--plain needs --base" in err
+    # --plain --base: twice the rank, and a plain merge of it is peft's merge
+    cli("convert", str(ad), "--to", "kohya", "--plain", "--base", base, "-o", str(tmp_path / "k.safetensors"), "-q")
+    k = read_adapter(tmp_path / "k.safetensors")
+    assert {t.rank for t in k.targets.values()} == {8} and not any(t.init for t in k.targets.values())
+    cli("merge", base, str(tmp_path / "k.safetensors"), "-o", str(tmp_path / "mk.safetensors"), "-q")
+    assert max_diff(load_file(tmp_path / "mk.safetensors"), ref) < 1e-5
+    cli("convert", str(ad), "--to", "peft", "--plain", "--base", base, "-o", str(tmp_path / "pp"), "-q")
+    assert json.loads((tmp_path / "pp" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    fresh.load_state_dict(orig)
+    got = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "pp")).merge_and_unload().state_dict()
+    assert max_diff(got, ref) < 1e-5
+
+
+def test_what_a_base_changing_initialisation_makes_ill_posed_is_refused(tmp_path: Path) -> None:
+    _, ad, _ = trained(tmp_path, "pissa")
+    base = str(tmp_path / "base.safetensors")
+    out = str(tmp_path / "o.safetensors")
+    err = cli("merge", base, str(ad), "-o", out, "--weight", "0.5", code=1)
+    assert err == (f"error: {ad}: module 'a' was initialised with init_lora_weights='pissa', which changes the base "
+                   "weight: weighting it is ill-posed; merge it with weight 1")
+    assert "unmerging it is ill-posed" in cli("merge", base, str(ad), "-o", out, "--unmerge", code=1)
+    assert "two adapters whose initialisations change the base weight" in cli("merge", base, str(ad), str(ad), "-o", out, code=1)
+    err = cli("compose", str(ad), str(ad), "--method", "cat", "-o", str(tmp_path / "c"), code=1)
+    assert "which changes the base weights, so adapters made with it do not add; convert it to a plain LoRA first" in err
+    err = cli("resize", str(ad), "--rank", "2", "-o", str(tmp_path / "r"), code=1)
+    assert "peft would take a different amount out of the base at another rank" in err
+    assert not any((tmp_path / n).exists() for n in ("o.safetensors", "c", "r"))
+    # the randomized PiSSA cannot be recomputed (peft's own reload of it differs from the trained model)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    for init in ("pissa_niter_4", "corda", "loftq", "lora_ga"):
+        (ad / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": init}))
+        err = cli("merge", base, str(ad), "-o", out, code=1)
+        assert f"init_lora_weights='{init}', which changes the base weight in a way a merge cannot recompute" in err
+    out_json = runner.invoke(app, ["inspect", str(ad), "--json"]).stdout
+    assert json.loads(out_json)["adapter"]["base_changing_init"] == "lora_ga"
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("alora_invocation_tokens", [3, 4], "Activated LoRA (aLoRA)"),
+    ("use_qalora", True, "QALoRA pools the inputs"),
+    ("layer_replication", [[0, 1], [0, 1]], "it stacks repeated base layers"),
+    ("target_parameters", ["a.weight"], "LoRA on parameters (target_parameters"),
+    ("kasa_config", {"r": 4}, "KaSA truncates the base weight"),
+    ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
+    ("arrow_config", {"top_k": 2}, "Arrow routes"),
+    ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),
+])
+def test_peft_variants_that_are_not_plain_lora_are_refused_by_name(tmp_path: Path, field: str, value, says: str) -> None:
+    _, ad, _ = trained(tmp_path, "gaussian")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
+    for args in (["merge", str(tmp_path / "base.safetensors"), str(ad), "-o", str(tmp_path / "o.safetensors")],
+                 ["convert", str(ad), "--to", "kohya", "-o", str(tmp_path / "o.safetensors")]):
+        err = cli(*args, code=1)
+        assert err.startswith(f"error: {ad / 'adapter_config.json'}: {field} is set: {says}"), err
+        assert len(err.splitlines()) == 1
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_gaussian_orthogonal_and_mica_initialisations_are_plain_lora(tmp_path: Path) -> None:
+    for init in ("gaussian", "orthogonal", "mica"):
+        d = tmp_path / init
+        d.mkdir()
+        orig, ad, ref = trained(d, init)
+        cli("merge", str(d / "base.safetensors"), str(ad), "-o", str(d / "m.safetensors"), "-q")
+        assert max_diff(load_file(d / "m.safetensors"), ref) < 1e-6
+
+
+def test_an_unknown_lora_tensor_kind_is_refused_not_pasted_into_the_base(tmp_path: Path) -> None:
+    # e.g. KaSA's learned diagonal: without this check it would read as a modules_to_save tensor
+    g = torch.Generator().manual_seed(0)
+    state = {"base_model.model.a.lora_A.weight": torch.randn(4, 16, generator=g),
+             "base_model.model.a.lora_B.weight": torch.randn(12, 4, generator=g),
+             "base_model.model.a.lora_diag.default": torch.randn(4, generator=g)}
+    save_file(state, tmp_path / "kasa.safetensors")
+    err = cli("inspect", str(tmp_path / "kasa.safetensors"), code=1)
+    assert ("tensor 'base_model.model.a.lora_diag.default' is a LoRA part this reader does not know (lora_diag)" in err)
+
+
+def test_pissa_on_gpt2_conv1d_weights_equals_peft(tmp_path: Path) -> None:
+    # fan_in_fan_out: PiSSA factorizes the (out, in) matrix of a weight stored (in, out)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, eos_token_id=0,
+                                  bos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(cfg).eval()
+    orig = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(orig, tmp_path / "g.safetensors")
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights="pissa"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "ad")
+    fresh = transformers.GPT2Model(cfg).eval()
+    fresh.load_state_dict(orig)
+    ref = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    cli("merge", str(tmp_path / "g.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "m.safetensors"), "-q")
+    got = load_file(tmp_path / "m.safetensors")
+    assert max(float((got[k].double() - ref[k].double()).abs().max()) for k in got) < 1e-5
+    assert float((got["h.0.attn.c_attn.weight"] - orig["h.0.attn.c_attn.weight"]).abs().max()) > 0.05

@@ -501,9 +501,9 @@ def distill_student(
     if test is not None:  # never used for choosing: scored at the end, teacher against student
         result.test = _fidelity(kind, predict(s_out, test, opts.batch_size * 2, opts.device), t_test, test.labels)
         result.test_before = test_before
-    if is_main_process():
+    if is_main_process():  # (the state is rank 0's to keep, until its output is written)
         _write_student(ls, Path(student), out, teacher, data, result, force or resume, options)
-    resume_file.unlink(missing_ok=True)
+        resume_file.unlink(missing_ok=True)
     if features is not None:
         features.remove()
     return result

@@ -190,6 +190,8 @@ def fit(
     """
     opts.validate()
     rank, world = _dist()
+    if fingerprint is not None and world > 1:  # --batch-size is per process: the world size is part of the run
+        fingerprint = {**fingerprint, "world_size": world}
     torch.manual_seed(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     trainable = [p for _, p in params]
@@ -201,6 +203,18 @@ def fit(
         raise InvalidOptionError(f"the training split has {len(train)} example(s): {n_batches} batch(es) of "
                                  f"--batch-size {opts.batch_size} for {world} processes; each process needs at least one")
     opt_steps = math.ceil(per_rank_batches / opts.grad_accum) * opts.epochs
+
+    def share(b: int) -> float:
+        """This process's batch ``b`` in its step's global batch (batches ``j·world .. j·world +
+        world − 1``): its size × world / the global batch's size. Gradients are averaged over the
+        processes, so each example counts as in one process's batch of the global size, also
+        when the last batch is short. 1.0 (exactly) for full batches and in one process."""
+        if world == 1:
+            return 1.0
+        first = b - b % world
+        sizes = [min(opts.batch_size, len(train) - i * opts.batch_size) for i in range(first, first + world)]
+        return sizes[b % world] * world / sum(sizes)
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, opt_steps, opts.schedule, opts.warmup))
     history: list[EpochRecord] = []
     # Epoch 0 is the starting point: training never returns parameters that validate worse.
@@ -250,7 +264,7 @@ def fit(
             inputs = _to(inputs, opts.device)
             labels = None if labels is None else labels.to(opts.device)
             loss = loss_fn(inputs, labels)
-            (loss / opts.grad_accum).backward()
+            (loss * share(b) / opts.grad_accum).backward()  # (× 1.0 is exact: full batches are as before)
             if (j + 1) % opts.grad_accum == 0 or j == per_rank - 1:
                 if world > 1:
                     import torch.distributed as dist

@@ -165,6 +165,20 @@ def test_attach_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_only_the_process_that_writes_the_output_removes_the_training_state(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun rank 0 alone writes the output; another worker that finishes must not delete
+    the state rank 0 still needs if its write fails (a --resume would then start over)."""
+    from lorasurgeon import finetune
+
+    base = _base(tmp_path)
+    run("factorize", str(base), "-o", str(tmp_path / "s.safetensors"), "--rank", "6", "--include", "fc*")
+    monkeypatch.setattr(finetune, "is_main_process", lambda: False)
+    finetune.distill_student(base, tmp_path / "s.safetensors", "digits", tmp_path / "d.safetensors", arch=ARCH,
+                             opts=TrainOptions(epochs=1, batch_size=128))
+    assert not (tmp_path / "d.safetensors").exists() and (tmp_path / ".d.safetensors.train-state.pt").is_file()
+
+
 def test_distill_improves_agreement(tmp_path: Path) -> None:
     base = tmp_path / "teacher.safetensors"
     run("attach", "--arch", ARCH, "--data", "digits", "--full", "-o", str(base), "--epochs", "3", "--lr", "0.003", "--batch-size", "64")
@@ -183,17 +197,26 @@ def test_distill_improves_agreement(tmp_path: Path) -> None:
     assert torch.equal(a.get("classifier.weight"), b.get("classifier.weight"))  # only the factors trained
 
 
-@pytest.mark.slow
-def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
-    """torchrun with 2 CPU processes (gloo), batch 32 each, equals one process with batch 64."""
-    import subprocess
+def _torchrun() -> Path:
     import sys
 
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this Python")
+    return torchrun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [512, 500])  # 384 training examples (whole batches), 375 (the last batch short)
+def test_two_process_training_matches_one_process(tmp_path: Path, limit: int) -> None:
+    """torchrun with 2 CPU processes (gloo), batch 32 each, equals one process with batch 64,
+    also when the last batch is short (each example weighs as in the one process's batch)."""
+    import subprocess
+    import sys
+
+    torchrun = _torchrun()
     base = _base(tmp_path)
-    common = [str(base), "--arch", ARCH, "--data", "digits", "--limit", "512", "--val-split", "0.25", "--target", "fc*",
+    common = [str(base), "--arch", ARCH, "--data", "digits", "--limit", str(limit), "--val-split", "0.25", "--target", "fc*",
               "--rank", "2", "--head", "classifier", "--epochs", "2", "--lr", "0.01", "--quiet"]
     ls = [sys.executable, "-m", "lorasurgeon", "attach"]
     one = subprocess.run([*ls, *common, "--batch-size", "64", "-o", str(tmp_path / "one"), "--json"], check=True,
@@ -212,6 +235,46 @@ def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     for h1, h2 in zip(r1["fit"]["history"], r2["fit"]["history"]):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
     assert r2["fit"]["extra"] == {"dropped_batches_per_epoch": 0}
+
+
+@pytest.mark.slow
+def test_failures_under_torchrun_are_reported_once(tmp_path: Path) -> None:
+    """Every worker meets a bad option: rank 0 alone reports it (one line, one JSON object), and
+    commands that do not train refuse to run as several processes."""
+    import subprocess
+
+    torchrun = [str(_torchrun()), "--nproc-per-node", "2", "--master-port", "29534", "-m", "lorasurgeon"]
+    base = _base(tmp_path)
+    for _ in range(3):  # the order in which the workers fail varies
+        r = subprocess.run([*torchrun, "attach", str(base), "--arch", ARCH, "--data", "digits", "--limit", "128",
+                            "--target", "nomatch*", "-o", str(tmp_path / "a"), "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1
+        assert json.loads(r.stdout)["error"]["kind"] == "unmatched"
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert errors == ["error: --target 'nomatch*' matches no Linear, Conv2d or Conv1D module; modules look like: fc1, "
+                          "fc2, classifier"], r.stderr
+    r = subprocess.run([*torchrun, "inspect", str(base), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["kind"] == "invalid_option"
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: inspect runs as one process; run it without torchrun (WORLD_SIZE=2): only attach and distill train "
+        "across processes"]
+    assert not (tmp_path / "a").exists()
+    # --batch-size is per process: a state saved by one process does not resume under two
+    kw = dict(arch=ARCH, targets=["fc*"], rank=2, heads=["classifier"])
+
+    def interrupt(done: int, total: int, item: str) -> None:
+        if item.startswith("epoch 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        attach_lora(base, "digits", tmp_path / "c", opts=TrainOptions(epochs=2, lr=0.01, batch_size=128),
+                    progress=interrupt, **kw)
+    r = subprocess.run([*torchrun, "attach", str(base), "--arch", ARCH, "--data", "digits", "--target", "fc*", "--rank", "2",
+                        "--head", "classifier", "--epochs", "2", "--lr", "0.01", "--batch-size", "128", "-o",
+                        str(tmp_path / "c"), "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "made with other options (differing: world_size)" in r.stderr, r.stderr
+    assert (tmp_path / ".c.train-state.pt").is_file()
 
 
 def test_training_option_values_are_checked(tmp_path: Path) -> None:

@@ -9,9 +9,10 @@ import traceback
 
 import typer
 
+from lorasurgeon._distributed import world_size
 from lorasurgeon._version import __version__
-from lorasurgeon.cli.output import EXIT_BROKEN_PIPE, exit_broken_pipe
-from lorasurgeon.errors import EXIT_ERROR
+from lorasurgeon.cli.output import EXIT_BROKEN_PIPE, exit_broken_pipe, handle_errors
+from lorasurgeon.errors import EXIT_ERROR, InvalidOptionError
 from lorasurgeon.io.writer import install_cli_sigterm
 
 app = typer.Typer(
@@ -30,11 +31,21 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+TRAINING_COMMANDS = ("attach", "distill")  # the commands that train across torchrun workers
+
+
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """lorasurgeon: low-rank surgery on model checkpoints."""
+    n = world_size()
+    if n > 1 and ctx.invoked_subcommand not in TRAINING_COMMANDS:
+        # every worker would run the whole command and write the same output
+        with handle_errors("--json" in sys.argv[1:]):
+            raise InvalidOptionError(f"{ctx.invoked_subcommand} runs as one process; run it without torchrun "
+                                     f"(WORLD_SIZE={n}): only {' and '.join(TRAINING_COMMANDS)} train across processes")
 
 
 def _register() -> None:

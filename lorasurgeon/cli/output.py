@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lorasurgeon._distributed import is_peer_failure, mark_reported, process_rank, rank0_reported, world_size
 from lorasurgeon._finite import json_safe
 from lorasurgeon._units import human_bytes  # noqa: F401 - the commands' renderers use it from here
 from lorasurgeon.errors import EXIT_ERROR, LorasurgeonError, WriteError
@@ -183,10 +184,7 @@ def handle_errors(json_mode: bool) -> Iterator[None]:
     except LorasurgeonError as e:
         if debug:
             traceback.print_exc()
-        _write_stderr(f"error: {e.one_line()}\n")
-        if json_mode:
-            with contextlib.suppress(OSError, LorasurgeonError):  # stdout is what failed, or its reader left
-                print_json({"error": e.to_json()})
+        report_error(e.one_line(), e.to_json(), json_mode)
         raise typer.Exit(e.exit_code) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
         raise
@@ -196,11 +194,35 @@ def handle_errors(json_mode: bool) -> Iterator[None]:
         if debug:
             traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
-        _write_stderr(f"error: internal error ({type(e).__name__}: {msg[:300]}); rerun with LORASURGEON_DEBUG=1 and report it\n")
-        if json_mode:
-            with contextlib.suppress(OSError, LorasurgeonError):
-                print_json({"error": {"kind": "internal", "message": msg[:300], "path": None}})
+        if is_peer_failure(e):  # torchrun: another worker stopped (its own error, a signal, a crash)
+            report_error(f"another process of this torchrun run stopped ({msg[:200]})",
+                         {"kind": "peer", "message": msg[:300], "path": None}, json_mode)
+        else:
+            report_error(f"internal error ({type(e).__name__}: {msg[:300]}); rerun with LORASURGEON_DEBUG=1 and report it",
+                         {"kind": "internal", "message": msg[:300], "path": None}, json_mode)
         raise typer.Exit(EXIT_ERROR) from None
+
+
+def report_error(line: str, obj: dict[str, Any], json_mode: bool) -> None:
+    """``error: <line>`` on stderr and, with --json, ``{"error": obj}`` on stdout: once per run.
+
+    Under torchrun every worker meets most failures (bad options, an existing output): rank 0
+    reports them, then marks them reported in torchrun's store; another worker prints nothing
+    if rank 0 reports within a few seconds, and otherwise its own failure (a shard's bad data,
+    rank 0 gone), with its rank. torchrun stops the other workers when one exits with an error,
+    so a worker other than rank 0 must not exit before rank 0 has had its say."""
+    r = process_rank() if world_size() > 1 else 0
+    if r != 0:
+        if rank0_reported():
+            return
+        line, obj = f"rank {r}: {line}", {**obj, "rank": r}
+    _write_stderr(f"error: {line}\n")
+    if json_mode:
+        with contextlib.suppress(OSError, LorasurgeonError):  # stdout is what failed, or its reader left
+            _write_stdout(json.dumps(json_safe({"error": obj}), indent=2, sort_keys=False, default=str,
+                                     allow_nan=False) + "\n")
+    if r == 0 and world_size() > 1:
+        mark_reported()
 
 
 def exit_broken_pipe() -> None:

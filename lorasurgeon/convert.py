@@ -212,7 +212,7 @@ def convert_adapter(inp: str | Path, to: str, out: str | Path, *, base: str | Pa
                             f"their rank for {Path(base).name} (largest delta difference {plain_diff:.3g})")  # type: ignore[arg-type]
         else:
             warnings.append("--plain: no target was made with a base-changing initialisation; nothing to rewrite")
-    if to == "peft":
+    if to == "peft" and from_format != "peft":  # (a PEFT input's names are module paths: GPT-2's transformer.h...)
         ad, ren = _strip_component(ad, inp)
         renamed = _chain(renamed, ren)
     _, note = io_ad.name_part(ad, to, None)  # (--component, when given, already named the part above)

@@ -38,7 +38,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +482,9 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
                 unmatched.append(f"{path.name}: {m}")
                 continue
             shape = tuple(params[hit + ".weight"].shape)
+            conv1d = type(model.get_submodule(hit)).__name__ == "Conv1D"  # GPT-2's, weight stored (in, out)
+            if not t.is_conv and t.fan_in_fan_out != conv1d:  # peft sets the flag per module by its type
+                t = ad.targets[m] = replace(t, fan_in_fan_out=conv1d)
             if tuple(t.delta_shape()) != shape:
                 problems.append(f"{path.name}: {m} (adapter {list(t.delta_shape())} vs model {list(shape)})")
                 continue

@@ -186,6 +186,43 @@ def _check_weights(n: int, weights: Sequence[float] | float | None) -> list[floa
     return w
 
 
+def _orient(ad: Adapter, tmap: Mapping[str, str], shape_of: Callable[[str], tuple[int, ...]], label: str,
+            path: str | Path | None, warn: Callable[[str], None] | None) -> Adapter:
+    """Each Linear target's orientation from its base weight, as peft has it. PEFT's
+    ``fan_in_fan_out`` is one flag per adapter, and peft sets it per module by the module's type
+    (GPT-2's Conv1D stores its weight (in, out)), warning when the config says otherwise; a config
+    saved from an adapter on both kinds (Conv1D layers and a Linear ``lm_head``) holds whichever
+    came last. A weight that is not square shows its layout: the flag follows it. A square one
+    cannot; when the flag was wrong for another target it is refused by name.
+
+    Raises:
+        UnsupportedError: a square target whose layout the flag cannot be trusted to give.
+    """
+    flipped, square = [], []
+    targets = dict(ad.targets)
+    for m, wname in tmap.items():
+        t = targets[m]
+        bshape = tuple(shape_of(wname))
+        if t.is_conv or len(bshape) != 2:
+            continue
+        if bshape[0] == bshape[1]:
+            square.append(m)
+        elif tuple(t.delta_shape()) != bshape and (bshape[1], bshape[0]) == tuple(t.delta_shape()):
+            targets[m] = replace(t, fan_in_fan_out=not t.fan_in_fan_out)
+            flipped.append(m)
+    if not flipped:
+        return ad
+    if square:
+        raise UnsupportedError(
+            f"the adapter's fan_in_fan_out flag ({ad.targets[flipped[0]].fan_in_fan_out}) is wrong for {flipped[0]!r}, whose "
+            f"base weight is stored the other way, so it cannot tell how the square weight of {square[0]!r} is stored "
+            "(peft decides by the module's type)", path)
+    if warn:
+        warn(f"{label}: fan_in_fan_out taken from the base's layout for {len(flipped)} target(s) (e.g. {flipped[0]}), "
+             "as peft does by module type: the adapter's config says otherwise")
+    return replace(ad, targets=targets)
+
+
 def _plan(
     ads: Sequence[tuple[Adapter, str, str | Path | None]], w: Sequence[float], names: set[str],
     shape_of: Callable[[str], tuple[int, ...]], *, unmerge: bool, allow_unmatched: bool,
@@ -227,7 +264,17 @@ def _plan(
         if unmerge and ad.modules_to_save:
             raise UnsupportedError("unmerging cannot restore tensors an adapter replaced (modules_to_save)", path)
         tmap, smap, unmatched = _match(ad, base_weights, names)
+        mha = next((m for m in unmatched if any(c + ".in_proj_weight" in names for c in _candidates(m))), None)
+        if mha is not None and not allow_unmatched:  # PEFT's LoRA on nn.MultiheadAttention adapts in_proj_weight
+            raise UnsupportedError(f"{mha!r} is an nn.MultiheadAttention (it has in_proj_weight): LoRA on "
+                                   "MultiheadAttention modules is not supported", path)
+        tied = next((m for m in unmatched if m.rsplit(".", 1)[-1] == "lm_head"
+                     and any(n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) for n in names)), None)
+        if tied is not None and not allow_unmatched:  # a tied output layer's weight is stored once, as the embeddings
+            raise UnsupportedError(f"{tied!r} has no weight of its own in the base: it is tied to the input embeddings, "
+                                   "and a LoRA on tied weights (which changes both) is not supported", path)
         unmatched_all += [f"{label}: {m}" for m in unmatched]
+        ad = _orient(ad, tmap, shape_of, label, path, warn)
         for m, wname in tmap.items():
             t = ad.targets[m]
             bshape = shape_of(wname)
@@ -363,13 +410,16 @@ def merge_adapters(
             for j, n in enumerate(todo):
                 if progress:
                     progress(j, len(todo), n)
-                if n in saved:
+                if n in saved and n not in per_weight and n not in bias_parts:
                     yield n, saved[n].to(ST_DTYPES[ck.info(n).dtype])
                     continue
                 if n in per_weight:
-                    t = ck.get(n, into=in_buf)
-                    slot = ring[k % 2][: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                    k += 1
+                    if n in saved:  # the adapter saved the base layer's weight (PEFT's embedding layers): LoRA on it
+                        t, slot = saved[n].to(ST_DTYPES[ck.info(n).dtype]), None
+                    else:
+                        t = ck.get(n, into=in_buf)
+                        slot = ring[k % 2][: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                        k += 1
                     parts = per_weight[n]
                     try:
                         new, st = lora.merge_weight_stats(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge, name=n,
@@ -382,7 +432,9 @@ def merge_adapters(
                     del t
                     yield n, new
                     continue
-                t = ck.get(n)  # fresh memory: the writer may still hold it when the next tensor is read
+                # fresh memory: the writer may still hold it when the next tensor is read; a trained
+                # bias the adapter saved (PEFT's bias="all") gets the LoRA bias on top, as in peft
+                t = saved[n].to(ST_DTYPES[ck.info(n).dtype]) if n in saved else ck.get(n)
                 if n in bias_parts:
                     yield n, lora.merge_bias(t, [(p, wi) for p, wi, _ in bias_parts[n]], unmerge=unmerge)
                 else:
@@ -444,12 +496,13 @@ def merge_state_dict(
                               allow_unmatched=allow_unmatched, warn=None, where=None, what="the state dict",
                               component=component)
     out = dict(state)
+    # as merge_adapters: a replaced tensor takes the state's dtype; all are new tensors, not the
+    # adapter's; a replaced weight or bias that is also a LoRA target gets the update on top
+    out.update({n: v.to(state[n].dtype, copy=True) if n in state else v.clone() for n, v in saved.items()})
     for wname, trio in per_weight.items():
         parts = [(t, wi) for t, wi, _ in trio]
-        out[wname] = lora.merge_weight(state[wname], parts, unmerge=unmerge, name=wname)
+        out[wname] = lora.merge_weight(out[wname], parts, unmerge=unmerge, name=wname)
         bname = wname[: -len(".weight")] + ".bias"
-        if any(t.bias is not None for t, _ in parts) and bname in state:
-            out[bname] = lora.merge_bias(state[bname], parts, unmerge=unmerge)
-    # as merge_adapters: a replaced tensor takes the state's dtype; all are new tensors, not the adapter's
-    out.update({n: v.to(state[n].dtype, copy=True) if n in state else v.clone() for n, v in saved.items()})
+        if any(t.bias is not None for t, _ in parts) and bname in out:
+            out[bname] = lora.merge_bias(out[bname], parts, unmerge=unmerge)
     return out

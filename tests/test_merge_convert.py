@@ -284,6 +284,12 @@ def test_formats_that_cannot_hold_a_part_are_refused(tmp_path: Path) -> None:
                   str(tmp_path / "gd.safetensors")]):
         assert "fan_in_fan_out targets (GPT-2 style Conv1D layers, e.g. 'h.0.attn.c_attn') keep their layout only in PEFT" in fail(*argv)
     assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "gk.safetensors").exists()
+    # to peft, a PEFT adapter keeps its module names: GPT2LMHeadModel's start with transformer., not a pipeline part
+    lm = transformers.GPT2LMHeadModel(cfg)
+    pm = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "glm")
+    out = run("convert", str(tmp_path / "glm"), "--to", "peft", "-o", str(tmp_path / "glm2"))
+    assert out["renamed"] == {} and set(read_adapter(tmp_path / "glm2").targets) == {"transformer.h.0.attn.c_attn"}
 
 
 def test_force_never_deletes_an_input_inside_the_output_folder(tmp_path: Path) -> None:
@@ -375,13 +381,15 @@ def test_merge_provenance_hash_is_the_base_files_sha256(tmp_path: Path) -> None:
     assert_state_close(tmp_path / "out", peft_merged(tmp_path, ad))
 
 
+@pytest.mark.parametrize("lora_bias", [False, True])
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
-def test_peft_bias_setting_merges_the_trained_biases_and_round_trips(tmp_path: Path, bias: str) -> None:
-    """PEFT's bias="lora_only"/"all" save LoRA'd modules' biases as <module>.base_layer.bias: they replace the bias."""
+def test_peft_bias_setting_merges_the_trained_biases_and_round_trips(tmp_path: Path, bias: str, lora_bias: bool) -> None:
+    """PEFT's bias="lora_only"/"all" save LoRA'd modules' biases as <module>.base_layer.bias: they
+    replace the bias, and a lora_bias goes on top of the replacement (as peft merges it)."""
     make_base(tmp_path)
     torch.manual_seed(3)
     pm = peft.get_peft_model(fresh(tmp_path), peft.LoraConfig(r=2, target_modules=["query", "value"], bias=bias,
-                                                               init_lora_weights=False))
+                                                               lora_bias=lora_bias, init_lora_weights=False))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if p.requires_grad and n.endswith("bias"):
@@ -394,12 +402,55 @@ def test_peft_bias_setting_merges_the_trained_biases_and_round_trips(tmp_path: P
     assert set(got) == set(ref) and out["added"] == []
     for k, v in ref.items():
         assert torch.allclose(got[k], v, atol=1e-6), k
+    state = fresh(tmp_path).state_dict()
+    from lorasurgeon.merge import merge_state_dict
+
+    mem = merge_state_dict(state, tmp_path / "ad")
+    for k, v in ref.items():
+        assert torch.allclose(mem[k], v, atol=1e-6), k
     # what we write keeps PEFT's layout: resize to full rank (exact) loads in peft and merges the same
     run("resize", str(tmp_path / "ad"), "--rank", "2", "-o", str(tmp_path / "rs"))
     assert json.loads((tmp_path / "rs" / "adapter_config.json").read_text())["bias"] == bias
     again = peft_merged(tmp_path, tmp_path / "rs")
     for k, v in ref.items():
         assert torch.allclose(again[k], v, atol=1e-5), k
+
+
+def test_lora_on_a_layer_whose_base_weight_peft_saved_goes_on_that_weight(tmp_path: Path) -> None:
+    """LoRA on lm_head with peft's default save_embedding_layers="auto" also saves the layer's base
+    weight (lm_head.base_layer.weight): the merge is that weight plus the LoRA update, not the
+    saved weight alone."""
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, eos_token_id=0,
+                                  bos_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "base.safetensors")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head", "c_attn"], fan_in_fan_out=True,
+                                                    init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad", save_embedding_layers=True)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    fresh_model = transformers.GPT2LMHeadModel(cfg).eval()
+    fresh_model.load_state_dict(state)
+    ref = peft.PeftModel.from_pretrained(fresh_model, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    assert not torch.allclose(ref["lm_head.weight"], state["lm_head.weight"], atol=1e-3)
+    # peft saved fan_in_fan_out=False (lm_head, a Linear, came last) and reads c_attn as Conv1D by its type
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    res = runner.invoke(app, ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), "-o",
+                              str(tmp_path / "m.safetensors")])
+    assert res.exit_code == 0 and "ad: fan_in_fan_out taken from the base's layout for 1 target(s)" in res.stderr
+    got = load_file(tmp_path / "m.safetensors")
+    for k in got:
+        assert torch.allclose(got[k], ref[k], atol=1e-6), k
+    # with a square Conv1D weight (attn.c_proj) as well, the wrong flag cannot say how that one is stored
+    pm = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
+        r=2, target_modules=["c_attn", "attn.c_proj", "lm_head"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad2")
+    msg = fail("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad2"), "-o", str(tmp_path / "m2.safetensors"))
+    assert msg.endswith("the adapter's fan_in_fan_out flag (False) is wrong for 'transformer.h.0.attn.c_attn', whose base "
+                        "weight is stored the other way, so it cannot tell how the square weight of "
+                        "'transformer.h.0.attn.c_proj' is stored (peft decides by the module's type)"), msg
+    assert not (tmp_path / "m2.safetensors").exists()
 
 
 def test_peft_trainable_tokens_are_refused_by_name(tmp_path: Path) -> None:

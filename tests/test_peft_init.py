@@ -138,11 +138,10 @@ def test_what_a_base_changing_initialisation_makes_ill_posed_is_refused(tmp_path
     ("alora_invocation_tokens", [3, 4], "Activated LoRA (aLoRA)"),
     ("use_qalora", True, "QALoRA pools the inputs"),
     ("layer_replication", [[0, 1], [0, 1]], "it stacks repeated base layers"),
-    ("target_parameters", ["a.weight"], "LoRA on parameters (target_parameters"),
+    ("target_parameters", ["a.gate"], "LoRA on parameters (target_parameters"),
     ("kasa_config", {"r": 4}, "KaSA truncates the base weight"),
     ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
     ("arrow_config", {"top_k": 2}, "Arrow routes"),
-    ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"),
 ])
 def test_peft_variants_that_are_not_plain_lora_are_refused_by_name(tmp_path: Path, field: str, value, says: str) -> None:
     _, ad, _ = trained(tmp_path, "gaussian")
@@ -156,13 +155,27 @@ def test_peft_variants_that_are_not_plain_lora_are_refused_by_name(tmp_path: Pat
         assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_gaussian_orthogonal_and_mica_initialisations_are_plain_lora(tmp_path: Path) -> None:
-    for init in ("gaussian", "orthogonal", "mica"):
-        d = tmp_path / init
+def test_variants_that_merge_as_plain_lora_equal_peft(tmp_path: Path) -> None:
+    """Initialisations that leave the base alone, VeLoRA and MonteCLoRA (their training-only
+    tensors are read past, not pasted into the base), and target_parameters on a module's weight."""
+    from peft.tuners.lora.config import MontecloraConfig, VeloraConfig
+
+    for name, kw in (("gaussian", {}), ("orthogonal", {}), ("mica", {}),
+                     ("velora", {"velora_config": VeloraConfig(num_groups=4, init_type="random")}),
+                     ("monteclora", {"monteclora_config": MontecloraConfig()})):
+        d = tmp_path / name
         d.mkdir()
-        orig, ad, ref = trained(d, init)
+        orig, ad, ref = trained(d, "gaussian" if kw else name, **kw)
+        if kw:  # the variant's own tensors are in the file
+            assert any(f".lora_{name}" in k for k in load_file(ad / "adapter_model.safetensors")), name
         cli("merge", str(d / "base.safetensors"), str(ad), "-o", str(d / "m.safetensors"), "-q")
-        assert max_diff(load_file(d / "m.safetensors"), ref) < 1e-6
+        assert max_diff(load_file(d / "m.safetensors"), ref) < 1e-6, name
+    # target_parameters on 'weight': the factors apply to that module's weight, as LoRA on the module
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "monteclora_config": None, "target_modules": [],
+                                                        "target_parameters": ["a.weight", "b.weight"]}))
+    cli("merge", str(d / "base.safetensors"), str(ad), "-o", str(d / "m2.safetensors"), "-q")
+    assert max_diff(load_file(d / "m2.safetensors"), ref) < 1e-6
 
 
 def test_an_unknown_lora_tensor_kind_is_refused_not_pasted_into_the_base(tmp_path: Path) -> None:
@@ -198,3 +211,34 @@ def test_pissa_on_gpt2_conv1d_weights_equals_peft(tmp_path: Path) -> None:
     got = load_file(tmp_path / "m.safetensors")
     assert max(float((got[k].double() - ref[k].double()).abs().max()) for k in got) < 1e-5
     assert float((got["h.0.attn.c_attn.weight"] - orig["h.0.attn.c_attn.weight"]).abs().max()) > 0.05
+
+
+def test_multihead_attention_lora_is_refused_by_name(tmp_path: Path) -> None:
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    torch.manual_seed(0)
+    model = Attn()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["mha"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    err = cli("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "m.safetensors"),
+              code=1)
+    assert err == (f"error: {tmp_path / 'ad'}: 'mha' is an nn.MultiheadAttention (it has in_proj_weight): LoRA on "
+                   "MultiheadAttention modules is not supported")
+
+
+def test_lora_on_a_tied_output_layer_is_refused_by_name(tmp_path: Path) -> None:
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, eos_token_id=0,
+                                  bos_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "base")  # the tied lm_head.weight is stored once, as transformer.wte.weight
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    err = cli("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "-o", str(tmp_path / "m"), code=1)
+    assert err == (f"error: {tmp_path / 'ad'}: 'lm_head' has no weight of its own in the base: it is tied to the input "
+                   "embeddings, and a LoRA on tied weights (which changes both) is not supported")
+    assert not (tmp_path / "m").exists()

@@ -254,8 +254,11 @@ PEFT_VARIANTS = {
                    "diagonal (lora_diag)",
     "use_bdlora": "BD-LoRA stores block-diagonal factors in a packed layout",
     "arrow_config": "Arrow routes each token between several LoRA experts",
-    "monteclora_config": "MonteCLoRA samples its factors from learned distributions",
 }
+# Tensors of LoRA variants whose merge is plain LoRA's (peft merges B·A alone): training-only
+# state, read past. VeLoRA's activation projection; MonteCLoRA's sampler, which perturbs A in
+# training.
+PEFT_TRAINING_ONLY = (".lora_velora_embed", ".lora_monteclora_sampler.")
 # PEFT initialisations that change the base weights when the adapter is created (PiSSA, OLoRA,
 # CorDA and LoRA-GA subtract s·B₀·A₀; LoftQ quantizes W): an adapter saved without PEFT's
 # ``path_initial_model_for_weight_conversion`` applies to that changed base, not to the original.
@@ -266,6 +269,9 @@ def _peft_variant(config: dict[str, Any]) -> str | None:
     """The first LoRA variant this PEFT config switches on that the reader refuses, or None."""
     for key in PEFT_VARIANTS:
         v = config.get(key)
+        if key == "target_parameters" and isinstance(v, list) and all(
+                isinstance(p, str) and p.rsplit(".", 1)[-1] == "weight" for p in v):
+            continue  # a module's own weight: plain LoRA on that module (a 3-D one does not fit the base)
         if v not in (None, False, [], {}, ""):
             return key
     return None
@@ -338,6 +344,9 @@ def _check_peft_config(config: dict[str, Any], cfg: Path) -> None:
                 raise FormatError(f"'{key}' key {k!r:.60} is not a valid regular expression ({e})", cfg) from None
 
 
+_CONV_OF_NDIM = {3: "Conv1d", 5: "Conv3d"}
+
+
 def _pair_up(
     groups: dict[str, dict[str, torch.Tensor]], path: Path
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
@@ -354,7 +363,8 @@ def _pair_up(
         if A.ndim not in (2, 4) or B.ndim not in (2, 4):
             raise FormatError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)}: only Linear (2-D) and Conv2d (4-D) "
-                "LoRA factors are supported (a 3-D factor is a Conv1d or Conv3d LoRA)", path)
+                f"LoRA factors are supported (this is a {_CONV_OF_NDIM.get(max(A.ndim, B.ndim), 'higher-dimensional')} "
+                "LoRA)", path)
         if A.ndim == 4 and B.ndim == 4 and B.shape[1] < A.shape[0] and A.shape[0] % B.shape[1] == 0:
             raise UnsupportedError(
                 f"module {mod!r}: down {tuple(A.shape)} and up {tuple(B.shape)} look like a grouped-convolution LoRA "
@@ -404,6 +414,8 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
         raise UnsupportedError("PEFT trainable tokens (trainable_token_indices) are not supported: their rows replace "
                                "embedding rows, which is not a LoRA update", path)
     for key, t in state.items():
+        if any(f in key for f in PEFT_TRAINING_ONLY):
+            continue
         m = rx.match(key)
         if not m or (".lora_embedding_" in key):
             if ".lora_embedding_" in key:

@@ -668,3 +668,33 @@ def test_full_fine_tune_folder_states_its_class_and_labels_and_extracts_against_
     # and extract takes it against the bare base: the LoRA plus the head is the fine-tune
     r = run("extract", "--base", str(enc), "--tuned", str(tmp_path / "ft"), "--rank", "16", "--save-other", "-o", str(tmp_path / "ad"))
     assert r["layers"] and "classifier.weight" in r["saved_other"]
+
+
+def test_a_worker_reports_its_own_failure_with_its_rank_and_a_peers_as_no_internal_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without rank 0's report (here: no torchrun store), a worker other than rank 0 prints its
+    failure itself, with its rank; a gloo error after a peer stopped is no internal error."""
+    import typer
+
+    from lorasurgeon.cli.output import handle_errors
+    from lorasurgeon.errors import MatchError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with pytest.raises(typer.Exit):
+        with handle_errors(True):
+            raise MatchError("bad shard")
+    out, err = capsys.readouterr()
+    assert err == "error: rank 1: bad shard\n"
+    assert json.loads(out) == {"error": {"kind": "unmatched", "message": "bad shard", "path": None, "rank": 1}}
+    with pytest.raises(typer.Exit):
+        with handle_errors(False):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: "
+                               "Connection reset by peer")
+    assert capsys.readouterr().err.startswith("error: rank 1: another process of this torchrun run stopped ([")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the same error is ours to explain
+    with pytest.raises(typer.Exit):
+        with handle_errors(False):
+            raise RuntimeError("Connection reset by peer")
+    assert capsys.readouterr().err.startswith("error: internal error (RuntimeError: Connection reset by peer)")

@@ -186,18 +186,26 @@ def _check_weights(n: int, weights: Sequence[float] | float | None) -> list[floa
     return w
 
 
+# The layers transformers builds as Conv1D (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer).
+_CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
+
+
 def _orient(ad: Adapter, tmap: Mapping[str, str], shape_of: Callable[[str], tuple[int, ...]], label: str,
             path: str | Path | None, warn: Callable[[str], None] | None) -> Adapter:
     """Each Linear target's orientation from its base weight, as peft has it. PEFT's
     ``fan_in_fan_out`` is one flag per adapter, and peft sets it per module by the module's type
     (GPT-2's Conv1D stores its weight (in, out)), warning when the config says otherwise; a config
     saved from an adapter on both kinds (Conv1D layers and a Linear ``lm_head``) holds whichever
-    came last. A weight that is not square shows its layout: the flag follows it. A square one
-    cannot; when the flag was wrong for another target it is refused by name.
+    came last. In an adapter for such a model (a target named like GPT-2's Conv1D layers), a weight
+    that is not square shows its layout: the flag follows it. A square one cannot; when the flag
+    was wrong for another target it is refused by name. Elsewhere a transposed shape means the
+    wrong base, and stays an error.
 
     Raises:
         UnsupportedError: a square target whose layout the flag cannot be trusted to give.
     """
+    if not any(m.rsplit(".", 1)[-1] in _CONV1D_NAMES for m in ad.targets):
+        return ad  # not a GPT-2-style model: a transposed shape is the wrong base, and stays an error
     flipped, square = [], []
     targets = dict(ad.targets)
     for m, wname in tmap.items():

@@ -242,3 +242,11 @@ def test_lora_on_a_tied_output_layer_is_refused_by_name(tmp_path: Path) -> None:
     assert err == (f"error: {tmp_path / 'ad'}: 'lm_head' has no weight of its own in the base: it is tied to the input "
                    "embeddings, and a LoRA on tied weights (which changes both) is not supported")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_transposed_base_weight_is_the_wrong_base_outside_gpt2_style_models(tmp_path: Path) -> None:
+    _, ad, _ = trained(tmp_path, "gaussian")
+    state = load_file(tmp_path / "base.safetensors")
+    save_file({k: v.T.contiguous() if k == "a.weight" else v for k, v in state.items()}, tmp_path / "t.safetensors")
+    err = cli("merge", str(tmp_path / "t.safetensors"), str(ad), "-o", str(tmp_path / "m.safetensors"), code=1)
+    assert "1 adapter target(s) do not fit the base: gaussian: a (adapter [12, 16] vs the base [16, 12])" in err

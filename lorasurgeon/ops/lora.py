@@ -89,13 +89,14 @@ def init_correction(W: torch.Tensor, t: LoraTarget) -> LoraTarget:
     (scale 1 or s) whose delta is minus that amount: PiSSA, the best rank-r approximation of W
     (W = U S Vᵀ, the r largest singular values); OLoRA, s·Q_r·R_r from W = QR. Merging it with the
     adapter gives what peft gives when it loads the adapter on ``W`` (which runs the
-    initialisation again) and merges. Computed in fp64."""
-    W64 = W.detach().to(torch.float64)
+    initialisation again) and merges. Computed in fp32 as peft does (fp64 for fp64 weights): a
+    full fp64 SVD takes several times as long, and every layer of such an adapter needs one."""
+    Wf = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
     r = t.rank
     if t.init is not None and t.init.lower() == "olora":
-        Q, R = torch.linalg.qr(W64)
+        Q, R = torch.linalg.qr(Wf)
         return LoraTarget(t.module, R[:r].contiguous(), (-Q[:, :r]).contiguous(), float(r), t.scale)
-    M = W64.T if t.fan_in_fan_out else W64  # PiSSA factorizes the (out, in) matrix
+    M = Wf.T if t.fan_in_fan_out else Wf  # PiSSA factorizes the (out, in) matrix
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return LoraTarget(t.module, Vh[:r].contiguous(), (-U[:, :r] * S[:r]).contiguous(), float(r), 1.0,
                       fan_in_fan_out=t.fan_in_fan_out)

@@ -290,15 +290,14 @@ def base_changing_init(targets: Mapping[str, LoraTarget]) -> str | None:
         UnsupportedError: only some targets, or targets with different initialisations (PEFT has
             one ``init_lora_weights`` per config).
     """
-    inits = {t.init for t in targets.values()}
-    if len(inits) > 1:
-        named = sorted((m for m, t in targets.items() if t.init), key=str)
-        plain = sorted(m for m, t in targets.items() if not t.init)
-        other = plain[0] if plain else sorted(m for m, t in targets.items() if t.init != targets[named[0]].init)[0]
-        raise UnsupportedError(f"module {named[0]!r} was initialised with {targets[named[0]].init!r} and {other!r} "
-                               f"{'was not' if plain else f'with {targets[other].init!r}'}, but PEFT has one "
-                               "init_lora_weights per adapter")
-    return inits.pop() if inits else None
+    first: dict[str | None, str] = {}  # init -> the first module with it
+    for m, t in sorted(targets.items()):
+        first.setdefault(t.init, m)
+    if len(first) > 1:
+        (i1, m1), (i2, m2) = sorted(first.items(), key=lambda kv: kv[1])[:2]
+        raise UnsupportedError(f"modules {m1!r} (init_lora_weights {i1 or True!r}) and {m2!r} ({i2 or True!r}) were "
+                               "initialised differently, but PEFT has one init_lora_weights per adapter")
+    return next(iter(first), None)
 
 
 def refuse_base_changing(ad: Adapter, what: str) -> None:

@@ -1,10 +1,10 @@
-"""Which torchrun worker this is, and a flag in torchrun's own store that rank 0 has reported
+"""Which torchrun worker this is, and a flag in torchrun's own store that a worker has reported
 a failure, so that a failure is reported once per run rather than once per process.
 
 torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) serves a key-value store from its agent process
-at ``MASTER_ADDR:MASTER_PORT``; it outlives the workers, so a worker can ask it whether rank 0
+at ``MASTER_ADDR:MASTER_PORT``; it outlives the workers, so a worker can ask it whether another
 has already printed an error, before or after the process group exists (``output exists`` is
-found before training starts), and whether or not rank 0 is still alive.
+found before training starts), and whether or not that worker is still alive.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-_WAIT_S = 3.0  # how long a worker other than rank 0 waits for rank 0's report of a failure
+_WAIT_S = 3.0  # how long a worker waits for another's report of a failure before giving its own
 
 
 def world_size() -> int:
@@ -51,15 +51,15 @@ def _store() -> Any | None:
 
 
 def mark_reported() -> None:
-    """Rank 0 has printed its error line (and JSON object): the other workers stay quiet."""
+    """This worker has printed its error line (and JSON object): the others stay quiet."""
     store = _store()
     if store is not None:
         with contextlib.suppress(Exception):
             store.set(_key(), "1")
 
 
-def rank0_reported(wait_s: float = _WAIT_S) -> bool:
-    """Whether rank 0 reports (has reported, or does within ``wait_s``) a failure of the run."""
+def reported(wait_s: float = _WAIT_S) -> bool:
+    """Whether a worker reports (has reported, or does within ``wait_s``) a failure of the run."""
     store = _store()
     if store is None:
         return False

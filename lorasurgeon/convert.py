@@ -104,6 +104,9 @@ def _make_plain(ad: Adapter, base: str | Path, inp: str | Path, atol: float) -> 
         if unmatched:
             raise MatchError(f"{len(unmatched)} target(s) match no weight of the base, e.g. {unmatched[0]!r}", base)
         for m, t in sorted(todo.items()):
+            if f"{m}.weight" in ad.modules_to_save:  # peft saved this weight as the initialisation left it
+                targets[m] = replace(t, init=None)
+                continue
             try:
                 check_init([(t, 1.0)], unmerge=False)
             except UnsupportedError as e:

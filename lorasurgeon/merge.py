@@ -186,47 +186,76 @@ def _check_weights(n: int, weights: Sequence[float] | float | None) -> list[floa
     return w
 
 
-# The layers transformers builds as Conv1D (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer).
+def _on_saved(parts: Sequence[tuple[LoraTarget, float, int]], saved: bool) -> list[tuple[LoraTarget, float]]:
+    """(target, weight) pairs for one base weight. When the adapter saved that weight itself
+    (peft's ``save_embedding_layers``), a base-changing initialisation is already in it: peft
+    saves the weight as the initialisation left it, and loads it over the one it changed."""
+    return [(replace(t, init=None) if saved and t.init else t, wi) for t, wi, _ in parts]
+
+
+# The layers transformers builds as Conv1D in GPT-2, OpenAI GPT, ImageGPT and Decision
+# Transformer; GPT-BigCode names its nn.Linear layers the same way.
 _CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
 
 
-def _orient(ad: Adapter, tmap: Mapping[str, str], shape_of: Callable[[str], tuple[int, ...]], label: str,
-            path: str | Path | None, warn: Callable[[str], None] | None) -> Adapter:
-    """Each Linear target's orientation from its base weight, as peft has it. PEFT's
-    ``fan_in_fan_out`` is one flag per adapter, and peft sets it per module by the module's type
-    (GPT-2's Conv1D stores its weight (in, out)), warning when the config says otherwise; a config
-    saved from an adapter on both kinds (Conv1D layers and a Linear ``lm_head``) holds whichever
-    came last. In an adapter for such a model (a target named like GPT-2's Conv1D layers), a weight
-    that is not square shows its layout: the flag follows it. A square one cannot; when the flag
-    was wrong for another target it is refused by name. Elsewhere a transposed shape means the
-    wrong base, and stays an error.
+def _conv1d_layout(names: set[str], shape_of: Callable[[str], tuple[int, ...]]) -> bool | None:
+    """Whether the base stores its Conv1D-named layers (in, out), as GPT-2's Conv1D does (True),
+    or (out, in), as GPT-BigCode's nn.Linear layers do (False); None when the base does not say.
+    Read from the layers that widen the hidden size (``c_attn`` to q, k, v; ``c_fc`` to the MLP):
+    stored (in, out) they have fewer rows than columns."""
+    votes = set()
+    for n in names:
+        if n.endswith((".c_attn.weight", ".c_fc.weight")):
+            shape = tuple(shape_of(n))
+            if len(shape) == 2 and shape[0] != shape[1]:
+                votes.add(shape[0] < shape[1])
+    return votes.pop() if len(votes) == 1 else None
+
+
+def _orient(ad: Adapter, tmap: Mapping[str, str], names: set[str], shape_of: Callable[[str], tuple[int, ...]],
+            label: str, path: str | Path | None, warn: Callable[[str], None] | None) -> Adapter:
+    """Each Linear target's orientation as peft has it. PEFT's ``fan_in_fan_out`` is one flag per
+    adapter, but peft sets it per module by the module's type (GPT-2's Conv1D stores its weight
+    (in, out)), warning when the config says otherwise; a config saved from an adapter on both
+    kinds (Conv1D layers and a Linear ``lm_head``) holds whichever came last. So in an adapter for
+    such a model (a target named like GPT-2's Conv1D layers), each target's layout comes from the
+    base: Conv1D-named layers as the base's widening layers show (``_conv1d_layout``), the others
+    (``lm_head``, ``score``) as Linear; without that evidence, a weight that is not square shows
+    its own layout, and a square one whose flag was proven wrong elsewhere is refused by name.
+    Elsewhere a transposed shape means the wrong base, and stays an error.
 
     Raises:
-        UnsupportedError: a square target whose layout the flag cannot be trusted to give.
+        UnsupportedError: a square target whose layout nothing can tell.
     """
     if not any(m.rsplit(".", 1)[-1] in _CONV1D_NAMES for m in ad.targets):
         return ad  # not a GPT-2-style model: a transposed shape is the wrong base, and stays an error
-    flipped, square = [], []
+    layout = _conv1d_layout(names, shape_of)
+    changed, square = [], []
     targets = dict(ad.targets)
     for m, wname in tmap.items():
         t = targets[m]
         bshape = tuple(shape_of(wname))
         if t.is_conv or len(bshape) != 2:
             continue
-        if bshape[0] == bshape[1]:
+        if layout is not None:
+            fifo = layout and m.rsplit(".", 1)[-1] in _CONV1D_NAMES
+        elif bshape[0] == bshape[1]:
             square.append(m)
-        elif tuple(t.delta_shape()) != bshape and (bshape[1], bshape[0]) == tuple(t.delta_shape()):
-            targets[m] = replace(t, fan_in_fan_out=not t.fan_in_fan_out)
-            flipped.append(m)
-    if not flipped:
+            continue
+        else:
+            fifo = tuple(replace(t, fan_in_fan_out=True).delta_shape()) == bshape
+        if fifo != t.fan_in_fan_out:
+            targets[m] = replace(t, fan_in_fan_out=fifo)
+            changed.append(m)
+    if not changed:
         return ad
     if square:
         raise UnsupportedError(
-            f"the adapter's fan_in_fan_out flag ({ad.targets[flipped[0]].fan_in_fan_out}) is wrong for {flipped[0]!r}, whose "
+            f"the adapter's fan_in_fan_out flag ({ad.targets[changed[0]].fan_in_fan_out}) is wrong for {changed[0]!r}, whose "
             f"base weight is stored the other way, so it cannot tell how the square weight of {square[0]!r} is stored "
             "(peft decides by the module's type)", path)
     if warn:
-        warn(f"{label}: fan_in_fan_out taken from the base's layout for {len(flipped)} target(s) (e.g. {flipped[0]}), "
+        warn(f"{label}: fan_in_fan_out taken from the base's layout for {len(changed)} target(s) (e.g. {changed[0]}), "
              "as peft does by module type: the adapter's config says otherwise")
     return replace(ad, targets=targets)
 
@@ -282,7 +311,7 @@ def _plan(
             raise UnsupportedError(f"{tied!r} has no weight of its own in the base: it is tied to the input embeddings, "
                                    "and a LoRA on tied weights (which changes both) is not supported", path)
         unmatched_all += [f"{label}: {m}" for m in unmatched]
-        ad = _orient(ad, tmap, shape_of, label, path, warn)
+        ad = _orient(ad, tmap, names, shape_of, label, path, warn)
         for m, wname in tmap.items():
             t = ad.targets[m]
             bshape = shape_of(wname)
@@ -430,7 +459,7 @@ def merge_adapters(
                         k += 1
                     parts = per_weight[n]
                     try:
-                        new, st = lora.merge_weight_stats(t, [(p, wi) for p, wi, _ in parts], unmerge=unmerge, name=n,
+                        new, st = lora.merge_weight_stats(t, _on_saved(parts, n in saved), unmerge=unmerge, name=n,
                                                           out=slot)
                     except FormatError as e:
                         raise FormatError(str(e), base) from None
@@ -508,7 +537,7 @@ def merge_state_dict(
     # adapter's; a replaced weight or bias that is also a LoRA target gets the update on top
     out.update({n: v.to(state[n].dtype, copy=True) if n in state else v.clone() for n, v in saved.items()})
     for wname, trio in per_weight.items():
-        parts = [(t, wi) for t, wi, _ in trio]
+        parts = _on_saved(trio, wname in saved)
         out[wname] = lora.merge_weight(out[wname], parts, unmerge=unmerge, name=wname)
         bname = wname[: -len(".weight")] + ".bias"
         if any(t.bias is not None for t, _ in parts) and bname in out:

@@ -149,7 +149,19 @@ def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Waiting here for the other workers blocks in C++, where Python's SIGTERM handler cannot
+        # run: when another worker fails first, torchrun's SIGTERM would wait 30 s for its SIGKILL.
+        # Nothing is written yet, so the default action (end now) is the right one meanwhile.
+        import signal
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if main else None
+        try:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        finally:
+            if main and previous is not None:  # (None: a handler installed from C, which stays replaced)
+                signal.signal(signal.SIGTERM, previous)
     return dist.get_rank(), world
 
 

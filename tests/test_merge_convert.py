@@ -442,15 +442,34 @@ def test_lora_on_a_layer_whose_base_weight_peft_saved_goes_on_that_weight(tmp_pa
     got = load_file(tmp_path / "m.safetensors")
     for k in got:
         assert torch.allclose(got[k], ref[k], atol=1e-6), k
-    # with a square Conv1D weight (attn.c_proj) as well, the wrong flag cannot say how that one is stored
-    pm = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
-        r=2, target_modules=["c_attn", "attn.c_proj", "lm_head"], init_lora_weights=False))
-    pm.save_pretrained(tmp_path / "ad2")
-    msg = fail("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad2"), "-o", str(tmp_path / "m2.safetensors"))
-    assert msg.endswith("the adapter's fan_in_fan_out flag (False) is wrong for 'transformer.h.0.attn.c_attn', whose base "
-                        "weight is stored the other way, so it cannot tell how the square weight of "
-                        "'transformer.h.0.attn.c_proj' is stored (peft decides by the module's type)"), msg
-    assert not (tmp_path / "m2.safetensors").exists()
+    # a square Conv1D weight (attn.c_proj): the base's widening layers (c_attn, c_fc) show how it is stored
+    for targets in (["c_attn", "attn.c_proj", "lm_head"], ["attn.c_proj", "lm_head"]):
+        fresh_model.load_state_dict(state)
+        pm = peft.get_peft_model(fresh_model, peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+        pm.save_pretrained(tmp_path / "ad2")
+        assert json.loads((tmp_path / "ad2" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+        ref = pm.merge_and_unload().state_dict()
+        run("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad2"), "-o", str(tmp_path / "m2.safetensors"),
+            "--force")
+        got = load_file(tmp_path / "m2.safetensors")
+        assert float((got["transformer.h.0.attn.c_proj.weight"] - state["transformer.h.0.attn.c_proj.weight"]).abs().max()) > 1e-3
+        for k in got:
+            assert torch.allclose(got[k], ref[k], atol=1e-6), (targets, k)
+        fresh_model = transformers.GPT2LMHeadModel(cfg).eval()
+    # GPT-BigCode names its nn.Linear layers like GPT-2's Conv1D: stored (out, in), no transpose
+    bc = transformers.GPTBigCodeConfig(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, eos_token_id=0,
+                                       bos_token_id=0)
+    torch.manual_seed(0)
+    big = transformers.GPTBigCodeForCausalLM(bc).eval()
+    bstate = {k: v.clone().contiguous() for k, v in big.state_dict().items() if k != "lm_head.weight"}
+    save_file(bstate, tmp_path / "bc.safetensors")
+    pm = peft.get_peft_model(big, peft.LoraConfig(r=2, target_modules=["c_attn", "c_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "bcad")
+    ref = pm.merge_and_unload().state_dict()
+    run("merge", str(tmp_path / "bc.safetensors"), str(tmp_path / "bcad"), "-o", str(tmp_path / "bm.safetensors"))
+    got = load_file(tmp_path / "bm.safetensors")
+    for k in got:
+        assert torch.allclose(got[k], ref[k], atol=1e-6), k
 
 
 def test_peft_trainable_tokens_are_refused_by_name(tmp_path: Path) -> None:

@@ -250,3 +250,46 @@ def test_a_transposed_base_weight_is_the_wrong_base_outside_gpt2_style_models(tm
     save_file({k: v.T.contiguous() if k == "a.weight" else v for k, v in state.items()}, tmp_path / "t.safetensors")
     err = cli("merge", str(tmp_path / "t.safetensors"), str(ad), "-o", str(tmp_path / "m.safetensors"), code=1)
     assert "1 adapter target(s) do not fit the base: gaussian: a (adapter [12, 16] vs the base [16, 12])" in err
+
+
+def test_initialisation_edge_cases_follow_peft(tmp_path: Path) -> None:
+    """r above the layer's smaller side (peft keeps that many rows, scale alpha/r); a LoRA'd
+    lm_head whose weight peft saved as the initialisation left it (no second correction, and
+    convert keeps it under the LoRA, not as a whole module); an init value peft does not know."""
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp_path / "base.safetensors")
+    for name, kw in (("bigr", dict(r=24, target_modules=["k_proj", "q_proj"])),  # k_proj is 8x16: r > 8
+                     ("head", dict(r=4, target_modules=["q_proj", "lm_head"]))):
+        for init in ("pissa", "olora"):
+            fresh = transformers.LlamaForCausalLM(cfg).eval()
+            fresh.load_state_dict(state)
+            pm = peft.get_peft_model(fresh, peft.LoraConfig(lora_alpha=8, init_lora_weights=init, **kw))
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if "lora_" in n:
+                        p.add_(torch.randn_like(p) * 0.1)
+            d = tmp_path / f"{name}_{init}"
+            pm.save_pretrained(d)
+            other = transformers.LlamaForCausalLM(cfg).eval()
+            other.load_state_dict(state)
+            ref = peft.PeftModel.from_pretrained(other, str(d)).merge_and_unload().state_dict()
+            cli("merge", str(tmp_path / "base.safetensors"), str(d), "-o", str(tmp_path / "m.safetensors"), "--force", "-q")
+            got = load_file(tmp_path / "m.safetensors")
+            assert max(float((got[k] - ref[k]).abs().max()) for k in got) < 1e-5, (name, init)
+            if name == "head":  # peft loads the converted copy as it loads the original
+                assert "base_model.model.lm_head.base_layer.weight" in load_file(d / "adapter_model.safetensors")
+                cli("convert", str(d), "--to", "peft", "-o", str(tmp_path / "c"), "--force", "-q")
+                assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["modules_to_save"] is None
+                other = transformers.LlamaForCausalLM(cfg).eval()
+                other.load_state_dict(state)
+                again = peft.PeftModel.from_pretrained(other, str(tmp_path / "c")).merge_and_unload().state_dict()
+                assert max(float((again[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+    c = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**c, "init_lora_weights": "PiSSA"}))
+    err = cli("merge", str(tmp_path / "base.safetensors"), str(d), "-o", str(tmp_path / "x.safetensors"), code=1)
+    assert err.endswith("'init_lora_weights' is 'PiSSA', not an initialisation peft knows (peft refuses to load it)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,19 @@ def test_failures_under_torchrun_are_reported_once(tmp_path: Path) -> None:
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
         assert errors == ["error: --target 'nomatch*' matches no Linear, Conv2d or Conv1D module; modules look like: fc1, "
                           "fc2, classifier"], r.stderr
+    # a failure of one worker alone (here its model factory, during training it could be its shard's
+    # data) is reported by that worker, with its rank, once; the others stay quiet
+    (tmp_path / "rankfail.py").write_text(
+        "import os\nfrom lorasurgeon.zoo import mlp\n\n\ndef ctor1():\n    if os.environ.get('RANK') == '1':\n"
+        "        raise ValueError('boom on rank 1')\n    return mlp()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([*torchrun, "attach", str(base), "--arch", "rankfail:ctor1", "--data", "digits", "--limit", "128",
+                        "--target", "fc*", "-o", str(tmp_path / "f"), "--json"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 1
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: rank 1: --arch factory ctor1() failed (ValueError: boom on rank 1)"], r.stderr
+    assert json.loads(r.stdout)["error"]["rank"] == 1
     r = subprocess.run([*torchrun, "inspect", str(base), "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["kind"] == "invalid_option"
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [
@@ -698,3 +712,16 @@ def test_a_worker_reports_its_own_failure_with_its_rank_and_a_peers_as_no_intern
         with handle_errors(False):
             raise RuntimeError("Connection reset by peer")
     assert capsys.readouterr().err.startswith("error: internal error (RuntimeError: Connection reset by peer)")
+
+
+def test_a_failing_arch_factory_or_module_is_the_users_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "badarch.py").write_text("def boom():\n    raise ValueError('no such layer size')\n")
+    (tmp_path / "brokenarch.py").write_text("raise RuntimeError('half-written module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = _base(tmp_path)
+    for arch, msg in (("badarch:boom", "error: --arch factory boom() failed (ValueError: no such layer size)"),
+                      ("brokenarch:f", "error: --arch 'brokenarch:f': importing 'brokenarch' failed (RuntimeError: "
+                                       "half-written module)")):
+        res = runner.invoke(app, ["attach", str(base), "--arch", arch, "--data", "digits", "-o", str(tmp_path / "x")])
+        assert res.exit_code == 1 and res.stderr.strip() == msg, res.stderr
+    assert not (tmp_path / "x").exists()

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lorasurgeon._distributed import is_peer_failure, mark_reported, process_rank, rank0_reported, world_size
+from lorasurgeon._distributed import is_peer_failure, mark_reported, process_rank, reported, world_size
 from lorasurgeon._finite import json_safe
 from lorasurgeon._units import human_bytes  # noqa: F401 - the commands' renderers use it from here
 from lorasurgeon.errors import EXIT_ERROR, LorasurgeonError, WriteError
@@ -196,32 +196,33 @@ def handle_errors(json_mode: bool) -> Iterator[None]:
         msg = " ".join(str(e).split()) or type(e).__name__
         if is_peer_failure(e):  # torchrun: another worker stopped (its own error, a signal, a crash)
             report_error(f"another process of this torchrun run stopped ({msg[:200]})",
-                         {"kind": "peer", "message": msg[:300], "path": None}, json_mode)
+                         {"kind": "peer", "message": msg[:300], "path": None}, json_mode, secondary=True)
         else:
             report_error(f"internal error ({type(e).__name__}: {msg[:300]}); rerun with LORASURGEON_DEBUG=1 and report it",
                          {"kind": "internal", "message": msg[:300], "path": None}, json_mode)
         raise typer.Exit(EXIT_ERROR) from None
 
 
-def report_error(line: str, obj: dict[str, Any], json_mode: bool) -> None:
+def report_error(line: str, obj: dict[str, Any], json_mode: bool, *, secondary: bool = False) -> None:
     """``error: <line>`` on stderr and, with --json, ``{"error": obj}`` on stdout: once per run.
 
     Under torchrun every worker meets most failures (bad options, an existing output): rank 0
-    reports them, then marks them reported in torchrun's store; another worker prints nothing
-    if rank 0 reports within a few seconds, and otherwise its own failure (a shard's bad data,
-    rank 0 gone), with its rank. torchrun stops the other workers when one exits with an error,
-    so a worker other than rank 0 must not exit before rank 0 has had its say."""
+    reports them at once, and each report is marked in torchrun's store. Another worker prints
+    nothing if a report comes within a few seconds, and otherwise its own failure (a shard's bad
+    data, rank 0 gone), with its rank; so does rank 0 for a ``secondary`` failure (its peer
+    stopped). torchrun stops the other workers when one exits with an error, so a worker other
+    than rank 0 must not exit before rank 0 has had its say."""
     r = process_rank() if world_size() > 1 else 0
+    if world_size() > 1 and (r != 0 or secondary) and reported():
+        return
     if r != 0:
-        if rank0_reported():
-            return
         line, obj = f"rank {r}: {line}", {**obj, "rank": r}
     _write_stderr(f"error: {line}\n")
     if json_mode:
         with contextlib.suppress(OSError, LorasurgeonError):  # stdout is what failed, or its reader left
             _write_stdout(json.dumps(json_safe({"error": obj}), indent=2, sort_keys=False, default=str,
                                      allow_nan=False) + "\n")
-    if r == 0 and world_size() > 1:
+    if world_size() > 1:
         mark_reported()
 
 

@@ -277,10 +277,23 @@ def _peft_variant(config: dict[str, Any]) -> str | None:
     return None
 
 
+def _init_kind(v: Any) -> str | None:
+    """What an ``init_lora_weights`` value is to peft (``tuners/lora/layer.py::update_layer``, whose
+    tests this mirrors, case and all): "base" (it changes the base weight), "plain", or None (not
+    a value peft knows: peft refuses to load it)."""
+    if isinstance(v, bool):
+        return "plain"
+    if not isinstance(v, str):
+        return None
+    if v.startswith(("pissa", "corda")) or v.lower() == "olora" or v in ("loftq", "lora_ga"):
+        return "base"
+    return "plain" if v in ("gaussian", "eva", "orthogonal") or v.lower() == "mica" else None
+
+
 def _base_changing(config: dict[str, Any]) -> str | None:
-    """The config's ``init_lora_weights`` if it is one of ``BASE_CHANGING_INITS``, else None."""
+    """The config's ``init_lora_weights`` if it changes the base weight (``BASE_CHANGING_INITS``)."""
     v = config.get("init_lora_weights")
-    return v if isinstance(v, str) and v.lower().startswith(BASE_CHANGING_INITS) else None
+    return v if _init_kind(v) == "base" else None
 
 
 def base_changing_init(targets: Mapping[str, LoraTarget]) -> str | None:
@@ -321,6 +334,10 @@ def _check_peft_config(config: dict[str, Any], cfg: Path) -> None:
     if variant is not None:
         raise UnsupportedError(f"{variant} is set: {PEFT_VARIANTS[variant]}; only plain LoRA, DoRA and LoRA bias "
                                "adapters are supported", cfg)
+    init = config.get("init_lora_weights", True)
+    if _init_kind(init) is None:
+        raise FormatError(f"'init_lora_weights' is {init!r:.40}, not an initialisation peft knows (peft refuses to load "
+                          "it)", cfg)
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(config.get(flag, False), bool):  # a string "false" would read as true
             raise FormatError(f"'{flag}' must be true or false, got {config[flag]!r:.40}", cfg)
@@ -444,13 +461,18 @@ def _read_peft(state: dict[str, torch.Tensor], metadata: dict[str, str], config:
         alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default if config else float(rank)
         rk = pattern_key(rank_pattern, mod, path)
         expected_r = int(rank_pattern[rk]) if rk is not None else r_default
+        scale_r = rank
         if config and expected_r != rank:
-            raise FormatError(
-                f"module {mod!r} has rank {rank} but adapter_config.json says r={expected_r}", path
-            )
+            # PiSSA and OLoRA at an r above the layer's smaller side keep that many rows; the scale is alpha over r
+            if _base_changing(config) and A.ndim == 2 and rank == min(A.shape[1], B.shape[0]) < expected_r:
+                scale_r = expected_r
+            else:
+                raise FormatError(
+                    f"module {mod!r} has rank {rank} but adapter_config.json says r={expected_r}", path
+                )
         mag = parts.get("magnitude")  # PEFT stores a conv's as (1, out, 1, 1)
         targets[mod] = LoraTarget(
-            mod, A, B, alpha, lora_scale(alpha, rank, rslora),
+            mod, A, B, alpha, lora_scale(alpha, scale_r, rslora),
             _dora_magnitude(mod, mag, A, B, path, "lora_magnitude_vector") if mag is not None else None,
             parts.get("bias"), fifo, _base_changing(config)
         )
@@ -935,17 +957,21 @@ def adapter_state(ad: Adapter, fmt: str) -> tuple[dict[str, torch.Tensor], dict[
         for m, t in ad.targets.items():
             state.update({f"{PEFT_PREFIX}{m}.{k}": v for k, v in _peft_tensors(t, any_bias).items()})
         biases = peft_bias_tensors(ad)
+        # A LoRA'd module's own saved tensors (its bias with PEFT's bias setting, its weight with
+        # save_embedding_layers) live in PEFT's wrapper as <module>.base_layer.<name>; listed in
+        # modules_to_save, peft would wrap the module whole and drop its LoRA.
+        under_lora = {n for n in ad.modules_to_save if n.rsplit(".", 1)[0] in ad.targets}
         for n, v in ad.modules_to_save.items():
-            mod = n.rsplit(".", 1)[0]
-            # a LoRA'd module's own bias lives in PEFT's wrapper as <module>.base_layer.bias
-            state[f"{PEFT_PREFIX}{mod}.base_layer.bias" if n in biases and mod in ad.targets else f"{PEFT_PREFIX}{n}"] = v
-        saved_modules = sorted({n.rsplit(".", 1)[0] for n in ad.modules_to_save if n not in biases})
+            mod, leaf = n.rsplit(".", 1) if "." in n else ("", n)
+            state[f"{PEFT_PREFIX}{mod}.base_layer.{leaf}" if n in under_lora else f"{PEFT_PREFIX}{n}"] = v
+        whole = [n for n in ad.modules_to_save if n not in biases and n not in under_lora]
+        saved_modules = sorted({n.rsplit(".", 1)[0] for n in whole})
         # the modules the adapter came with (a whole head such as RoBERTa's ``classifier``, which
         # holds ``dense`` and ``out_proj``): peft wraps those, and loads the tensors beneath them
         stated = ad.config.get("modules_to_save")
         if (isinstance(stated, list) and stated and all(isinstance(m, str) for m in stated)
-                and all(any(n.startswith(m + ".") for m in stated) for n in ad.modules_to_save if n not in biases)):
-            saved_modules = sorted(stated)
+                and all(any(n.startswith(m + ".") for m in stated) for n in whole)):
+            saved_modules = sorted(m for m in stated if m not in ad.targets)
         config = {
             "peft_type": "LORA",
             "task_type": ad.config.get("task_type"),

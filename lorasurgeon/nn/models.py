@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from lorasurgeon._finite import all_finite
-from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, UnsupportedError
+from lorasurgeon.errors import (
+    FormatError,
+    InputNotFoundError,
+    InvalidOptionError,
+    LorasurgeonError,
+    UnsupportedError,
+)
 from lorasurgeon.io.checkpoint import Checkpoint
 from lorasurgeon.nn.layers import apply_factorization, factorized_layers, tied_names
 from lorasurgeon.train import resolve_device
@@ -63,6 +69,8 @@ def import_factory(arch: str) -> Any:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise InvalidOptionError(f"--arch {arch!r}: cannot import {mod_name!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing: its error, not ours
+        raise InvalidOptionError(f"--arch {arch!r}: importing {mod_name!r} failed ({type(e).__name__}: {e})") from e
     fn = getattr(mod, attr, None)
     if not callable(fn):
         raise InvalidOptionError(f"--arch {arch!r}: {attr!r} is not a callable in {mod_name!r}")
@@ -77,7 +85,13 @@ def _call_factory(fn: Any, num_labels: int | None) -> nn.Module:
             if name in params:
                 kwargs[name] = num_labels
                 break
-    model = fn(**kwargs)
+    try:
+        model = fn(**kwargs)
+    except LorasurgeonError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: its error, not an internal one
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        raise InvalidOptionError(f"--arch factory {name}() failed ({type(e).__name__}: {e})") from e
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"--arch factory returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -49,12 +49,6 @@ def check_dora(parts: Sequence[tuple[LoraTarget, float]], *, unmerge: bool) -> l
     return dora
 
 
-# Initialisations whose base change a merge can recompute from the base weight alone, as peft
-# does when it loads the adapter: PiSSA's full SVD and OLoRA's QR. The others (PiSSA's randomized
-# "pissa_niter_N", CorDA, LoRA-GA, LoftQ) depend on a random state, data or quantization.
-RECOMPUTABLE_INITS = ("pissa", "olora")
-
-
 def check_init(parts: Sequence[tuple[LoraTarget, float]], *, unmerge: bool) -> list[LoraTarget]:
     """The targets among ``parts`` made with a base-changing initialisation (``LoraTarget.init``),
     after refusing what cannot be merged as peft would: an initialisation a merge cannot
@@ -64,10 +58,13 @@ def check_init(parts: Sequence[tuple[LoraTarget, float]], *, unmerge: bool) -> l
     Raises:
         UnsupportedError: one of those cases.
     """
+    # A merge can recompute PiSSA's full SVD and OLoRA's QR from the base weight alone, as peft
+    # does when it loads the adapter; the others (PiSSA's randomized "pissa_niter_N", CorDA,
+    # LoRA-GA, LoftQ) depend on a random state, data or quantization.
     inits = [(t, w) for t, w in parts if t.init]
     for t, w in inits:
         m = f"module {t.module!r} was initialised with init_lora_weights={t.init!r}, which changes the base weight"
-        if t.init.lower() not in RECOMPUTABLE_INITS:
+        if t.init != "pissa" and t.init.lower() != "olora":  # (peft's own tests: "pissa" exactly, "olora" any case)
             raise UnsupportedError(f"{m} in a way a merge cannot recompute (only 'pissa' and 'olora' are); save it "
                                    "with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA")
         if unmerge:

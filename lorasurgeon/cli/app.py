@@ -41,7 +41,7 @@ def root(
 ) -> None:
     """lorasurgeon: low-rank surgery on model checkpoints."""
     n = world_size()
-    if n > 1 and ctx.invoked_subcommand not in TRAINING_COMMANDS:
+    if n > 1 and ctx.invoked_subcommand is not None and ctx.invoked_subcommand not in TRAINING_COMMANDS:
         # every worker would run the whole command and write the same output
         with handle_errors("--json" in sys.argv[1:]):
             raise InvalidOptionError(f"{ctx.invoked_subcommand} runs as one process; run it without torchrun "

@@ -118,3 +118,34 @@ def test_a_bare_peft_file_has_scale_one_and_metadata_must_match_the_tensors(tmp_
     _inspect_fails(tmp_path, {"unet.x.lora_A.weight": D, "unet.x.lora_B.weight": U},
                    "module 'unet.x' has rank 2 but lora_adapter_metadata says r=99",
                    {"lora_adapter_metadata": json.dumps({"unet.r": 99, "unet.lora_alpha": 4})})
+
+
+@pytest.mark.parametrize("state, name", [
+    # as lycoris-lora 4.1 saves them: no LoRA factor at all, so nothing marked them as adapters
+    ({"lora_unet_x.weight": torch.randn(8), "lora_unet_x.on_input": torch.tensor(False)}, "(IA)³ (LyCORIS)"),
+    ({"lora_unet_x.a1.weight": D, "lora_unet_x.a2.weight": U, "lora_unet_x.b1.weight": D.clone(),
+      "lora_unet_x.b2.weight": U.clone(), "lora_unet_x.alpha": torch.tensor(2.0)}, "GLoRA (LyCORIS)"),
+    ({"lora_unet_x.lambda_layer": torch.randn(1, 2), "lora_unet_x.q_layer.weight": D,
+      "lora_unet_x.p_layer.weight": U}, "T-LoRA (LyCORIS)"),
+])
+def test_lycoris_layouts_without_lora_factors_are_named(tmp_path: Path, state: dict, name: str) -> None:
+    p = tmp_path / "a.safetensors"
+    save_file(state, p)
+    res = runner.invoke(app, ["inspect", str(p), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["kind"] == f"non-lora:{name}", res.stdout
+    save_file({"x.weight": torch.randn(8, 8)}, tmp_path / "base.safetensors")
+    res = runner.invoke(app, ["merge", str(tmp_path / "base.safetensors"), str(p), "-o", str(tmp_path / "m.safetensors")])
+    assert res.exit_code == 1 and res.stderr.strip() == (f"error: {p}: {name} adapter: only LoRA (and LoCon) layouts "
+                                                         "are supported"), res.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_dylora_file_merges_as_its_loaders_read_it_with_a_warning(tmp_path: Path) -> None:
+    save_file({"x.weight": torch.zeros(8, 8)}, tmp_path / "base.safetensors")
+    save_file({**KD, "lora_unet_x.alpha": torch.tensor(4)}, tmp_path / "d.safetensors",
+              metadata={"ss_network_args": json.dumps({"algo": "dylora", "block_size": "1"})})
+    res = runner.invoke(app, ["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "d.safetensors"), "-o",
+                              str(tmp_path / "m.safetensors")])
+    assert res.exit_code == 0 and ("warning: d.safetensors was trained as DyLoRA (ss_network_args); it is merged as "
+                                   "LoCon at alpha/r, as LyCORIS's and kohya's loaders read it") in res.stderr
+    assert torch.allclose(load_file(tmp_path / "m.safetensors")["x.weight"], 2.0 * U @ D)

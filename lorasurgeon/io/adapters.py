@@ -146,7 +146,18 @@ def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
         return "peft"
     if any("_lora.down.weight" in k or ".lora.down.weight" in k or ".lora_linear_layer.down.weight" in k for k in keys):
         return "diffusers-legacy"
+    # LyCORIS layouts with no marker above and no LoRA factor at all: (IA)³, GLoRA, T-LoRA
+    stems = {k.partition(".")[0] for k in keys if k.startswith(KOHYA_PREFIXES)}
+    if stems and len(stems) * 2 >= len({k.partition(".")[0] for k in keys}):
+        kinds = {_kohya_extra_kind(k) for k in keys if k.startswith(KOHYA_PREFIXES)} & set(LYCORIS_ONLY_KINDS)
+        if kinds:
+            return f"non-lora:{sorted(kinds)[0]}"
     return "checkpoint"
+
+
+# What ``_kohya_extra_kind`` names that makes a file of kohya-prefixed tensors a LyCORIS adapter
+# even with no LoRA factor in it.
+LYCORIS_ONLY_KINDS = ("GLoRA (LyCORIS)", "(IA)³ (LyCORIS)", "T-LoRA (LyCORIS)")
 
 
 def adapter_kind(path: str | Path, ck: Checkpoint) -> str | None:
@@ -572,6 +583,8 @@ def _kohya_extra_kind(key: str) -> str:
         return "GLoRA (LyCORIS)"
     if rest in ("on_input", "weight"):
         return "(IA)³ (LyCORIS)"
+    if rest.split(".", 1)[0] == "lambda_layer":
+        return "T-LoRA (LyCORIS)"
     if rest in ("w_norm", "b_norm"):
         return "trained norm layers (LyCORIS w_norm / b_norm)"
     if rest in ("scalar",):

@@ -310,8 +310,12 @@ def _read_exact(path: Path, offset: int, nbytes: int, into: torch.Tensor | None 
 
 def _safe_join(folder: Path, rel: str, index: Path) -> Path:
     """Resolve a shard name from an index, refusing anything outside the folder."""
-    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel or "\x00" in rel:
         raise UnsafeFileError(f"shard index names {rel!r}, which is not a file inside its folder", index)
+    try:
+        os.fsencode(rel)
+    except UnicodeEncodeError:  # a lone surrogate JSON can hold and no file name can
+        raise UnsafeFileError(f"shard index names {rel!r}, which is not a file name", index) from None
     target = (folder / rel).resolve()
     root = folder.resolve()
     if root not in target.parents:

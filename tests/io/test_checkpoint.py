@@ -233,6 +233,11 @@ def test_index_pointing_outside(tmp_path: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": str(outside)}}))
     with pytest.raises(UnsafeFileError, match="not a file inside its folder"):
         Checkpoint.open(folder)
+    # names JSON can hold and no file can (found by the slow fuzz suite): a NUL byte, a lone surrogate
+    for rel, says in (("\x00", "not a file inside its folder"), ("a\ud800.safetensors", "which is not a file name")):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": rel}}))
+        with pytest.raises(UnsafeFileError, match=says):
+            Checkpoint.open(folder)
 
 
 def test_index_missing_shard(tmp_path: Path) -> None:

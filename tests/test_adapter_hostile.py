@@ -127,6 +127,7 @@ def test_a_bare_peft_file_has_scale_one_and_metadata_must_match_the_tensors(tmp_
       "lora_unet_x.b2.weight": U.clone(), "lora_unet_x.alpha": torch.tensor(2.0)}, "GLoRA (LyCORIS)"),
     ({"lora_unet_x.lambda_layer": torch.randn(1, 2), "lora_unet_x.q_layer.weight": D,
       "lora_unet_x.p_layer.weight": U}, "T-LoRA (LyCORIS)"),
+    ({"lora_x.weight": torch.randn(8), "lora_x.on_input": torch.tensor(False)}, "(IA)³ (LyCORIS)"),  # generic prefix
 ])
 def test_lycoris_layouts_without_lora_factors_are_named(tmp_path: Path, state: dict, name: str) -> None:
     p = tmp_path / "a.safetensors"

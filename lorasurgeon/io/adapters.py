@@ -147,9 +147,10 @@ def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
     if any("_lora.down.weight" in k or ".lora.down.weight" in k or ".lora_linear_layer.down.weight" in k for k in keys):
         return "diffusers-legacy"
     # LyCORIS layouts with no marker above and no LoRA factor at all: (IA)³, GLoRA, T-LoRA
-    stems = {k.partition(".")[0] for k in keys if k.startswith(KOHYA_PREFIXES)}
+    prefixed = [k for k in keys if k.startswith((*KOHYA_PREFIXES, GENERIC_KOHYA_PREFIX))]
+    stems = {k.partition(".")[0] for k in prefixed}
     if stems and len(stems) * 2 >= len({k.partition(".")[0] for k in keys}):
-        kinds = {_kohya_extra_kind(k) for k in keys if k.startswith(KOHYA_PREFIXES)} & set(LYCORIS_ONLY_KINDS)
+        kinds = {_kohya_extra_kind(k) for k in prefixed} & set(LYCORIS_ONLY_KINDS)
         if kinds:
             return f"non-lora:{sorted(kinds)[0]}"
     return "checkpoint"

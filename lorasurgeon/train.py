@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorasurgeon._distributed import world_size
 from lorasurgeon._finite import json_safe
 from lorasurgeon.data import Dataset
 from lorasurgeon.errors import InvalidOptionError, WriteError
@@ -143,7 +143,7 @@ def resolve_device(device: str) -> str:
 
 def _dist() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return 0, 1
     import torch.distributed as dist

@@ -45,7 +45,7 @@ def _tolerant(stream: Any) -> Any:
 def secondary_process() -> bool:
     """A torchrun worker other than rank 0: it trains its shard but prints no result and no log
     (rank 0 speaks for the run, as it alone writes the output)."""
-    return os.environ.get("RANK", "0") not in ("", "0")
+    return process_rank() != 0
 
 
 class _StdoutGuard:
@@ -97,8 +97,10 @@ def stderr_console() -> Console:
     return Console(file=sys.stderr, width=None if tty else 160, highlight=False, stderr=True)
 
 
-def print_json(obj: Any) -> None:
-    if secondary_process():
+def print_json(obj: Any, *, any_process: bool = False) -> None:
+    """The --json object on stdout; under torchrun from rank 0 only, unless ``any_process`` (a
+    worker's own failure, which rank 0 does not know of)."""
+    if secondary_process() and not any_process:
         return
     _write_stdout(json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
@@ -220,8 +222,7 @@ def report_error(line: str, obj: dict[str, Any], json_mode: bool, *, secondary: 
     _write_stderr(f"error: {line}\n")
     if json_mode:
         with contextlib.suppress(OSError, LorasurgeonError):  # stdout is what failed, or its reader left
-            _write_stdout(json.dumps(json_safe({"error": obj}), indent=2, sort_keys=False, default=str,
-                                     allow_nan=False) + "\n")
+            print_json({"error": obj}, any_process=True)
     if world_size() > 1:
         mark_reported()
 

@@ -67,7 +67,7 @@ class LoraTarget:
         bias: LoRA bias on B (out,), or None.
         fan_in_fan_out: the base weight is stored (in, out) (GPT-2 Conv1D); delta is transposed.
         init: PEFT's ``init_lora_weights`` when it changed the base weight as the adapter was
-            made (``BASE_CHANGING_INITS``: "pissa", "olora", ...), else None. Like peft, which
+            made ("pissa", "olora", ...: ``_init_kind``), else None. Like peft, which
             runs that initialisation again when it loads the adapter, a merge first takes the
             initial s·B₀·A₀ out of the base weight (``ops/lora.py::init_correction``).
     """
@@ -271,10 +271,6 @@ PEFT_VARIANTS = {
 # state, read past. VeLoRA's activation projection; MonteCLoRA's sampler, which perturbs A in
 # training.
 PEFT_TRAINING_ONLY = (".lora_velora_embed", ".lora_monteclora_sampler.")
-# PEFT initialisations that change the base weights when the adapter is created (PiSSA, OLoRA,
-# CorDA and LoRA-GA subtract s·B₀·A₀; LoftQ quantizes W): an adapter saved without PEFT's
-# ``path_initial_model_for_weight_conversion`` applies to that changed base, not to the original.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def _peft_variant(config: dict[str, Any]) -> str | None:
@@ -292,7 +288,11 @@ def _peft_variant(config: dict[str, Any]) -> str | None:
 def _init_kind(v: Any) -> str | None:
     """What an ``init_lora_weights`` value is to peft (``tuners/lora/layer.py::update_layer``, whose
     tests this mirrors, case and all): "base" (it changes the base weight), "plain", or None (not
-    a value peft knows: peft refuses to load it)."""
+    a value peft knows: peft refuses to load it).
+
+    The base-changing ones: PiSSA, OLoRA, CorDA and LoRA-GA subtract s·B₀·A₀ from the base weight
+    when the adapter is created, LoftQ quantizes it. An adapter saved without PEFT's
+    ``path_initial_model_for_weight_conversion`` applies to that changed base, not the original."""
     if isinstance(v, bool):
         return "plain"
     if not isinstance(v, str):
@@ -303,7 +303,7 @@ def _init_kind(v: Any) -> str | None:
 
 
 def _base_changing(config: dict[str, Any]) -> str | None:
-    """The config's ``init_lora_weights`` if it changes the base weight (``BASE_CHANGING_INITS``)."""
+    """The config's ``init_lora_weights`` if it changes the base weight (``_init_kind``)."""
     v = config.get("init_lora_weights")
     return v if _init_kind(v) == "base" else None
 

@@ -100,7 +100,8 @@ def main() -> int:
              "Common to every command: `--json` prints the result as one JSON object on stdout (with a `schema`; a failure prints "
              "`{\"error\": {\"kind\", \"message\", \"path\"}}` instead), "
              "`--quiet` silences progress, `--force` replaces an existing output, `--dry-run` (factorize, merge, "
-             "compose, resize, extract) prints the plan and writes nothing. Exit codes: 0 success, 1 bad input (a file or an option value our checks refuse), 2 usage (the parser: unknown or missing option, wrong type; no JSON), 3 a gate failed.\n"]
+             "compose, resize, extract) prints the plan and writes nothing. A warning is a `warning: ...` line on stderr (unless "
+             "`--quiet`) and an entry of the result's `warnings` list (attach: `extra.warnings`). Exit codes: 0 success, 1 bad input (a file or an option value our checks refuse), 2 usage (the parser: unknown or missing option, wrong type; no JSON), 3 a gate failed.\n"]
     if missing:
         raise SystemExit(f"commands without a section: {missing}")
     with tempfile.TemporaryDirectory() as d:

@@ -214,6 +214,7 @@ class ExportResult:
     agreement: Agreement | None = None
     benchmark: Benchmark | None = None
     adapter_verification: list[Verification] = field(default_factory=list)  # one per .onnx_adapter
+    warnings: list[str] = field(default_factory=list)  # each also logged ("warning: ...") as it happens
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -952,7 +953,7 @@ def _build(
         names = _finish_switchable(model, modules)
         unused = [m for m in modules if m not in names]
         if unused:
-            log(f"adapter targets outside the exported graph (the output does not use them): {', '.join(unused)}")
+            log(f"warning: adapter targets outside the exported graph (the output does not use them): {', '.join(unused)}")
         if not names:
             raise UnsupportedError("--separate-adapters: no adapter target is in the exported graph")
     _set_metadata(model, meta)
@@ -1105,7 +1106,15 @@ def export_model(
         VerificationError (exit 3) when onnxruntime and PyTorch disagree, nothing written.
     """
     adapters = one_or_many(adapters) or []
-    log = log or (lambda m: None)
+    said: list[str] = []
+    to_log = log
+
+    def log(message: str) -> None:  # a warning is kept for the result too
+        if message.startswith("warning: "):
+            said.append(message[len("warning: "):])
+        if to_log:
+            to_log(message)
+
     given, out = out, Path(out)
     if dtype not in DEFAULT_ATOL:
         raise InvalidOptionError(f"--dtype must be fp32 or fp16, got {dtype!r}")
@@ -1207,7 +1216,7 @@ def export_model(
         adapters=[str(a) for a in adapters], adapter_mode=("separate" if separate_adapters else "merged") if adapters else None,
         adapter_files=[str(out.parent / n) for n in built.adapter_names], optimized=built.optimizer,
         fused_ops=built.fused, quantized=built.quantized, verification=ver, agreement=built.agreement,
-        benchmark=bench, adapter_verification=built.adapter_checks,
+        benchmark=bench, adapter_verification=built.adapter_checks, warnings=said,
     )
 
 

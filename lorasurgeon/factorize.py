@@ -74,6 +74,7 @@ class FactorizeResult:
     factorized_params_before: int = 0
     factorized_params_after: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. an --include pattern that matched nothing
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -97,8 +98,9 @@ def _candidates(
     allow_unmatched: bool,
     conv_groups: dict[str, int] | None = None,
     kinds: dict[str, str] | None = None,
-) -> tuple[list[_Candidate], list[dict[str, str]]]:
-    """The weights to factorize. A 4-D weight needs groups = 1, which a state dict cannot show:
+) -> tuple[list[_Candidate], list[dict[str, str]], list[str]]:
+    """The weights to factorize (and the patterns, allowed by ``allow_unmatched``, that matched
+    nothing). A 4-D weight needs groups = 1, which a state dict cannot show:
     it qualifies when the model confirms it (``conv_groups`` from a loaded model, or ``kinds``
     from a model folder's config) or when an --include pattern names it.
 
@@ -176,7 +178,7 @@ def _candidates(
         raise MatchError("no weight to factorize among the selected tensors (2-D Linear or named conv weights in fp16, "
                          "bf16, fp32 or fp64)" + (f"; skipped: {skipped[0]['module']} ({skipped[0]['reason']})"
                                                   if len(skipped) == 1 else ""), ck.path)
-    return out, skipped
+    return out, skipped, sel.unmatched_patterns
 
 
 def make_rule(
@@ -310,7 +312,7 @@ def _factorize(
             kinds = module_kinds(cal.lm.model)
         else:  # the architecture alone
             kinds, groups = _arch_kinds(arch, ck)
-        cands, skipped = _candidates(ck, include, exclude, min_params, allow_unmatched, groups, kinds)
+        cands, skipped, unmatched = _candidates(ck, include, exclude, min_params, allow_unmatched, groups, kinds)
         if cal is not None and not (cal.opts.sequential and rule is not None and rule.kind in ("rank", "ratio")):
             # (sequential with a shape-only rule: its own passes give every layer's statistics)
             cal.collect([c.module for c in cands], progress)
@@ -353,6 +355,7 @@ def _factorize(
             params_before=ck.total_params, params_after=sum(_numel(s.shape) for s in specs),
             bytes_before=bytes_before, bytes_after=bytes_after,
             compression=round(bytes_before / bytes_after, 4) if bytes_after else 0.0,
+            warnings=[f"{u} matches no tensor (allowed by --allow-unmatched)" for u in unmatched],
         )
         if dry_run:
             for c in cands:

@@ -57,6 +57,7 @@ class MergeResult:
     added: list[str]  # modules_to_save tensors the base did not have
     unmatched: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # "config": the class the output folder became
+    warnings: list[str] = field(default_factory=list)  # each also given to ``warn`` as it happens
 
     def to_json(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -413,6 +414,13 @@ def merge_adapters(
     if out is not None and not dry_run:
         check_output(out, force, [base, *adapters], directory=Path(base).is_dir())
     base = Path(base)
+    said: list[str] = []
+
+    def note(message: str) -> None:
+        said.append(message)
+        if warn:
+            warn(message)
+
     with Checkpoint.open(base) as ck:
         refuse_adapter(base, ck, "a base model", "give the model the adapters are for first, then the adapters; "
                        "to combine adapters use lorasurgeon compose")
@@ -422,7 +430,7 @@ def merge_adapters(
         skipped: dict[str, int] = {}
         per_weight, saved, unmatched_all = _plan(
             [(read_adapter(p), Path(p).name, p) for p in adapters], w, names, lambda n: tuple(ck.info(n).shape),
-            unmerge=unmerge, allow_unmatched=allow_unmatched, warn=warn, where=base, what="the base",
+            unmerge=unmerge, allow_unmatched=allow_unmatched, warn=note, where=base, what="the base",
             component=component, skipped=skipped)
         bias_parts = {wn[: -len(".weight")] + ".bias": parts for wn, parts in per_weight.items()
                       if any(t.bias is not None for t, _, _ in parts)}
@@ -436,7 +444,7 @@ def merge_adapters(
         specs += [TensorSpec(n, saved[n].dtype, tuple(saved[n].shape)) for n in added]
         layers: list[MergeLayer] = []
         result = MergeResult(SCHEMA, str(base), [str(a) for a in adapters], w, None if dry_run else str(out), unmerge,
-                             dry_run, layers, replaced, added, unmatched_all)
+                             dry_run, layers, replaced, added, unmatched_all, warnings=said)
         if skipped:
             result.extra["skipped_components"] = skipped
         if dry_run:

@@ -322,6 +322,13 @@ def test_adapter_merged_equals_exported_merged_checkpoint(tmp_path: Path, mlp_we
     assert base["sha256"] != a["sha256"]  # the adapter changed the function
     run("export", str(mlp_weights), "--arch", MLP, "--adapter", str(write_peft(tmp_path / "bad", {"nope": (4, 4)})),
         "-o", str(tmp_path / "c.onnx"), code=1)
+    assert a["warnings"] == []
+    part = write_peft(tmp_path / "part", {"fc1": (256, 64), "nope": (4, 4)})
+    res = runner.invoke(app, ["export", str(mlp_weights), "--arch", MLP, "--adapter", str(part), "--allow-unmatched",
+                              "-o", str(tmp_path / "d.onnx"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["warnings"] == ["skipping 1 unmatched adapter target(s): part: nope"]
+    assert "warning: skipping 1 unmatched adapter target(s): part: nope\n" in res.stderr
 
 
 def test_separate_adapters_switch_at_run_time(tmp_path: Path, mlp_weights: Path) -> None:
@@ -351,6 +358,7 @@ def test_peft_adapter_on_bert_merged_and_separate(tmp_path: Path, tiny_bert: Pat
     merged = run("export", str(tiny_bert), "--adapter", str(tmp_path / "ad"), "-o", str(tmp_path / "m.onnx"))
     sep = run("export", str(tiny_bert), "--adapter", str(tmp_path / "ad"), "--separate-adapters", "-o", str(tmp_path / "s.onnx"))
     assert merged["verification"]["passed"] and sep["adapter_verification"][0]["passed"]
+    assert sep["warnings"] == ["adapter targets outside the exported graph (the output does not use them): pooler.dense"]
     # The pooler is outside a mean-pooled graph: its LoRA is left out of the switchable inputs.
     inputs = [i.name for i in onnx.load(str(tmp_path / "s.onnx")).graph.input]
     assert "encoder.layer.0.attention.self.query.lora_A" in inputs and not any("pooler" in n for n in inputs)

@@ -287,3 +287,18 @@ def test_arch_must_fit_the_weights(tmp_path: Path) -> None:
     assert res.exit_code == 1 and res.stderr == (f"error: {tmp_path / 'mlp.safetensors'}: the weights are not "
                                                  "lorasurgeon.zoo:digits_cnn's: 2 it does not have, e.g. 'fc1.weight'\n")
     assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_allowed_unmatched_pattern_is_a_warning_on_stderr_and_in_the_result(tmp_path: Path) -> None:
+    p = write(tmp_path, {"a.weight": spectrum_weight(40, 30), "b.weight": spectrum_weight(40, 30, seed=1)})
+    args = ["factorize", str(p), "-o", str(tmp_path / "o.safetensors"), "--rank", "4", "--include", "a*",
+            "--include", "zz*", "--exclude", "nothing*", "--allow-unmatched"]
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.stderr
+    want = ["--include 'zz*' matches no tensor (allowed by --allow-unmatched)",
+            "--exclude 'nothing*' matches no tensor (allowed by --allow-unmatched)"]
+    assert json.loads(res.stdout)["warnings"] == want
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")] == [f"warning: {w}" for w in want]
+    assert [x["module"] for x in json.loads(res.stdout)["layers"]] == ["a"]
+    res = runner.invoke(app, [*args[:-1], "--force"])  # without --allow-unmatched: an error, nothing written
+    assert res.exit_code == 1 and "--include 'zz*', --exclude 'nothing*' matches no tensor" in res.stderr

@@ -631,3 +631,22 @@ def test_peft_switches_that_contradict_the_tensors_are_refused(tmp_path: Path) -
     assert msg.endswith("module 'encoder.layer.0.attention.self.query' has a lora_B bias, but adapter_config.json "
                         "does not set lora_bias (peft would ignore it)"), msg
     assert not Path(out).exists()
+
+
+def test_merge_warnings_are_in_the_json_result_too(tmp_path: Path) -> None:
+    """A script reading --json sees what a person reads on stderr: the same warnings, listed."""
+    make_base(tmp_path)
+    ad = make_adapter(tmp_path, "ad", 1, r=2, target_modules=["query"])
+    sd = load_file(ad / "adapter_model.safetensors")
+    extra = {k.replace("layer.0.attention.self.query", "layer.0.attention.self.nowhere"): v.clone() for k, v in sd.items()
+             if "layer.0." in k}
+    save_file({**sd, **extra}, ad / "adapter_model.safetensors")
+    res = runner.invoke(app, ["merge", str(tmp_path / "base"), str(ad), "--allow-unmatched", "-o", str(tmp_path / "m"),
+                              "--json"])
+    assert res.exit_code == 0, res.stderr
+    want = "skipping 1 unmatched target(s): ad: encoder.layer.0.attention.self.nowhere"
+    assert json.loads(res.stdout)["warnings"] == [want]
+    assert f"warning: {want}\n" in res.stderr
+    assert run("merge", str(tmp_path / "base"), str(ad), "--allow-unmatched", "-o", str(tmp_path / "m"),
+               "--force")["warnings"] == [want]  # --quiet silences stderr, not the result
+    assert run("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "--dry-run", "--allow-unmatched")["warnings"] == [want]

@@ -118,6 +118,8 @@ def factorize_command(
                 svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run,
                 allow_unmatched=allow_unmatched, progress=cb, calibration=cal, arch=None if cal else arch,
             )
+        for w in result.warnings:
+            log(f"warning: {w}", quiet)
         if not dry_run:
             log(f"wrote {output}", quiet)
         print_json(result.to_json()) if json_out else render(result)

@@ -15,9 +15,10 @@ import torch
 
 from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import json_safe
-from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, MatchError
+from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, LorasurgeonError, MatchError
 from lorasurgeon.io.adapters import (
     PEFT_PREFIX,
+    PEFT_VARIANT_NAMES,
     Adapter,
     adapter_kind,
     detect_layout,
@@ -123,6 +124,8 @@ class InspectResult:
     spectrum_rank: int | None = None
     config: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # a non-LoRA adapter (kind non-lora:...): why merge, convert, compose and resize refuse it
+    unsupported: str | None = None
 
     def to_json(self, include_singular_values: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -218,7 +221,7 @@ def inspect_checkpoint(
             schema=SCHEMA,
             path=str(p),
             kind=kind,
-            kind_description=KIND_NAMES.get(kind, kind.replace("non-lora:", "non-LoRA adapter: ")),
+            kind_description=KIND_NAMES.get(kind, _non_lora_description(kind)),
             weights_file=ck.weights_file.name if ck.weights_file else None,
             files=[f.name for f in ck.files],
             metadata=dict(sorted(ck.metadata.items())),
@@ -228,6 +231,11 @@ def inspect_checkpoint(
             tensors=rows,
             config=_config_summary(ck.config),
         )
+        if kind.startswith("non-lora:"):
+            try:
+                read_adapter(p)
+            except LorasurgeonError as e:
+                result.unsupported = " ".join(e.message.split())
         if kind == "factorized":
             result.factorized_layers = json.loads(ck.metadata["lorasurgeon"]).get("layers", {})
         if spectrum and ad is None:
@@ -242,6 +250,13 @@ def inspect_checkpoint(
 
 
 ADAPTER_KINDS = ("peft", "kohya", "diffusers", "diffusers-legacy")
+
+
+def _non_lora_description(kind: str) -> str:
+    name = kind.removeprefix("non-lora:")
+    if name.removesuffix(" (PEFT)") in PEFT_VARIANT_NAMES.values():
+        return f"LoRA variant that is not plain LoRA: {name}"
+    return f"non-LoRA adapter: {name}"
 _LEGACY_PROCESSOR = re.compile(r"\.processor\.(to_[a-z_]+?)_lora\.")
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from lorasurgeon.cli.app import app
-from lorasurgeon.io.adapters import read_adapter
+from lorasurgeon.io.adapters import PEFT_VARIANT_NAMES, read_adapter
 from lorasurgeon.merge import merge_state_dict
 
 peft = pytest.importorskip("peft")
@@ -153,6 +153,48 @@ def test_peft_variants_that_are_not_plain_lora_are_refused_by_name(tmp_path: Pat
         assert err.startswith(f"error: {ad / 'adapter_config.json'}: {field} is set: {says}"), err
         assert len(err.splitlines()) == 1
         assert not (tmp_path / "o.safetensors").exists()
+    # inspect describes it (exit 0), says what it is and why the other commands refuse it
+    res = runner.invoke(app, ["inspect", str(ad), "--json"])
+    assert res.exit_code == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["kind"] == f"non-lora:{PEFT_VARIANT_NAMES[field]} (PEFT)" and got["adapter"] is None
+    assert got["unsupported"].startswith(f"{field} is set: {says}")
+    assert got["kind_description"] == f"LoRA variant that is not plain LoRA: {PEFT_VARIANT_NAMES[field]} (PEFT)"
+    assert got["totals"]["tensors"] == len(load_file(ad / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("make", ["loha", "ia3", "prompt"])
+def test_other_peft_methods_are_described_by_inspect_and_refused_by_merge(tmp_path: Path, make: str) -> None:
+    """inspect used to fail (exit 1) on any PEFT adapter that is not LoRA, where a LyCORIS LoHa
+    file was described: it now names the method and lists the tensors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    save_file({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
+    cfg = {"loha": lambda: peft.LoHaConfig(r=2, target_modules=["0"]),
+           "ia3": lambda: peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]),
+           "prompt": lambda: peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3, token_dim=8,
+                                                     num_transformer_submodules=1, num_attention_heads=1, num_layers=1)}[make]()
+    if make == "prompt":  # prompt tuning needs a transformer; its saved state is only the prompt table
+        d = tmp_path / "ad"
+        d.mkdir()
+        save_file({"prompt_embeddings": torch.randn(3, 8)}, d / "adapter_model.safetensors")
+        (d / "adapter_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
+    else:
+        peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "ad")
+    ptype = {"loha": "LOHA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}[make]
+    res = runner.invoke(app, ["inspect", str(tmp_path / "ad"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert (got["kind"], got["kind_description"]) == (f"non-lora:{ptype} (PEFT)", f"non-LoRA adapter: {ptype} (PEFT)")
+    assert got["unsupported"] == f"peft_type {ptype} is not LoRA; only LoRA adapters are supported"
+    assert sorted(t["name"] for t in got["tensors"]) == sorted(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
+    err = cli("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "m.safetensors"), code=1)
+    assert err == f"error: {tmp_path / 'ad' / 'adapter_config.json'}: peft_type {ptype} is not LoRA; only LoRA adapters are supported"
+    err = cli("factorize", str(tmp_path / "ad"), "-o", str(tmp_path / "f.safetensors"), "--rank", "1", code=1)
+    assert f"this is a LoRA adapter ({ptype} (PEFT)), not a model" in err
+    # a hand-broken config is still an error, not a description
+    (tmp_path / "ad" / "adapter_config.json").write_text("{not json")
+    assert "adapter_config.json is not valid JSON" in cli("inspect", str(tmp_path / "ad"), code=1)
 
 
 def test_variants_that_merge_as_plain_lora_equal_peft(tmp_path: Path) -> None:

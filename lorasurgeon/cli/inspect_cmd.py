@@ -80,6 +80,8 @@ def inspect_command(
 def render(r: InspectResult, show_tensors: bool) -> None:
     con = stdout_console()
     con.print(f"[bold]{r.path}[/]: {r.kind_description}")
+    if r.unsupported:
+        con.print(f"not usable by merge, convert, compose or resize: {r.unsupported}", markup=False)
     if r.weights_file:
         con.print(f"weights: {r.weights_file}" + (f" ({len(r.files)} files)" if len(r.files) > 1 else ""))
     if r.config:

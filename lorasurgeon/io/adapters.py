@@ -165,9 +165,29 @@ def adapter_kind(path: str | Path, ck: Checkpoint) -> str | None:
     """The adapter layout of an opened input (peft, kohya, diffusers, diffusers-legacy or
     non-lora:<name>), or None when it holds a model's weights (or a factorized model's)."""
     if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file():
-        return "peft"
+        return _peft_folder_kind(Path(path) / "adapter_config.json")
     layout = detect_layout(ck.names(), ck.metadata)
     return None if layout in ("checkpoint", "factorized") else layout
+
+
+def _peft_folder_kind(cfg: Path) -> str:
+    """"peft", or non-lora:<name> when a well-formed adapter_config.json is another PEFT method
+    (LoHa, IA3, prompt tuning, ...) or a LoRA variant the reader refuses (``PEFT_VARIANTS``), so
+    that inspect describes it; read_adapter says why it cannot be used. A config that does not
+    parse is "peft" here, for read_adapter's error."""
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "peft"
+    if not isinstance(config, dict):
+        return "peft"
+    ptype = config.get("peft_type", "LORA")
+    if not isinstance(ptype, str) or not re.fullmatch(r"[A-Za-z0-9_]{1,40}", ptype):
+        return "peft"
+    if ptype.upper() != "LORA":
+        return f"non-lora:{ptype.upper()} (PEFT)"
+    variant = _peft_variant(config)
+    return f"non-lora:{PEFT_VARIANT_NAMES[variant]} (PEFT)" if variant else "peft"
 
 
 def refuse_adapter(path: str | Path, ck: Checkpoint, what: str, instead: str) -> None:
@@ -266,6 +286,11 @@ PEFT_VARIANTS = {
                    "diagonal (lora_diag)",
     "use_bdlora": "BD-LoRA stores block-diagonal factors in a packed layout",
     "arrow_config": "Arrow routes each token between several LoRA experts",
+}
+PEFT_VARIANT_NAMES = {
+    "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA", "layer_replication": "LoRA with layer_replication",
+    "target_parameters": "LoRA on target_parameters", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow",
 }
 # Tensors of LoRA variants whose merge is plain LoRA's (peft merges B·A alone): training-only
 # state, read past. VeLoRA's activation projection; MonteCLoRA's sampler, which perturbs A in

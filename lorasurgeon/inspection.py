@@ -15,7 +15,13 @@ import torch
 
 from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import json_safe
-from lorasurgeon.errors import FormatError, InputNotFoundError, InvalidOptionError, LorasurgeonError, MatchError
+from lorasurgeon.errors import (
+    FormatError,
+    InputNotFoundError,
+    InvalidOptionError,
+    LorasurgeonError,
+    MatchError,
+)
 from lorasurgeon.io.adapters import (
     PEFT_PREFIX,
     PEFT_VARIANT_NAMES,

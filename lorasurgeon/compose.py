@@ -83,9 +83,13 @@ class ComposeResult:
     averaged: list[str]
     totals: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    # the composed adapter itself (not in the JSON): what was written, or the in-memory result
+    adapter: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return json_safe(asdict(self))
+        d = asdict(replace(self, adapter=None))
+        del d["adapter"]
+        return json_safe(d)
 
 
 def _check_options(
@@ -247,7 +251,7 @@ def _compose_saved(
 
 
 def compose_adapters(
-    inputs: Sequence[str | Path], out: str | Path | None, method: str, *, weights: Sequence[float] | None = None,
+    inputs: Sequence[str | Path | Adapter] | Adapter, out: str | Path | None, method: str, *, weights: Sequence[float] | None = None,
     rank: int | None = None, density: float | None = None, seed: int | None = None, fmt: str | None = None, fp64: bool = False,
     force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None, component: str | None = None,
 ) -> ComposeResult:
@@ -260,8 +264,10 @@ def compose_adapters(
     Layers are composed one at a time (dense deltas only for the delta-based methods).
 
     Args:
-        inputs: adapter paths (PEFT folders or files, kohya, diffusers), in ``weights`` order.
-        out: output path (a folder for PEFT); None only with ``dry_run``.
+        inputs: adapter paths (PEFT folders or files, kohya, diffusers), or ``Adapter`` objects
+            you hold (``read_adapter``; then ``out`` must be None), in ``weights`` order.
+        out: output path (a folder for PEFT); None composes in memory and writes nothing:
+            ``result.adapter`` is the composed ``Adapter`` (``write_adapter`` writes it).
         method: a registered method name (``ops.compose.method_names()``).
         weights: one per input (default 1 each).
         rank: target rank of recompressing methods (default: the largest input rank per layer).
@@ -272,7 +278,8 @@ def compose_adapters(
         fp64: compute in fp64.
 
     Returns:
-        The ComposeResult (also for ``dry_run``, which computes everything and writes nothing).
+        The ComposeResult, with the composed adapter as ``.adapter`` (also for ``dry_run``, which
+        computes everything and writes nothing).
 
     Raises:
         InvalidOptionError: unknown method, weight count mismatch, --rank/--density misuse, bad format,
@@ -281,7 +288,14 @@ def compose_adapters(
         FormatError: the adapters disagree on a module's shape.
         OutputExistsError: the output exists and not ``force``.
     """
-    inputs = one_or_many(inputs) or []
+    given = one_or_many(inputs) or []
+    writes = out is not None and not dry_run
+    if writes and any(isinstance(x, Adapter) for x in given):
+        raise InvalidOptionError("Adapter objects are composed in memory: pass out=None, then write result.adapter "
+                                 "with write_adapter")
+    # a held Adapter is named in messages by its source file, or by its place in the list
+    inputs: list[str | Path] = [(x.source or f"adapter {i + 1}") if isinstance(x, Adapter) else x
+                                for i, x in enumerate(given)]
     weights = one_or_many(weights)
     m = ops.get_method(method)
     w = _check_options(m, len(inputs), weights, rank, density)
@@ -293,14 +307,12 @@ def compose_adapters(
         raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt is not None:
         check_component(fmt, component)
-    if out is None and not dry_run:
-        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
-    if out is not None and not dry_run:
-        check_output(out, force, inputs, directory=None if fmt is None else fmt == "peft")
+    if writes:
+        check_output(out, force, inputs, directory=None if fmt is None else fmt == "peft")  # type: ignore[arg-type]
     # Inputs hashed (provenance) on a second thread while they are read and parsed: for
     # adapter-sized inputs the sha256 is done by the time the layers are composed.
-    hashes = None if dry_run else HashedInputs(inputs)
-    adapters = [read_adapter(p) for p in inputs]
+    hashes = HashedInputs(inputs) if writes else None
+    adapters = [x if isinstance(x, Adapter) else read_adapter(x) for x in given]
     for ad, p in zip(adapters, inputs, strict=True):
         refuse_base_changing(ad, "adapters made with it do not add")
         dora = sorted(n for n, t in ad.targets.items() if t.magnitude is not None)
@@ -312,8 +324,8 @@ def compose_adapters(
     if fmt is None:  # the inputs' layout when they share one (kohya files stay kohya), else PEFT
         layouts = {ad.format for ad in adapters}
         fmt = layouts.pop() if len(layouts) == 1 else "peft"
-        if out is not None and not dry_run:
-            check_output(out, force, inputs, directory=fmt == "peft")
+        if writes:
+            check_output(out, force, inputs, directory=fmt == "peft")  # type: ignore[arg-type]
     adapters = _unify_names(adapters, inputs)
     for ad, p in zip(adapters, inputs, strict=True):
         refuse_lossy_stems(ad, fmt, p)
@@ -391,15 +403,16 @@ def compose_adapters(
     result = ComposeResult(
         # exact: the written factors equal the weighted sum (svd: only when its rank sufficed for
         # every layer; narrow dtypes: only when the cast changed nothing beyond fp32 rounding)
-        SCHEMA, [str(p) for p in inputs], None if dry_run else str(out), fmt, m.name,
+        SCHEMA, [str(p) for p in inputs], str(out) if writes else None, fmt, m.name,
         m.exact and all(x.rel_error <= EXACT_TOL and x.cast_error <= EXACT_TOL for x in layers), w,
         rank, density if m.uses_density else None, seed if m.uses_seed else None, dry_run, layers,
         sorted(saved), averaged, totals, warnings,
     )
-    if not dry_run:
-        first_cfg = next((ad.config for ad in adapters if ad.format == "peft" and ad.config), {})
-        config = {k: first_cfg.get(k) for k in ("task_type", "base_model_name_or_path") if first_cfg.get(k) is not None}
-        composed = replace(composed, config=config)
+    first_cfg = next((ad.config for ad in adapters if ad.format == "peft" and ad.config), {})
+    config = {k: first_cfg.get(k) for k in ("task_type", "base_model_name_or_path") if first_cfg.get(k) is not None}
+    composed = replace(composed, config=config)
+    result.adapter = composed
+    if writes:
         opts: dict[str, Any] = {"method": m.name, "weights": w, "rank": rank, "format": fmt, "fp64": fp64,
                                 **({"component": component} if component else {})}
         if m.uses_density:

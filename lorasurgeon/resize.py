@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,17 @@ class ResizeResult:
     params_before: int
     params_after: int
     warnings: list[str] = field(default_factory=list)
+    # the re-ranked adapter itself (not in the JSON): what was written, or the in-memory result
+    adapter: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return json_safe(asdict(self))
+        return _without_adapter(self)
+
+
+def _without_adapter(result: Any) -> dict[str, Any]:
+    d = asdict(replace(result, adapter=None))
+    del d["adapter"]
+    return json_safe(d)
 
 
 def _rule_json(rule: ranks.RankRule) -> dict[str, Any]:
@@ -108,36 +116,44 @@ def resize_target(
 
 
 def resize_adapter(
-    inp: str | Path, out: str | Path | None, rule: ranks.RankRule, *, fmt: str | None = None,
+    inp: str | Path | Adapter, out: str | Path | None, rule: ranks.RankRule, *, fmt: str | None = None,
     fp64: bool = False, force: bool = False, dry_run: bool = False, progress: ProgressFn | None = None,
     component: str | None = None,
 ) -> ResizeResult:
     """Re-rank every target of a LoRA adapter by the rule, exactly (see ``resize_target``).
 
     Args:
+        inp: an adapter path, or an ``Adapter`` you hold (then ``out`` must be None).
+        out: the output; None re-ranks in memory and writes nothing (``result.adapter``).
         fmt: the output layout (peft, kohya or diffusers); None keeps the input's.
         component: a kohya or diffusers output's pipeline part, for targets whose names say none
             (``io.adapters.name_part``); without it such targets give a warning.
 
     Returns:
-        ResizeResult with each layer's old and new rank and the energy kept.
+        ResizeResult with each layer's old and new rank and the energy kept, and the re-ranked
+        adapter as ``.adapter``.
 
     Raises:
-        InvalidOptionError: a bad ``fmt`` or ``rule``, no ``out`` without ``dry_run``.
+        InvalidOptionError: a bad ``fmt`` or ``rule``, an ``Adapter`` with an ``out``.
         UnsupportedError: DoRA adapters (the magnitude depends on the base weight).
         FormatError, OutputExistsError, WriteError.
     """
     if fmt is not None and fmt not in ("peft", "kohya", "diffusers"):
         raise InvalidOptionError(f"--format must be peft, kohya or diffusers, got {fmt!r}")
     ranks.check_rule(rule)
-    if out is None and not dry_run:
-        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
-    if out is not None and not dry_run:
-        check_output(out, force, [inp], directory=None if fmt is None else fmt == "peft")
+    writes = out is not None and not dry_run
+    held = inp if isinstance(inp, Adapter) else None
+    if held is not None:
+        if writes:
+            raise InvalidOptionError("an Adapter object is resized in memory: pass out=None, then write result.adapter "
+                                     "with write_adapter")
+        inp = held.source or "adapter"
+    if writes:
+        check_output(out, force, [inp], directory=None if fmt is None else fmt == "peft")  # type: ignore[arg-type]
     # The input is hashed (provenance) on a second thread while it is read and parsed: for
     # adapter-sized inputs the sha256 is done by the time the layers are re-ranked.
-    hashes = None if dry_run else HashedInputs([inp])
-    ad = read_adapter(inp)
+    hashes = HashedInputs([inp]) if writes else None
+    ad = held if held is not None else read_adapter(inp)
     check_component(fmt or ad.format, component)
     refuse_lossy_stems(ad, fmt or ad.format, inp)
     if any(t.magnitude is not None for t in ad.targets.values()):
@@ -155,7 +171,7 @@ def resize_adapter(
             layers.append(ResizeLayer(m, list(t.delta_shape()), t.rank, nt.rank, t.alpha, nt.alpha, t.scale,
                                       round(kept, 6), round(cast, 8)))
     result = ResizeResult(
-        "lorasurgeon.resize/1", str(inp), None if dry_run else str(out), fmt or ad.format, _rule_json(rule), dry_run, layers,
+        "lorasurgeon.resize/1", str(inp), str(out) if writes else None, fmt or ad.format, _rule_json(rule), dry_run, layers,
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),
         sum(t.A.numel() + t.B.numel() for t in new.values()),
     )
@@ -163,7 +179,8 @@ def resize_adapter(
     resized, note = name_part(resized, fmt or ad.format, component)
     if note:
         result.warnings.append(note)
-    if not dry_run:
+    result.adapter = resized
+    if writes:
         prov = provenance("resize", {"rule": _rule_json(rule), "fp64": fp64, "format": fmt or ad.format,
                                      **({"component": component} if component else {})}, hashes)
         write_adapter(resized, out, fmt or ad.format, provenance_meta=prov, force=force)
@@ -225,9 +242,11 @@ class ExtractResult:
     adapter_params: int
     extra: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # the extracted adapter itself (not in the JSON): what was written, or the in-memory result
+    adapter: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return json_safe(asdict(self))
+        return _without_adapter(self)
 
 
 def extract_adapter(
@@ -248,6 +267,8 @@ def extract_adapter(
     of a kohya or diffusers output (``lora_unet_``, ``unet.``); without it such an output warns that
     loaders will not find its layers.
 
+    ``out`` None extracts in memory and writes nothing; ``result.adapter`` is the adapter either way.
+
     Raises:
         FormatError: shapes differ between base and tuned; NaN/Inf in a delta.
         MatchError: no weight differs, or a pattern matches nothing.
@@ -256,10 +277,9 @@ def extract_adapter(
     ranks.check_rule(rule)
     if fmt not in ("peft", "kohya", "diffusers"):
         raise InvalidOptionError(f"--format must be peft, kohya or diffusers, got {fmt!r}")
-    if out is None and not dry_run:
-        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
-    if out is not None and not dry_run:
-        check_output(out, force, [base, tuned], directory=fmt == "peft")
+    writes = out is not None and not dry_run
+    if writes:
+        check_output(out, force, [base, tuned], directory=fmt == "peft")  # type: ignore[arg-type]
     from lorasurgeon.nn.models import folder_module_kinds
 
     check_component(fmt, component)
@@ -373,7 +393,7 @@ def extract_adapter(
                 elif module_of(tn) in mods and mo not in targets:
                     saved[n] = ct.get(tn)
     result = ExtractResult(
-        "lorasurgeon.extract/1", str(base), str(tuned), None if dry_run else str(out), fmt, _rule_json(rule), dry_run,
+        "lorasurgeon.extract/1", str(base), str(tuned), str(out) if writes else None, fmt, _rule_json(rule), dry_run,
         layers, unchanged, other, sorted([*saved, *lora_bias]), sum(t.A.numel() + t.B.numel() for t in targets.values()),
     )
     if lora_bias:
@@ -385,7 +405,8 @@ def extract_adapter(
     if note:
         warnings.append(note)
     result.warnings = warnings
-    if not dry_run:
+    result.adapter = ad
+    if writes:
         opts = {"rule": _rule_json(rule), "format": fmt, "include": list(include or []), "exclude": list(exclude or []),
                 "save_other": save_other, "svd": svd_method, "fp64": fp64, "seed": seed,
                 **({"component": component} if component else {})}

@@ -254,3 +254,74 @@ def test_library_options_of_the_wrong_type_are_option_errors(tmp_path: Path) -> 
     with pytest.raises(InvalidOptionError, match="unknown adapter format 'lycoris'; choose peft, kohya or diffusers"):
         write_adapter(ad, tmp_path / "x.safetensors", "lycoris")
     assert not (tmp_path / "a").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def _delta(t) -> torch.Tensor:  # noqa: ANN001 - a LoraTarget
+    return t.scale * (t.B.reshape(t.B.shape[0], -1).double() @ t.A.reshape(t.A.shape[0], -1).double())
+
+
+def _same_adapter(a, b) -> None:  # noqa: ANN001
+    assert a.targets.keys() == b.targets.keys()
+    for m in a.targets:
+        ta, tb = a.targets[m], b.targets[m]
+        assert torch.equal(ta.A, tb.A) and torch.equal(ta.B, tb.B) and ta.scale == tb.scale, m
+
+
+def test_compose_resize_and_extract_in_memory(tmp_path: Path) -> None:
+    """out=None composes, re-ranks and extracts in memory: ``result.adapter`` is what the same
+    call with an output writes (read back, bit for bit); Adapter objects go in as they are and
+    are left unchanged; nothing is written."""
+    peft = pytest.importorskip("peft")
+    bert = _tiny_bert_folder(tmp_path)
+    paths = []
+    for i, (r, alpha) in enumerate(((2, 4), (3, 9))):
+        torch.manual_seed(10 + i)
+        pm = peft.get_peft_model(transformers.BertModel.from_pretrained(bert),
+                                 peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"],
+                                                 init_lora_weights=False))
+        pm.save_pretrained(tmp_path / f"ad{i}")
+        paths.append(tmp_path / f"ad{i}")
+    held = [ls.read_adapter(p) for p in paths]
+    kept = [{m: (t.A.clone(), t.B.clone()) for m, t in ad.targets.items()} for ad in held]
+    before = sorted(os.listdir(tmp_path))
+
+    mem = ls.compose_adapters(held, None, "svd", weights=[1.0, -0.5], rank=3)
+    assert mem.output is None and "adapter" not in mem.to_json()
+    json.dumps(mem.to_json(), allow_nan=False)
+    for m, t in mem.adapter.targets.items():  # the best rank-3 approximation of the exact weighted sum
+        want = _delta(held[0].targets[m]) - 0.5 * _delta(held[1].targets[m])
+        best = torch.linalg.svd(want)
+        ref = (best.U[:, :3] * best.S[:3]) @ best.Vh[:3]
+        assert torch.allclose(_delta(t), ref, atol=1e-5), m
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+    on_disk = ls.compose_adapters(paths, tmp_path / "c", "svd", weights=[1.0, -0.5], rank=3)
+    _same_adapter(mem.adapter, ls.read_adapter(tmp_path / "c"))
+    _same_adapter(mem.adapter, on_disk.adapter)
+    assert mem.inputs == [str(p) for p in paths]  # held adapters are named by their source
+    cat = ls.compose_adapters(held[0], None, "cat", weights=2.0)  # one Adapter, not a list, works too
+    assert cat.inputs == [str(paths[0])] and torch.allclose(
+        _delta(next(iter(cat.adapter.targets.values()))), 2 * _delta(next(iter(held[0].targets.values()))), atol=1e-6)
+    with pytest.raises(InvalidOptionError, match="Adapter objects are composed in memory: pass out=None"):
+        ls.compose_adapters(held, tmp_path / "x", "cat")
+
+    small = ls.resize_adapter(held[1], None, RankRule("rank", 1))
+    assert small.output is None and {t.rank for t in small.adapter.targets.values()} == {1}
+    ls.resize_adapter(paths[1], tmp_path / "r", RankRule("rank", 1))
+    _same_adapter(small.adapter, ls.read_adapter(tmp_path / "r"))
+    with pytest.raises(InvalidOptionError, match="an Adapter object is resized in memory"):
+        ls.resize_adapter(held[1], tmp_path / "y", RankRule("rank", 1))
+    for ad, k in zip(held, kept, strict=True):  # the caller's adapters are untouched
+        assert all(torch.equal(t.A, k[m][0]) and torch.equal(t.B, k[m][1]) for m, t in ad.targets.items())
+
+    base = transformers.BertModel.from_pretrained(bert).state_dict()
+    tuned = ls.merge_state_dict(base, held[0])
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in base.items()}, tmp_path / "b.safetensors")
+    save_file({k: v.contiguous() for k, v in tuned.items()}, tmp_path / "t.safetensors")
+    ex = ls.extract_adapter(tmp_path / "b.safetensors", tmp_path / "t.safetensors", None, RankRule("rank", 2))
+    assert ex.output is None and not (tmp_path / "e").exists()
+    ls.extract_adapter(tmp_path / "b.safetensors", tmp_path / "t.safetensors", tmp_path / "e", RankRule("rank", 2))
+    _same_adapter(ex.adapter, ls.read_adapter(tmp_path / "e"))
+    for m, t in ex.adapter.targets.items():  # rank 2 recovers the rank-2 update (to fp32 rounding of W' − W)
+        assert torch.allclose(_delta(t), _delta(held[0].targets[m]), atol=1e-5), m

@@ -352,3 +352,17 @@ def test_extract_keeps_prefixed_copies_beside_the_weights_apart(tmp_path: Path) 
     for n in ("fc", "head"):
         t = ad.targets[n]
         assert torch.allclose(t.scale * t.B @ t.A, d[f"{n}.weight"], atol=1e-5)
+
+
+@pytest.mark.parametrize("cmd", [["resize", "{k}", "--rank", "1"], ["compose", "{k}", "--method", "cat"],
+                                 ["extract", "--base", "{b}", "--tuned", "{b}", "--rank", "1"],
+                                 ["merge", "{b}", "{k}"], ["factorize", "{b}", "--rank", "1"]])
+def test_writing_commands_need_an_output_unless_dry_run(tmp_path: Path, cmd: list[str]) -> None:
+    """The library calls also run in memory (no output); the commands still ask for -o."""
+    save_file({"lora_unet_x.lora_down.weight": torch.randn(2, 8), "lora_unet_x.lora_up.weight": torch.randn(8, 2)},
+              tmp_path / "k.safetensors")
+    save_file({"x.weight": torch.randn(8, 8)}, tmp_path / "b.safetensors")
+    args = [a.format(k=tmp_path / "k.safetensors", b=tmp_path / "b.safetensors") for a in cmd]
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["error"]["message"] == "an output path (-o) is needed unless --dry-run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "k.safetensors"]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorasurgeon.cli.options import ComponentOpt, ForceOpt, JsonOpt, QuietOpt, output_path
+from lorasurgeon.cli.options import ComponentOpt, ForceOpt, JsonOpt, QuietOpt, need_output, output_path
 from lorasurgeon.cli.output import handle_errors, human_count, log, print_json, progress, stdout_console
 from lorasurgeon.compose import ComposeResult, compose_adapters
 from lorasurgeon.ops.compose import COMPOSE_METHODS, method_names
@@ -39,6 +39,7 @@ def compose_command(
     """Combine LoRA adapters into one: exact concatenation (cat, the default), exact sum recompressed
     by SVD (svd), TIES / DARE / magnitude pruning on the deltas, or PEFT's factor-wise 'linear'."""
     with handle_errors(json_out):
+        need_output(output, dry_run)
         with progress("compose", quiet) as cb:
             r = compose_adapters(adapters, output, method, weights=weight, rank=rank, density=density, seed=seed,
                                  fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb,

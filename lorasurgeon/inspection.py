@@ -263,6 +263,8 @@ def _non_lora_description(kind: str) -> str:
     if name.removesuffix(" (PEFT)") in PEFT_VARIANT_NAMES.values():
         return f"LoRA variant that is not plain LoRA: {name}"
     return f"non-LoRA adapter: {name}"
+
+
 _LEGACY_PROCESSOR = re.compile(r"\.processor\.(to_[a-z_]+?)_lora\.")
 
 

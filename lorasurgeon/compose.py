@@ -17,6 +17,7 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
+    adapter_state,
     check_component,
     is_kohya_stem,
     kohya_stems,
@@ -412,7 +413,9 @@ def compose_adapters(
     config = {k: first_cfg.get(k) for k in ("task_type", "base_model_name_or_path") if first_cfg.get(k) is not None}
     composed = replace(composed, config=config)
     result.adapter = composed
-    if writes:
+    if not writes:  # what writing would refuse (e.g. modules_to_save in a diffusers file) is refused here too
+        adapter_state(composed, fmt)
+    else:
         opts: dict[str, Any] = {"method": m.name, "weights": w, "rank": rank, "format": fmt, "fp64": fp64,
                                 **({"component": component} if component else {})}
         if m.uses_density:

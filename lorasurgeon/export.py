@@ -58,7 +58,7 @@ from lorasurgeon.errors import (
     VerificationError,
 )
 from lorasurgeon.io import writer
-from lorasurgeon.io.adapters import Adapter, LoraTarget, read_adapter, resolve_kohya_names
+from lorasurgeon.io.adapters import Adapter, LoraTarget, dylora_note, read_adapter, resolve_kohya_names
 from lorasurgeon.io.checkpoint import is_utf8
 from lorasurgeon.io.writer import check_output, commit_files, provenance
 from lorasurgeon.nn.layers import LowRankConv2d, LowRankLinear
@@ -471,9 +471,12 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
     for path in adapters:
         path = Path(path)
         ad = read_adapter(path)
+        if dylora_note(ad, path.name):
+            log(f"warning: {dylora_note(ad, path.name)}")
         if ad.format == "kohya":
             ad, _, _ = resolve_kohya_names(ad, modules)
         tmap: dict[str, str] = {}
+        flipped: list[str] = []
         for m, t in ad.targets.items():
             hit = _module_name(model, m)
             if hit is None:
@@ -486,6 +489,7 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
             conv1d = type(model.get_submodule(hit)).__name__ == "Conv1D"  # GPT-2's, weight stored (in, out)
             if not t.is_conv and t.fan_in_fan_out != conv1d:  # peft sets the flag per module by its type
                 t = ad.targets[m] = replace(t, fan_in_fan_out=conv1d)
+                flipped.append(m)
             if tuple(t.delta_shape()) != shape:
                 problems.append(f"{path.name}: {m} (adapter {list(t.delta_shape())} vs model {list(shape)})")
                 continue
@@ -493,6 +497,9 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
                 problems.append(f"{path.name}: {m} (LoRA bias but the model's layer has no bias)")
                 continue
             tmap[m] = hit
+        if flipped and ad.format == "peft":  # (the other layouts hold no flag: nothing said otherwise)
+            log(f"warning: {path.name}: fan_in_fan_out taken from the model's layout for {len(flipped)} target(s) (e.g. "
+                f"{flipped[0]}), as peft does by module type: the adapter's config says otherwise")
         out.append((path, ad, tmap))
     if problems:
         raise MatchError(f"{len(problems)} adapter target(s) do not fit the model: " + "; ".join(problems[:10]))

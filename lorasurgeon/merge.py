@@ -19,6 +19,7 @@ from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
     adapter_parts,
+    dylora_note,
     keep_part,
     read_adapter,
     refuse_adapter,
@@ -187,15 +188,6 @@ def _check_weights(n: int, weights: Sequence[float] | float | None) -> list[floa
     return w
 
 
-def _network_algo(metadata: Mapping[str, str]) -> str | None:
-    """The LyCORIS algorithm a kohya file's ``ss_network_args`` names, if any."""
-    try:
-        args = json.loads(metadata.get("ss_network_args") or "{}")
-    except (json.JSONDecodeError, TypeError):
-        return None
-    algo = args.get("algo") if isinstance(args, dict) else None
-    return algo.lower() if isinstance(algo, str) else None
-
 
 def _on_saved(parts: Sequence[tuple[LoraTarget, float, int]], saved: bool) -> list[tuple[LoraTarget, float]]:
     """(target, weight) pairs for one base weight. When the adapter saved that weight itself
@@ -301,9 +293,8 @@ def _plan(
     for i, ((ad, label, path), wi) in enumerate(zip(ads, w, strict=True)):
         if component is not None:  # checked on the stems, which name their part before names are resolved
             keep_part(ad, component, label, path)
-        if warn and _network_algo(ad.metadata) == "dylora":
-            warn(f"{label} was trained as DyLoRA (ss_network_args); it is merged as LoCon at alpha/r, as LyCORIS's and "
-                 "kohya's loaders read it")
+        if warn and dylora_note(ad, label):
+            warn(dylora_note(ad, label))  # type: ignore[arg-type]
         if ad.format == "kohya":
             ad, _, _ = resolve_kohya_names(ad, base_modules)
         ad, set_aside = _select_component(ad, label, path, component, base_weights, names, shape_of)

@@ -17,6 +17,7 @@ from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, Unsu
 from lorasurgeon.io.adapters import (
     Adapter,
     LoraTarget,
+    adapter_state,
     check_component,
     name_part,
     read_adapter,
@@ -26,7 +27,7 @@ from lorasurgeon.io.adapters import (
     write_adapter,
 )
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
-from lorasurgeon.io.writer import HashedInputs, check_output, provenance
+from lorasurgeon.io.writer import METADATA_KEY, HashedInputs, check_output, provenance
 from lorasurgeon.nn.layers import factorized_layers
 from lorasurgeon.nn.targeting import default_excluded, module_of, select
 from lorasurgeon.ops import ranks, svd
@@ -175,12 +176,16 @@ def resize_adapter(
         sum(t.A.numel() + t.B.numel() for t in ad.targets.values()),
         sum(t.A.numel() + t.B.numel() for t in new.values()),
     )
-    resized = Adapter(ad.format, new, ad.modules_to_save, ad.metadata, ad.config, ad.use_rslora, ad.source)
+    # new containers (the caller's adapter stays its own); the input's provenance is not this one's
+    resized = Adapter(fmt or ad.format, new, dict(ad.modules_to_save),
+                      {k: v for k, v in ad.metadata.items() if k != METADATA_KEY}, dict(ad.config), ad.use_rslora, ad.source)
     resized, note = name_part(resized, fmt or ad.format, component)
     if note:
         result.warnings.append(note)
     result.adapter = resized
-    if writes:
+    if not writes:  # what writing would refuse (e.g. modules_to_save in a diffusers file) is refused here too
+        adapter_state(resized, fmt or ad.format)
+    else:
         prov = provenance("resize", {"rule": _rule_json(rule), "fp64": fp64, "format": fmt or ad.format,
                                      **({"component": component} if component else {})}, hashes)
         write_adapter(resized, out, fmt or ad.format, provenance_meta=prov, force=force)
@@ -406,7 +411,9 @@ def extract_adapter(
         warnings.append(note)
     result.warnings = warnings
     result.adapter = ad
-    if writes:
+    if not writes:  # what writing would refuse is refused here too
+        adapter_state(ad, fmt)
+    else:
         opts = {"rule": _rule_json(rule), "format": fmt, "include": list(include or []), "exclude": list(exclude or []),
                 "save_other": save_other, "svd": svd_method, "fp64": fp64, "seed": seed,
                 **({"component": component} if component else {})}

@@ -329,6 +329,15 @@ def test_adapter_merged_equals_exported_merged_checkpoint(tmp_path: Path, mlp_we
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["warnings"] == ["skipping 1 unmatched adapter target(s): part: nope"]
     assert "warning: skipping 1 unmatched adapter target(s): part: nope\n" in res.stderr
+    # a DyLoRA-trained kohya file: export says what merge says
+    g = torch.Generator().manual_seed(5)
+    save_file({"lora_unet_fc1.lora_down.weight": torch.randn(2, 64, generator=g),
+               "lora_unet_fc1.lora_up.weight": torch.randn(256, 2, generator=g)}, tmp_path / "dy.safetensors",
+              metadata={"ss_network_args": json.dumps({"algo": "dylora"})})
+    dy = run("export", str(mlp_weights), "--arch", MLP, "--adapter", str(tmp_path / "dy.safetensors"), "-o",
+             str(tmp_path / "dy.onnx"))
+    assert dy["warnings"] == ["dy.safetensors was trained as DyLoRA (ss_network_args); it is merged as LoCon at "
+                              "alpha/r, as LyCORIS's and kohya's loaders read it"]
 
 
 def test_separate_adapters_switch_at_run_time(tmp_path: Path, mlp_weights: Path) -> None:

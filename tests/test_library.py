@@ -303,9 +303,22 @@ def test_compose_resize_and_extract_in_memory(tmp_path: Path) -> None:
         _delta(next(iter(cat.adapter.targets.values()))), 2 * _delta(next(iter(held[0].targets.values()))), atol=1e-6)
     with pytest.raises(InvalidOptionError, match="Adapter objects are composed in memory: pass out=None"):
         ls.compose_adapters(held, tmp_path / "x", "cat")
+    # what a write refuses, the in-memory call refuses alike (a diffusers file holds no modules_to_save)
+    from dataclasses import replace
+
+    from lorasurgeon.errors import UnsupportedError
+
+    with_head = replace(held[0], modules_to_save={"pooler.dense.weight": torch.zeros(16, 16)})
+    for call in (lambda: ls.compose_adapters([with_head], None, "cat", fmt="diffusers", component="text_encoder"),
+                 lambda: ls.resize_adapter(with_head, None, RankRule("rank", 1), fmt="diffusers", component="text_encoder")):
+        with pytest.raises(UnsupportedError, match="modules_to_save"):
+            call()
 
     small = ls.resize_adapter(held[1], None, RankRule("rank", 1))
     assert small.output is None and {t.rank for t in small.adapter.targets.values()} == {1}
+    assert small.adapter.modules_to_save is not held[1].modules_to_save and small.adapter.config is not held[1].config
+    as_kohya = ls.resize_adapter(held[1], None, RankRule("rank", 1), fmt="kohya", component="text_encoder")
+    assert as_kohya.adapter.format == "kohya"  # the layout asked for, as the written file reads back
     ls.resize_adapter(paths[1], tmp_path / "r", RankRule("rank", 1))
     _same_adapter(small.adapter, ls.read_adapter(tmp_path / "r"))
     with pytest.raises(InvalidOptionError, match="an Adapter object is resized in memory"):

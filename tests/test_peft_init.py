@@ -163,6 +163,21 @@ def test_peft_variants_that_are_not_plain_lora_are_refused_by_name(tmp_path: Pat
     assert got["totals"]["tensors"] == len(load_file(ad / "adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize("field", ["kasa_config", "arrow_config", "use_bdlora"])
+def test_an_empty_peft_subconfig_switches_its_variant_on(tmp_path: Path, field: str) -> None:
+    """peft builds KaSA's, Arrow's and BD-LoRA's sub-config from any dict, {} included (its
+    defaults): the variant is on, and Arrow's plain lora_A/lora_B would otherwise merge as LoRA."""
+    _, ad, _ = trained(tmp_path, "gaussian")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, field: {}}))
+    err = cli("merge", str(tmp_path / "base.safetensors"), str(ad), "-o", str(tmp_path / "o.safetensors"), code=1)
+    assert err.startswith(f"error: {ad / 'adapter_config.json'}: {field} is set: "), err
+    assert json.loads(runner.invoke(app, ["inspect", str(ad), "--json"]).stdout)["kind"] == (
+        f"non-lora:{PEFT_VARIANT_NAMES[field]} (PEFT)")
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, field: None}))  # null: off, plain LoRA
+    cli("merge", str(tmp_path / "base.safetensors"), str(ad), "-o", str(tmp_path / "o.safetensors"))
+
+
 @pytest.mark.parametrize("make", ["loha", "ia3", "prompt"])
 def test_other_peft_methods_are_described_by_inspect_and_refused_by_merge(tmp_path: Path, make: str) -> None:
     """inspect used to fail (exit 1) on any PEFT adapter that is not LoRA, where a LyCORIS LoHa
@@ -181,17 +196,20 @@ def test_other_peft_methods_are_described_by_inspect_and_refused_by_merge(tmp_pa
         (d / "adapter_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
     else:
         peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "ad")
-    ptype = {"loha": "LOHA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}[make]
+    ptype, name = {"loha": ("LOHA", "LoHa"), "ia3": ("IA3", "IA3"), "prompt": ("PROMPT_TUNING", "prompt tuning")}[make]
     res = runner.invoke(app, ["inspect", str(tmp_path / "ad"), "--json"])
     assert res.exit_code == 0, res.stderr
     got = json.loads(res.stdout)
-    assert (got["kind"], got["kind_description"]) == (f"non-lora:{ptype} (PEFT)", f"non-LoRA adapter: {ptype} (PEFT)")
+    assert (got["kind"], got["kind_description"]) == (f"non-lora:{name} (PEFT)", f"non-LoRA adapter: {name} (PEFT)")
     assert got["unsupported"] == f"peft_type {ptype} is not LoRA; only LoRA adapters are supported"
     assert sorted(t["name"] for t in got["tensors"]) == sorted(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
     err = cli("merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), "-o", str(tmp_path / "m.safetensors"), code=1)
     assert err == f"error: {tmp_path / 'ad' / 'adapter_config.json'}: peft_type {ptype} is not LoRA; only LoRA adapters are supported"
     err = cli("factorize", str(tmp_path / "ad"), "-o", str(tmp_path / "f.safetensors"), "--rank", "1", code=1)
-    assert f"this is a LoRA adapter ({ptype} (PEFT)), not a model" in err
+    assert err == f"error: {tmp_path / 'ad'}: this is an adapter ({name} (PEFT)), not a model"
+    if make == "loha":  # its weights file alone is named alike (it was "LoHa (LyCORIS)")
+        res = runner.invoke(app, ["inspect", str(tmp_path / "ad" / "adapter_model.safetensors"), "--json"])
+        assert json.loads(res.stdout)["kind"] == "non-lora:LoHa (PEFT)"
     # a hand-broken config is still an error, not a description
     (tmp_path / "ad" / "adapter_config.json").write_text("{not json")
     assert "adapter_config.json is not valid JSON" in cli("inspect", str(tmp_path / "ad"), code=1)

@@ -44,6 +44,7 @@ NON_LORA_MARKERS = {
     "oft_blocks": "OFT",
     "oft_diag": "OFT",
     "oft_r": "OFT",
+    "oft_R": "OFT",  # PEFT's OFT
     "boft_R": "BOFT",
     "ia3_l": "IA3",
     "vera_lambda": "VeRA",
@@ -134,6 +135,8 @@ def detect_layout(keys: list[str], metadata: Mapping[str, str]) -> str:
         if any(marker in k for k in keys):
             if marker == ".diff" and not any(k.startswith(KOHYA_PREFIXES) for k in keys):
                 continue
+            if marker != ".diff" and any(k.startswith(PEFT_PREFIX) for k in keys):  # a PEFT adapter's weights file
+                name = name.removesuffix(" (LyCORIS)") + " (PEFT)"
             return f"non-lora:{name}"
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) and "." not in k.split(".lora_", 1)[0] for k in keys):
         return "kohya"
@@ -170,6 +173,11 @@ def adapter_kind(path: str | Path, ck: Checkpoint) -> str | None:
     return None if layout in ("checkpoint", "factorized") else layout
 
 
+# PEFT's peft_type values under the names the LyCORIS and paper layouts use (others as PEFT spells them)
+PEFT_TYPE_NAMES = {"LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA": "VeRA", "PROMPT_TUNING": "prompt tuning",
+                   "P_TUNING": "P-tuning", "PREFIX_TUNING": "prefix tuning", "FOURIERFT": "FourierFT", "XLORA": "X-LoRA"}
+
+
 def _peft_folder_kind(cfg: Path) -> str:
     """"peft", or non-lora:<name> when a well-formed adapter_config.json is another PEFT method
     (LoHa, IA3, prompt tuning, ...) or a LoRA variant the reader refuses (``PEFT_VARIANTS``), so
@@ -185,9 +193,27 @@ def _peft_folder_kind(cfg: Path) -> str:
     if not isinstance(ptype, str) or not re.fullmatch(r"[A-Za-z0-9_]{1,40}", ptype):
         return "peft"
     if ptype.upper() != "LORA":
-        return f"non-lora:{ptype.upper()} (PEFT)"
+        return f"non-lora:{PEFT_TYPE_NAMES.get(ptype.upper(), ptype.upper())} (PEFT)"
     variant = _peft_variant(config)
     return f"non-lora:{PEFT_VARIANT_NAMES[variant]} (PEFT)" if variant else "peft"
+
+
+def network_algo(metadata: Mapping[str, str]) -> str | None:
+    """The LyCORIS algorithm a kohya file's ``ss_network_args`` names, if any."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except (json.JSONDecodeError, TypeError):
+        return None
+    algo = args.get("algo") if isinstance(args, dict) else None
+    return algo.lower() if isinstance(algo, str) else None
+
+
+def dylora_note(ad: Adapter, label: str) -> str | None:
+    """The warning for a DyLoRA-trained file (merge and export read it as LoCon at alpha/r)."""
+    if network_algo(ad.metadata) != "dylora":
+        return None
+    return (f"{label} was trained as DyLoRA (ss_network_args); it is merged as LoCon at alpha/r, as LyCORIS's and "
+            "kohya's loaders read it")
 
 
 def refuse_adapter(path: str | Path, ck: Checkpoint, what: str, instead: str) -> None:
@@ -198,8 +224,10 @@ def refuse_adapter(path: str | Path, ck: Checkpoint, what: str, instead: str) ->
         InvalidOptionError: ``path`` is an adapter.
     """
     kind = adapter_kind(path, ck)
+    if kind is not None and kind.startswith("non-lora:"):
+        raise InvalidOptionError(f"this is an adapter ({kind.removeprefix('non-lora:')}), not {what}", path)
     if kind is not None:
-        raise InvalidOptionError(f"this is a LoRA adapter ({kind.removeprefix('non-lora:')}), not {what}: {instead}", path)
+        raise InvalidOptionError(f"this is a LoRA adapter ({kind}), not {what}: {instead}", path)
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str, path: Any = None) -> str | None:
@@ -248,9 +276,10 @@ def read_adapter(path: str | Path) -> Adapter:
             raise UnsupportedError(f"peft_type {ptype} is not LoRA; only LoRA adapters are supported", cfg)
         _check_peft_config(config, cfg)
     with Checkpoint.open(p) as ck:
-        state = {n: ck.get(n) for n in ck.names()}
+        layout = detect_layout(ck.names(), ck.metadata)  # a layout we refuse is refused before any tensor is read
+        if not layout.startswith("non-lora:"):
+            state = {n: ck.get(n) for n in ck.names()}
         metadata = dict(ck.metadata)
-    layout = detect_layout(list(state), metadata)
     if layout.startswith("non-lora:"):
         raise UnsupportedError(
             f"{layout.split(':', 1)[1]} adapter: only LoRA (and LoCon) layouts are supported", p
@@ -287,6 +316,7 @@ PEFT_VARIANTS = {
     "use_bdlora": "BD-LoRA stores block-diagonal factors in a packed layout",
     "arrow_config": "Arrow routes each token between several LoRA experts",
 }
+PEFT_SUBCONFIGS = ("kasa_config", "arrow_config", "use_bdlora")  # on whenever not None (peft's _get_lora_subconfig)
 PEFT_VARIANT_NAMES = {
     "alora_invocation_tokens": "aLoRA", "use_qalora": "QALoRA", "layer_replication": "LoRA with layer_replication",
     "target_parameters": "LoRA on target_parameters", "kasa_config": "KaSA", "use_bdlora": "BD-LoRA",
@@ -305,7 +335,10 @@ def _peft_variant(config: dict[str, Any]) -> str | None:
         if key == "target_parameters" and isinstance(v, list) and all(
                 isinstance(p, str) and p.rsplit(".", 1)[-1] == "weight" for p in v):
             continue  # a module's own weight: plain LoRA on that module (a 3-D one does not fit the base)
-        if v not in (None, False, [], {}, ""):
+        if key in PEFT_SUBCONFIGS:
+            if v is not None:  # peft builds the sub-config from any dict, {} included (its defaults)
+                return key
+        elif v not in (None, False, [], {}, ""):
             return key
     return None
 

@@ -588,14 +588,22 @@ def _write_student(ls: LoadedModel, student: Path, out: Path, teacher: str | Pat
     with Checkpoint.open(student) as ck:
         names = ck.names()
         prefix = getattr(ls.model, "base_model_prefix", "")
+
+        def trained(n: str) -> torch.Tensor | None:
+            """The model's tensor for the file's name ``n``: the same name; the bare file name in a
+            model with a head; or the file's headed name (model.x) in the bare model (x)."""
+            for k in (n, f"{prefix}.{n}", n.removeprefix(f"{prefix}.")) if prefix else (n,):
+                if k in state:
+                    return state[k]
+            return None
+
         def lookup(n: str) -> torch.Tensor:
-            if n in state:
-                return state[n]
-            if prefix and f"{prefix}.{n}" in state:
-                return state[f"{prefix}.{n}"]
-            return ck.get(n)  # not part of the module (e.g. a non-persistent buffer): copied through
+            t = trained(n)
+            # not part of the module (a non-persistent buffer, the head of a model loaded bare): copied through
+            return ck.get(n) if t is None else t
+
         def spec(n: str) -> TensorSpec:
-            t = state.get(n, state.get(f"{prefix}.{n}")) if prefix else state.get(n)
+            t = trained(n)
             if t is None:
                 i = ck.info(n)
                 return TensorSpec(n, ST_DTYPES[i.dtype], i.shape)

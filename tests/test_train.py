@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lorasurgeon.cli.app import app
@@ -725,3 +725,50 @@ def test_a_failing_arch_factory_or_module_is_the_users_error(tmp_path: Path, mon
         res = runner.invoke(app, ["attach", str(base), "--arch", arch, "--data", "digits", "-o", str(tmp_path / "x")])
         assert res.exit_code == 1 and res.stderr.strip() == msg, res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_factorized_folder_of_a_headed_model_loads_bare_and_distills(tmp_path: Path) -> None:
+    """A BertForMaskedLM (or LlamaForCausalLM) folder's tensors carry the base model's prefix
+    (bert.*) beside the head (cls.*): its factorized folder failed to load ("does not match the
+    model's module"), so export and distill refused it; distill also copied the untrained
+    factors through when the names differed by that prefix."""
+    transformers = pytest.importorskip("transformers")
+    from lorasurgeon.factorize import densify_checkpoint, factorize_checkpoint
+    from lorasurgeon.nn.models import load_model, model_outputs
+    from lorasurgeon.ops.ranks import RankRule
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"]))
+    tok = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    tok.save_pretrained(tmp_path / "mlm")
+    assert any(k.startswith("bert.") for k in load_file(tmp_path / "mlm" / "model.safetensors"))
+    factorize_checkpoint(tmp_path / "mlm", tmp_path / "f", rule=RankRule("rank", 3))
+    densify_checkpoint(tmp_path / "f", tmp_path / "d")
+    lm, dense = load_model(tmp_path / "f"), load_model(tmp_path / "d")
+    assert type(lm.model).__name__ == "BertModel" and lm.factorized and all(not n.startswith("bert.") for n in lm.factorized)
+    feed = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.allclose(model_outputs(lm, feed), model_outputs(dense, feed), atol=1e-5)
+    # a student far from its teacher, so that training changes it (random tiny BERTs are near-lossless at rank 3)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "f" / "model.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    far = {k: v * 3 if k.endswith("weight_u") else v for k, v in load_file(tmp_path / "f" / "model.safetensors").items()}
+    save_file(far, tmp_path / "f" / "model.safetensors", metadata=meta)
+    (tmp_path / "t.csv").write_text("text\n" + "".join(f"{'a b c'[i % 3:]} a\n" for i in range(40)))
+    res = runner.invoke(app, ["distill", "--teacher", str(tmp_path / "mlm"), "--student", str(tmp_path / "f"), "--data",
+                              str(tmp_path / "t.csv"), "--epochs", "3", "--lr", "1e-3", "-o", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["after"]["mean_cosine"] > r["before"]["mean_cosine"]
+    before, after = load_file(tmp_path / "f" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert before.keys() == after.keys()
+    u = "bert.encoder.layer.0.attention.self.query.weight_u"
+    assert u in after and not torch.equal(before[u], after[u])  # the trained factors were written, under the file's names
+    assert torch.equal(before["cls.predictions.transform.dense.weight_u"], after["cls.predictions.transform.dense.weight_u"])
+    trained = load_model(tmp_path / "out")
+    assert torch.equal(dict(trained.model.named_parameters())["encoder.layer.0.attention.self.query.weight_u"], after[u])

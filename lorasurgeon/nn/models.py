@@ -139,8 +139,10 @@ def build_arch(arch: str, num_labels: int | None = None) -> nn.Module:
     return _call_factory(import_factory(arch), num_labels)
 
 
-def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True) -> None:
-    state = {n: ck.get(n) for n in ck.names()}
+def _load_state(model: nn.Module, ck: Checkpoint, strict_head: bool = True, strip_prefix: str | None = None) -> None:
+    """``strip_prefix``: load only the tensors under it, without it (a headed checkpoint into its bare model)."""
+    names = ck.names() if strip_prefix is None else [n for n in ck.names() if n.startswith(strip_prefix + ".")]
+    state = {n if strip_prefix is None else n[len(strip_prefix) + 1:]: ck.get(n) for n in names}
     target = model
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and hasattr(model, prefix) and not any(k.startswith(prefix + ".") for k in state):
@@ -286,14 +288,21 @@ def _load_hf(p: Path, num_labels: int | None, attn_implementation: str | None, d
             with torch.random.fork_rng(devices=[]):  # a new head's initialisation: seed 0, caller's RNG untouched
                 torch.manual_seed(0)
                 model = (auto.from_config if hasattr(auto, "from_config") else auto._from_config)(config, **attn)
+            strip = None
             if layers:
                 prefix = getattr(model, "base_model_prefix", "")
                 keys_have_prefix = any(k.startswith(prefix + ".") for k in ck.names()) if prefix else True
                 if prefix and not keys_have_prefix and hasattr(model, prefix):
                     setattr(model, prefix, apply_factorization(getattr(model, prefix), layers, copy_model=False, path=ck.path))
+                elif prefix and keys_have_prefix and not hasattr(model, prefix) and auto is not transformers.AutoModelForSequenceClassification:
+                    # a headed model's folder (LlamaForCausalLM: model.*, lm_head) loaded as the bare
+                    # model, as from_pretrained loads it: its names lose the prefix, the head is left out
+                    strip = prefix
+                    layers = {n[len(prefix) + 1:]: v for n, v in layers.items() if n.startswith(prefix + ".")}
+                    model = apply_factorization(model, layers, copy_model=False, path=ck.path)
                 else:
                     model = apply_factorization(model, layers, copy_model=False, path=ck.path)
-            _load_state(model, ck, strict_head=False)
+            _load_state(model, ck, strict_head=False, strip_prefix=strip)
         else:
             model, info = auto.from_pretrained(p, local_files_only=True, output_loading_info=True, **attn)
             # transformers fills what the folder lacks with random values and says so only in a

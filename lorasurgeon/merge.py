@@ -28,7 +28,7 @@ from lorasurgeon.io.adapters import (
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
 from lorasurgeon.io.writer import METADATA_KEY, DeferredProvenance, TensorSpec, check_output, write_like_input
 from lorasurgeon.nn.layers import factorized_layers
-from lorasurgeon.nn.models import head_size
+from lorasurgeon.nn.models import head_size, tied_input_embedding
 from lorasurgeon.ops import lora
 
 SCHEMA = "lorasurgeon.merge/1"
@@ -427,6 +427,12 @@ def merge_adapters(
                       if any(t.bias is not None for t, _, _ in parts)}
         added = sorted(n for n in saved if n not in names)
         replaced = sorted(n for n in saved if n in names)
+        tied = tied_input_embedding(base) if base.is_dir() and saved else None
+        if tied is not None and tied in saved:
+            raise UnsupportedError(
+                f"the adapters replace {tied!r} (modules_to_save), the input embeddings that this model's output layer "
+                "shares (tie_word_embeddings): the merged folder would change the output layer too, where peft keeps "
+                "the original one; merging such an adapter is not supported", base)
         # A new classification head (attach on a bare encoder) merged into that encoder's folder:
         # the folder becomes the classifier's, or transformers and export would drop the head.
         head = _as_classifier_folder(base, added, saved, adapters, names) if base.is_dir() else None

@@ -397,6 +397,14 @@ def extract_adapter(
                     lora_bias.append(n)
                 elif module_of(tn) in mods and mo not in targets:
                     saved[n] = ct.get(tn)
+            from lorasurgeon.nn.models import tied_input_embedding
+
+            tied = tied_input_embedding(base) if saved else None
+            if tied is not None and tied in saved:
+                raise UnsupportedError(
+                    f"the input embeddings {tied!r} changed, and this model's output layer shares them "
+                    "(tie_word_embeddings): as modules_to_save, peft would change only the input side; leave them out "
+                    f"(-x '{tied}') or leave out --save-other", tuned)
     result = ExtractResult(
         "lorasurgeon.extract/1", str(base), str(tuned), str(out) if writes else None, fmt, _rule_json(rule), dry_run,
         layers, unchanged, other, sorted([*saved, *lora_bias]), sum(t.A.numel() + t.B.numel() for t in targets.values()),

@@ -650,3 +650,47 @@ def test_merge_warnings_are_in_the_json_result_too(tmp_path: Path) -> None:
     assert run("merge", str(tmp_path / "base"), str(ad), "--allow-unmatched", "-o", str(tmp_path / "m"),
                "--force")["warnings"] == [want]  # --quiet silences stderr, not the result
     assert run("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "--dry-run", "--allow-unmatched")["warnings"] == [want]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_modules_to_save_on_tied_input_embeddings_is_refused(tmp_path: Path, tie: bool) -> None:
+    """A tied model (one stored table for embed_tokens and lm_head) with a changed embed_tokens
+    copy: our merged folder changed lm_head too, while peft (live, or merged, saved and reloaded)
+    keeps the original lm_head: logits 9.6 apart (helper 39). Untied, the merge equals peft's."""
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "base")
+    assert ("lm_head.weight" in load_file(tmp_path / "base" / "model.safetensors")) is not tie
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                    init_lora_weights=False))
+    with torch.no_grad():
+        pm.base_model.model.model.embed_tokens.modules_to_save["default"].weight.add_(1.0)
+    pm.save_pretrained(tmp_path / "ad")
+    out = tmp_path / "m"
+    res = runner.invoke(app, ["merge", str(tmp_path / "base"), str(tmp_path / "ad"), "-o", str(out)])
+    if tie:
+        assert res.exit_code == 1 and res.stderr.strip() == (
+            f"error: {tmp_path / 'base'}: the adapters replace 'model.embed_tokens.weight' (modules_to_save), the input "
+            "embeddings that this model's output layer shares (tie_word_embeddings): the merged folder would change the "
+            "output layer too, where peft keeps the original one; merging such an adapter is not supported")
+        assert not out.exists()
+        # the mirror: extract --save-other would write that copy, which peft applies to the input side only
+        tuned = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+        with torch.no_grad():
+            tuned.model.embed_tokens.weight.add_(1.0)
+            tuned.model.layers[0].self_attn.q_proj.weight.add_(0.1)
+        tuned.save_pretrained(tmp_path / "tuned")
+        res = runner.invoke(app, ["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2",
+                                  "--save-other", "-o", str(tmp_path / "x")])
+        assert res.exit_code == 1 and "the input embeddings 'model.embed_tokens.weight' changed, and this model's output " \
+            "layer shares them (tie_word_embeddings)" in res.stderr and not (tmp_path / "x").exists()
+        return
+    assert res.exit_code == 0, res.stderr
+    ids = torch.tensor([[1, 5, 9, 2]])
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        ref = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).eval()(input_ids=ids).logits
+        got = transformers.LlamaForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -403,6 +403,31 @@ def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
     return module_kinds(model)
 
 
+def tied_input_embedding(path: str | Path) -> str | None:
+    """The weight name of a model folder's input embeddings when its output layer shares them
+    (``tie_word_embeddings``: stored once, under the embeddings' name), else None; None too for
+    anything transformers cannot build. Built on the meta device from the config's class, so the
+    names are the checkpoint's."""
+    p = Path(path)
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        return None
+    try:
+        import transformers
+
+        with _local_quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
+            archs = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+            cls = next((a for a in archs if a is not None), None)
+            with torch.device("meta"):
+                model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    except Exception:  # noqa: BLE001 - an exotic config: nothing known
+        return None
+    if inp is None or out is None or getattr(out, "weight", None) is not getattr(inp, "weight", None):
+        return None
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is inp), None)
+
+
 def conv_groups(model: nn.Module) -> dict[str, int]:
     """Each Conv2d's ``groups`` by module name (a state dict cannot show it)."""
     return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}

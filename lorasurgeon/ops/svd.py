@@ -278,7 +278,12 @@ def _lu_normalize(y: torch.Tensor) -> torch.Tensor:
     singular direction, at about half the cost of a Householder QR that forms Q (measured 0.74 s
     against 1.38 s on 11008x2048 fp32 at 2 threads). Only the last iteration needs orthonormality.
     """
-    LU, piv = torch.linalg.lu_factor(y)
+    # _ex: a rank-deficient y (a delta of rank below q, e.g. an extract whose fine-tune moved a
+    # weight by a constant) has an exactly zero pivot, on which lu_factor raises; LAPACK leaves
+    # that column of L unscaled (zeros below it: the pivot was the column's largest), still a basis
+    LU, piv, _ = torch.linalg.lu_factor_ex(y)
+    if not bool(torch.isfinite(LU).all()):
+        return torch.linalg.qr(y).Q
     L = LU.tril_(-1)
     L.diagonal().fill_(1)
     # lu_factor's pivots are sequential 1-based row swaps: replay them to get the permutation

@@ -482,3 +482,21 @@ def test_all_finite_exact_when_the_sum_overflows() -> None:
     assert not all_finite(pos_neg)
     assert all_finite(torch.tensor([1, 2, 3]))  # integers are always finite
     assert all_finite(torch.empty(0))
+
+
+@pytest.mark.parametrize("kind", ["constant", "rank3", "zero-rows"])
+def test_randomized_on_an_exactly_rank_deficient_matrix(kind: str) -> None:
+    """A matrix of exact rank below the sketch width (a fine-tune that shifted a weight by a
+    constant, then extract at rank 2) made the power iterations' pivoted LU raise on a zero pivot:
+    an internal error. The randomized result now equals the exact one."""
+    g = torch.Generator().manual_seed(0)
+    m = {"constant": torch.full((48, 40), 0.1),
+         "rank3": torch.randn(48, 3, generator=g) @ torch.randn(3, 40, generator=g),
+         "zero-rows": torch.cat([torch.randn(8, 40, generator=g), torch.zeros(40, 40)])}[kind]
+    for k in (1, 2, 5):
+        r = svd.truncated_svd(m, k, method="randomized", seed=0)
+        e = svd.truncated_svd(m, k, method="exact")
+        assert torch.isfinite(r.U).all() and torch.isfinite(r.Vh).all()
+        assert torch.allclose(r.S, e.S, atol=1e-4 * float(e.S[0]))
+        best = float(((e.U * e.S) @ e.Vh - m).norm())
+        assert float(((r.U * r.S) @ r.Vh - m).norm()) <= best * 1.01 + 1e-5 * float(m.norm())

@@ -694,3 +694,22 @@ def test_modules_to_save_on_tied_input_embeddings_is_refused(tmp_path: Path, tie
         ref = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).eval()(input_ids=ids).logits
         got = transformers.LlamaForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_a_folder_out_leaves_out_the_inputs_weights_in_other_forms(tmp_path: Path) -> None:
+    """A folder holding model.safetensors and pytorch_model.bin (and an ONNX export): merge and
+    factorize copied the .bin and the .onnx unchanged, so from_pretrained(use_safetensors=False)
+    or onnxruntime ran the input model (logits 2.67 from the merge, helper 39)."""
+    model = make_base(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    (tmp_path / "base" / "onnx").mkdir()
+    (tmp_path / "base" / "onnx" / "model.onnx").write_bytes(b"old graph")
+    (tmp_path / "base" / "2_Dense").mkdir()  # a sentence-transformers module of its own: kept
+    torch.save({"linear.weight": torch.ones(2, 2)}, tmp_path / "base" / "2_Dense" / "pytorch_model.bin")
+    (tmp_path / "base" / "tokenizer_config.json").write_text("{}")
+    ad = make_adapter(tmp_path, "ad", 1, r=2, target_modules=["query"])
+    run("merge", str(tmp_path / "base"), str(ad), "-o", str(tmp_path / "m"))
+    run("factorize", str(tmp_path / "base"), "-o", str(tmp_path / "f"), "--rank", "2")
+    for out in ("m", "f"):
+        files = sorted(str(p.relative_to(tmp_path / out)) for p in (tmp_path / out).rglob("*") if p.is_file())
+        assert files == ["2_Dense/pytorch_model.bin", "config.json", "model.safetensors", "tokenizer_config.json"], files

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -679,6 +680,21 @@ def save_state_dict(
     )
 
 
+# Weights of the input model in another form (pytorch_model.bin beside model.safetensors, ONNX or
+# OpenVINO exports, TF/Flax/GGUF copies): copied into the output folder they would still describe
+# the input model, and a loader that prefers them (from_pretrained(use_safetensors=False),
+# onnxruntime) would run the old weights. Sentence-transformers' own module folders (2_Dense/...)
+# hold other modules' weights and are kept.
+_WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf",
+                    ".ot", ".mlmodel")
+
+
+def _stale_weights(rel: Path) -> bool:
+    if len(rel.parts) > 1 and re.match(r"\d+_", rel.parts[0]):
+        return False
+    return rel.name.endswith(_WEIGHT_SUFFIXES) or (len(rel.parts) > 1 and rel.parts[0] in ("onnx", "openvino", "coreml"))
+
+
 def write_like_input(
     ck: Checkpoint, inp: Path, out: Path, specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str, Any], force: bool,
@@ -686,7 +702,8 @@ def write_like_input(
     replace_files: dict[str, str] | None = None,
 ) -> None:
     """A file in gives a file out; a model folder in gives a model folder out (other files copied,
-    except those named in ``replace_files``, written with the text given there instead)."""
+    except those named in ``replace_files``, written with the text given there instead, and the
+    input's weights in other forms, ``_stale_weights``)."""
     if not inp.is_dir():
         write_safetensors(out, specs, tensors, meta, force=force, final_metadata=final_metadata)
         return
@@ -697,6 +714,8 @@ def write_like_input(
         for f in sorted(inp.rglob("*")):
             rel = f.relative_to(inp)
             if f.resolve() in weights or f.name.endswith(".index.json") or any(p.startswith(".") for p in rel.parts):
+                continue
+            if f.is_file() and _stale_weights(rel):
                 continue
             if f.is_dir():
                 (tmp / rel).mkdir(parents=True, exist_ok=True)

@@ -482,3 +482,19 @@ def test_unbuildable_models_are_one_line_errors(tiny_bert: Path, tmp_path: Path)
         sys.path.remove(str(tmp_path))
     assert res["error"]["message"] == ("the model's forward returns a dict, not a tensor: give a module:factory whose "
                                        "forward returns one tensor (its logits or embeddings)")
+
+
+def test_a_convolutional_backbone_folder_exports_spatially_pooled_embeddings(tmp_path: Path) -> None:
+    """A ConvNext folder's (batch, channels, h, w) output was averaged over the channels, giving a
+    (batch, h, w) "embedding", and verified against the same mistake (helper 39)."""
+    cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32)
+    torch.manual_seed(0)
+    transformers.ConvNextModel(cfg).eval().save_pretrained(tmp_path / "cn")
+    res = run("export", str(tmp_path / "cn"), "--input-shape", "3,32,32", "-o", str(tmp_path / "cn.onnx"))
+    assert res["outputs"][0]["shape"] == ["batch", 16]
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    model = transformers.ConvNextModel.from_pretrained(tmp_path / "cn").eval()
+    with torch.no_grad():
+        want = model(pixel_values=torch.from_numpy(x)).last_hidden_state.mean(dim=(2, 3)).numpy()
+    sess = __import__("onnxruntime").InferenceSession(str(tmp_path / "cn.onnx"))
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], want, atol=1e-5)

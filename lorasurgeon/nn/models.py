@@ -331,7 +331,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 
 
 def model_outputs(lm: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits for classifiers, mean-pooled embeddings for bare encoders."""
+    """Logits for classifiers, mean-pooled embeddings for bare encoders (over tokens; over the
+    spatial positions of a convolutional backbone's feature map)."""
     if lm.kind == "module":
         out = lm.model(inputs["x"])
         if not isinstance(out, torch.Tensor):
@@ -342,7 +343,10 @@ def model_outputs(lm: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Ten
     out = lm.model(**inputs)
     if hasattr(out, "logits"):
         return out.logits
-    return mean_pool(out.last_hidden_state, inputs.get("attention_mask"))
+    hidden = out.last_hidden_state
+    if hidden.ndim == 4:  # a convolutional backbone's (batch, channels, h, w) map: average over space
+        return hidden.mean(dim=(2, 3))
+    return mean_pool(hidden, inputs.get("attention_mask"))
 
 
 def prepare_inputs(lm: LoadedModel, ds: Dataset, data: str | Path, max_length: int, *, what: str = "dataset") -> Dataset:

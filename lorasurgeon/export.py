@@ -1156,6 +1156,11 @@ def export_model(
 
     log("loading the model")
     lm = resolve(model, arch, None if separate_adapters else _adapter_head(adapters))
+    dropped = next((a for a in ((lm.config or {}).get("architectures") or []) if isinstance(a, str) and a.endswith(
+        ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining"))), None)
+    if dropped and not lm.has_head:
+        log(f"warning: the folder holds a {dropped}; its language-model head is not exported: the graph outputs the "
+            "mean-pooled last hidden states (sentence embeddings)")
     read = _read_adapters(lm.model, adapters, allow_unmatched, log) if adapters else []
     if read and not separate_adapters:
         n = merge_into_model(lm.model, read)

@@ -498,3 +498,12 @@ def test_a_convolutional_backbone_folder_exports_spatially_pooled_embeddings(tmp
         want = model(pixel_values=torch.from_numpy(x)).last_hidden_state.mean(dim=(2, 3)).numpy()
     sess = __import__("onnxruntime").InferenceSession(str(tmp_path / "cn.onnx"))
     np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], want, atol=1e-5)
+
+
+def test_a_language_model_folder_says_its_head_is_not_exported(tmp_path: Path) -> None:
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "lm")
+    res = run("export", str(tmp_path / "lm"), "-o", str(tmp_path / "lm.onnx"))
+    assert res["warnings"] == ["the folder holds a GPT2LMHeadModel; its language-model head is not exported: the graph "
+                               "outputs the mean-pooled last hidden states (sentence embeddings)"]

@@ -1156,6 +1156,9 @@ def export_model(
 
     log("loading the model")
     lm = resolve(model, arch, None if separate_adapters else _adapter_head(adapters))
+    if (lm.config or {}).get("is_encoder_decoder") and not type(lm.model).__name__.endswith("EncoderModel"):
+        raise UnsupportedError(f"{type(lm.model).__name__} is an encoder-decoder model; export takes encoders (and "
+                               "classifiers): save its encoder alone (e.g. T5EncoderModel) and export that", model)
     dropped = next((a for a in ((lm.config or {}).get("architectures") or []) if isinstance(a, str) and a.endswith(
         ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining"))), None)
     if dropped and not lm.has_head:
@@ -1217,7 +1220,6 @@ def export_model(
         if alias_dir is not None:
             shutil.rmtree(alias_dir, ignore_errors=True)
         term.close()
-    log(f"wrote {out} ({human_bytes(size)})")
     ver = built.verification
     return ExportResult(
         schema=SCHEMA, model=None if model is None else str(model), arch=arch, kind=built.spec.kind, output=str(out),

@@ -310,8 +310,11 @@ def _plan(
         if mha is not None and not allow_unmatched:  # PEFT's LoRA on nn.MultiheadAttention adapts in_proj_weight
             raise UnsupportedError(f"{mha!r} is an nn.MultiheadAttention (it has in_proj_weight): LoRA on "
                                    "MultiheadAttention modules is not supported", path)
-        tied = next((m for m in unmatched if m.rsplit(".", 1)[-1] == "lm_head"
-                     and any(n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")) for n in names)), None)
+        # output layers that transformers ties to the input embeddings: lm_head (GPT-2, LLaMA, T5's
+        # to `shared`), BERT's masked-LM decoder (cls.predictions.decoder)
+        tied = next((m for m in unmatched if (m.rsplit(".", 1)[-1] == "lm_head" or m.endswith("predictions.decoder"))
+                     and any(n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight"))
+                             for n in names)), None)
         if tied is not None and not allow_unmatched:  # a tied output layer's weight is stored once, as the embeddings
             raise UnsupportedError(f"{tied!r} has no weight of its own in the base: it is tied to the input embeddings, "
                                    "and a LoRA on tied weights (which changes both) is not supported", path)

@@ -507,3 +507,14 @@ def test_a_language_model_folder_says_its_head_is_not_exported(tmp_path: Path) -
     res = run("export", str(tmp_path / "lm"), "-o", str(tmp_path / "lm.onnx"))
     assert res["warnings"] == ["the folder holds a GPT2LMHeadModel; its language-model head is not exported: the graph "
                                "outputs the mean-pooled last hidden states (sentence embeddings)"]
+
+
+def test_an_encoder_decoder_folder_is_refused_by_name(tmp_path: Path) -> None:
+    cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    res = runner.invoke(app, ["export", str(tmp_path / "t5"), "-o", str(tmp_path / "t5.onnx")])
+    assert res.exit_code == 1 and res.stderr.strip().endswith(
+        "T5Model is an encoder-decoder model; export takes encoders (and classifiers): save its encoder alone "
+        "(e.g. T5EncoderModel) and export that")
+    assert not (tmp_path / "t5.onnx").exists()

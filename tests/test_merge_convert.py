@@ -713,3 +713,30 @@ def test_a_folder_out_leaves_out_the_inputs_weights_in_other_forms(tmp_path: Pat
     for out in ("m", "f"):
         files = sorted(str(p.relative_to(tmp_path / out)) for p in (tmp_path / out).rglob("*") if p.is_file())
         assert files == ["2_Dense/pytorch_model.bin", "config.json", "model.safetensors", "tokenizer_config.json"], files
+
+
+@pytest.mark.parametrize("family", ["bert-mlm", "t5"])
+def test_lora_on_other_tied_output_layers_is_named(tmp_path: Path, family: str) -> None:
+    """BERT's masked-LM decoder and T5's lm_head share the input embeddings too: 'match no base
+    weight ... pass --allow-unmatched' sent users to drop the update (helper 39)."""
+    torch.manual_seed(0)
+    if family == "bert-mlm":
+        model, target = transformers.BertForMaskedLM(bert_cfg()), "cls.predictions.decoder"
+    else:
+        model, target = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, tie_word_embeddings=True)), "lm_head"
+    model.save_pretrained(tmp_path / "base")
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=[target], init_lora_weights=False)).save_pretrained(tmp_path / "ad")
+    err = fail("merge", str(tmp_path / "base"), str(tmp_path / "ad"), "-o", str(tmp_path / "m"))
+    assert err == (f"error: {tmp_path / 'ad'}: {target!r} has no weight of its own in the base: it is tied to the input "
+                   "embeddings, and a LoRA on tied weights (which changes both) is not supported")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_folder_output_named_like_a_file_is_refused(tmp_path: Path) -> None:
+    make_base(tmp_path)
+    ad = make_adapter(tmp_path, "ad", 1, r=2, target_modules=["query"])
+    err = fail("merge", str(tmp_path / "base"), str(ad), "-o", str(tmp_path / "m.safetensors"))
+    assert err.endswith("this command writes a folder here (a model folder in gives a model folder out; a PEFT adapter "
+                        "is a folder), but the name ends .safetensors: give a folder name")
+    assert not (tmp_path / "m.safetensors").exists()

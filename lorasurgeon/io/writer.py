@@ -126,6 +126,9 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
         if folder is not None or p.is_dir():
             raise InvalidOptionError("a folder, but this command writes one file here: give the file's name",
                                      folder if folder is not None else p)
+    if directory is True and p.suffix.lower() == ".safetensors":
+        raise InvalidOptionError("this command writes a folder here (a model folder in gives a model folder out; a PEFT "
+                                 "adapter is a folder), but the name ends .safetensors: give a folder name", p)
     if p.suffix.lower() in PICKLE_SUFFIXES and not pickle_name_ok:
         raise InvalidOptionError(f"lorasurgeon never writes PyTorch pickles, and later steps read {p.suffix} files as "
                                  "pickles: name the output .safetensors (.onnx for export), or a folder", p)

@@ -49,7 +49,6 @@ from torch import nn
 from lorasurgeon._args import one_or_many
 from lorasurgeon._finite import json_safe
 from lorasurgeon._threads import torch_threads
-from lorasurgeon._units import human_bytes
 from lorasurgeon.errors import (
     InvalidOptionError,
     LorasurgeonError,

@@ -357,6 +357,9 @@ def _factorize(
             compression=round(bytes_before / bytes_after, 4) if bytes_after else 0.0,
             warnings=[f"{u} matches no tensor (allowed by --allow-unmatched)" for u in unmatched],
         )
+        if cands and not layers_meta:  # a plain copy: distill and --densify will not take it as factorized
+            result.warnings.append(f"no layer was factorized: every one of the {len(cands)} selected layer(s) stays dense "
+                                   "(see each layer's status), so the output is a dense copy")
         if dry_run:
             for c in cands:
                 k = ranks_by_module[c.module]

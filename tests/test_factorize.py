@@ -101,6 +101,11 @@ def test_break_even_keeps_dense(tmp_path: Path) -> None:
     assert by["tall"]["rank"] is None and by["tall"]["status"].startswith("dense")  # 9*70 = 630 >= 600
     got = load_file(tmp_path / "o.safetensors")
     assert "tall.weight" in got and "sq.weight_u" in got
+    assert out["warnings"] == []
+    # every layer dense: said, since distill and --densify will not take the copy as factorized
+    out = run("factorize", str(p), "-o", str(tmp_path / "d.safetensors"), "--rank", "15")
+    assert out["warnings"] == ["no layer was factorized: every one of the 2 selected layer(s) stays dense (see each "
+                               "layer's status), so the output is a dense copy"]
 
 
 def test_model_at_full_rank_equals_dense() -> None:

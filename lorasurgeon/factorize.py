@@ -24,7 +24,14 @@ from lorasurgeon.calibrate import CalibrationSession as _Calibrated
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import refuse_adapter
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
-from lorasurgeon.io.writer import METADATA_KEY, TensorSpec, check_output, provenance, write_like_input
+from lorasurgeon.io.writer import (
+    METADATA_KEY,
+    TensorSpec,
+    check_folder_name,
+    check_output,
+    provenance,
+    write_like_input,
+)
 from lorasurgeon.nn.layers import factorized_layers
 from lorasurgeon.nn.models import conv_groups, folder_module_kinds, module_kinds
 from lorasurgeon.nn.targeting import default_excluded, matches, module_of, select
@@ -304,6 +311,8 @@ def _factorize(
         refuse_adapter(inp, ck, "a model", "factorize rewrites a model's weights; re-rank an adapter with lorasurgeon resize")
         if factorized_layers(ck.metadata, inp):
             raise InvalidOptionError("input is already factorized; densify it first (factorize --densify)", inp)
+        if Path(inp).is_dir() and not dry_run:
+            check_folder_name(out)
         cal = _Calibrated.prepare(inp, calibration) if calibration is not None else None
         groups = cal.conv_groups if cal else None
         if arch is None:

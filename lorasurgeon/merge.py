@@ -26,7 +26,14 @@ from lorasurgeon.io.adapters import (
     resolve_kohya_names,
 )
 from lorasurgeon.io.checkpoint import ST_DTYPES, Checkpoint
-from lorasurgeon.io.writer import METADATA_KEY, DeferredProvenance, TensorSpec, check_output, write_like_input
+from lorasurgeon.io.writer import (
+    METADATA_KEY,
+    DeferredProvenance,
+    TensorSpec,
+    check_folder_name,
+    check_output,
+    write_like_input,
+)
 from lorasurgeon.nn.layers import factorized_layers
 from lorasurgeon.nn.models import head_size, tied_input_embedding
 from lorasurgeon.ops import lora
@@ -420,6 +427,8 @@ def merge_adapters(
                        "to combine adapters use lorasurgeon compose")
         if factorized_layers(ck.metadata, base):
             raise UnsupportedError("the base is a factorized checkpoint; densify it first (factorize --densify)", base)
+        if base.is_dir() and not dry_run:
+            check_folder_name(out)
         names = set(ck.names())
         skipped: dict[str, int] = {}
         per_weight, saved, unmatched_all = _plan(

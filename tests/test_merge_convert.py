@@ -737,6 +737,9 @@ def test_a_folder_output_named_like_a_file_is_refused(tmp_path: Path) -> None:
     make_base(tmp_path)
     ad = make_adapter(tmp_path, "ad", 1, r=2, target_modules=["query"])
     err = fail("merge", str(tmp_path / "base"), str(ad), "-o", str(tmp_path / "m.safetensors"))
-    assert err.endswith("this command writes a folder here (a model folder in gives a model folder out; a PEFT adapter "
-                        "is a folder), but the name ends .safetensors: give a folder name")
+    assert err.endswith("a model folder in gives a model folder out, but the output's name ends .safetensors: give a "
+                        "folder name")
+    err = fail("factorize", str(tmp_path / "base"), "--rank", "2", "-o", str(tmp_path / "m.safetensors"))
+    assert err.endswith("a model folder in gives a model folder out, but the output's name ends .safetensors: give a "
+                        "folder name")
     assert not (tmp_path / "m.safetensors").exists()

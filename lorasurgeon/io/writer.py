@@ -126,9 +126,6 @@ def check_output(path: str | Path, force: bool, inputs: Sequence[str | Path | No
         if folder is not None or p.is_dir():
             raise InvalidOptionError("a folder, but this command writes one file here: give the file's name",
                                      folder if folder is not None else p)
-    if directory is True and p.suffix.lower() == ".safetensors":
-        raise InvalidOptionError("this command writes a folder here (a model folder in gives a model folder out; a PEFT "
-                                 "adapter is a folder), but the name ends .safetensors: give a folder name", p)
     if p.suffix.lower() in PICKLE_SUFFIXES and not pickle_name_ok:
         raise InvalidOptionError(f"lorasurgeon never writes PyTorch pickles, and later steps read {p.suffix} files as "
                                  "pickles: name the output .safetensors (.onnx for export), or a folder", p)
@@ -696,6 +693,14 @@ def _stale_weights(rel: Path) -> bool:
     if len(rel.parts) > 1 and re.match(r"\d+_", rel.parts[0]):
         return False
     return rel.name.endswith(_WEIGHT_SUFFIXES) or (len(rel.parts) > 1 and rel.parts[0] in ("onnx", "openvino", "coreml"))
+
+
+def check_folder_name(out: str | Path | None) -> None:
+    """A model folder in gives a model folder out: an output named like a file is refused (checked
+    once the input is known to be a model, so that what is wrong with the input is said first)."""
+    if out is not None and Path(out).suffix.lower() == ".safetensors":
+        raise InvalidOptionError("a model folder in gives a model folder out, but the output's name ends .safetensors: "
+                                 "give a folder name", out)
 
 
 def write_like_input(

@@ -383,49 +383,44 @@ def prepare_inputs(lm: LoadedModel, ds: Dataset, data: str | Path, max_length: i
     return ds
 
 
-def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
-    """``module_kinds`` of a Hugging Face model folder's model, by the names its checkpoint uses.
-    None for anything but a model folder, or when transformers cannot build it. A state dict
-    cannot show these; the folder's config can: the model is built on the meta device (no
-    memory, no weights) and its modules are looked at."""
+def _folder_meta_model(path: str | Path) -> nn.Module | None:
+    """A Hugging Face model folder's model as its config's class builds it (the checkpoint's
+    names), on the meta device (no memory, no weights). None for anything but a model folder, or
+    when transformers cannot build it."""
     p = Path(path)
     if not (p.is_dir() and (p / "config.json").is_file()):
         return None
     try:
         import transformers
-    except ImportError:
-        return None
-    try:
+
         with _local_quiet_transformers():
             config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
             archs = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
             cls = next((a for a in archs if a is not None), None)
             with torch.device("meta"):
-                model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    except Exception:  # noqa: BLE001 - an exotic config: no knowledge, as for a state dict
+                return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 - an exotic config (or no transformers): no knowledge, as for a state dict
         return None
-    return module_kinds(model)
+
+
+def folder_module_kinds(path: str | Path) -> dict[str, str] | None:
+    """``module_kinds`` of a Hugging Face model folder's model, by the names its checkpoint uses.
+    None for anything but a model folder, or when transformers cannot build it. A state dict
+    cannot show these; the folder's config can (``_folder_meta_model``)."""
+    model = _folder_meta_model(path)
+    return None if model is None else module_kinds(model)
 
 
 def tied_input_embedding(path: str | Path) -> str | None:
     """The weight name of a model folder's input embeddings when its output layer shares them
     (``tie_word_embeddings``: stored once, under the embeddings' name), else None; None too for
-    anything transformers cannot build. Built on the meta device from the config's class, so the
-    names are the checkpoint's."""
-    p = Path(path)
-    if not (p.is_dir() and (p / "config.json").is_file()):
+    anything transformers cannot build (``_folder_meta_model``)."""
+    model = _folder_meta_model(path)
+    if model is None:
         return None
     try:
-        import transformers
-
-        with _local_quiet_transformers():
-            config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
-            archs = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
-            cls = next((a for a in archs if a is not None), None)
-            with torch.device("meta"):
-                model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
         inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    except Exception:  # noqa: BLE001 - an exotic config: nothing known
+    except Exception:  # noqa: BLE001 - a model class without embeddings accessors
         return None
     if inp is None or out is None or getattr(out, "weight", None) is not getattr(inp, "weight", None):
         return None

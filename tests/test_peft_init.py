@@ -178,7 +178,7 @@ def test_an_empty_peft_subconfig_switches_its_variant_on(tmp_path: Path, field: 
     cli("merge", str(tmp_path / "base.safetensors"), str(ad), "-o", str(tmp_path / "o.safetensors"))
 
 
-@pytest.mark.parametrize("make", ["loha", "ia3", "prompt"])
+@pytest.mark.parametrize("make", ["loha", "ia3", "prompt", "boft"])
 def test_other_peft_methods_are_described_by_inspect_and_refused_by_merge(tmp_path: Path, make: str) -> None:
     """inspect used to fail (exit 1) on any PEFT adapter that is not LoRA, where a LyCORIS LoHa
     file was described: it now names the method and lists the tensors."""
@@ -187,6 +187,7 @@ def test_other_peft_methods_are_described_by_inspect_and_refused_by_merge(tmp_pa
     save_file({k: v.clone() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
     cfg = {"loha": lambda: peft.LoHaConfig(r=2, target_modules=["0"]),
            "ia3": lambda: peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]),
+           "boft": lambda: peft.BOFTConfig(boft_block_size=2, target_modules=["0"]),
            "prompt": lambda: peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3, token_dim=8,
                                                      num_transformer_submodules=1, num_attention_heads=1, num_layers=1)}[make]()
     if make == "prompt":  # prompt tuning needs a transformer; its saved state is only the prompt table
@@ -196,7 +197,8 @@ def test_other_peft_methods_are_described_by_inspect_and_refused_by_merge(tmp_pa
         (d / "adapter_config.json").write_text(json.dumps(cfg.to_dict(), default=str))
     else:
         peft.get_peft_model(model, cfg).save_pretrained(tmp_path / "ad")
-    ptype, name = {"loha": ("LOHA", "LoHa"), "ia3": ("IA3", "IA3"), "prompt": ("PROMPT_TUNING", "prompt tuning")}[make]
+    ptype, name = {"loha": ("LOHA", "LoHa"), "ia3": ("IA3", "IA3"), "prompt": ("PROMPT_TUNING", "prompt tuning"),
+                   "boft": ("BOFT", "BOFT")}[make]
     res = runner.invoke(app, ["inspect", str(tmp_path / "ad"), "--json"])
     assert res.exit_code == 0, res.stderr
     got = json.loads(res.stdout)
@@ -207,9 +209,11 @@ def test_other_peft_methods_are_described_by_inspect_and_refused_by_merge(tmp_pa
     assert err == f"error: {tmp_path / 'ad' / 'adapter_config.json'}: peft_type {ptype} is not LoRA; only LoRA adapters are supported"
     err = cli("factorize", str(tmp_path / "ad"), "-o", str(tmp_path / "f.safetensors"), "--rank", "1", code=1)
     assert err == f"error: {tmp_path / 'ad'}: this is an adapter ({name} (PEFT)), not a model"
-    if make == "loha":  # its weights file alone is named alike (it was "LoHa (LyCORIS)")
+    if make in ("loha", "boft"):  # its weights file alone is named alike (it was "LoHa (LyCORIS)")
         res = runner.invoke(app, ["inspect", str(tmp_path / "ad" / "adapter_model.safetensors"), "--json"])
-        assert json.loads(res.stdout)["kind"] == "non-lora:LoHa (PEFT)"
+        assert json.loads(res.stdout)["kind"] == f"non-lora:{name} (PEFT)"
+    assert cli("export", str(tmp_path / "ad"), "-o", str(tmp_path / "x.onnx"), "-q", code=1) == (
+        f"error: {tmp_path / 'ad'}: this is an adapter ({name} (PEFT)), not a model")
     # a hand-broken config is still an error, not a description
     (tmp_path / "ad" / "adapter_config.json").write_text("{not json")
     assert "adapter_config.json is not valid JSON" in cli("inspect", str(tmp_path / "ad"), code=1)

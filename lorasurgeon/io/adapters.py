@@ -43,9 +43,9 @@ NON_LORA_MARKERS = {
     "lokr_w2": "LoKr (LyCORIS)",
     "oft_blocks": "OFT",
     "oft_diag": "OFT",
+    "boft_R": "BOFT",  # (before oft_R: markers match as substrings, in this order)
     "oft_r": "OFT",
     "oft_R": "OFT",  # PEFT's OFT
-    "boft_R": "BOFT",
     "ia3_l": "IA3",
     "vera_lambda": "VeRA",
     ".diff": "LyCORIS full (diff)",
@@ -168,7 +168,7 @@ def adapter_kind(path: str | Path, ck: Checkpoint) -> str | None:
     """The adapter layout of an opened input (peft, kohya, diffusers, diffusers-legacy or
     non-lora:<name>), or None when it holds a model's weights (or a factorized model's)."""
     if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file():
-        return _peft_folder_kind(Path(path) / "adapter_config.json")
+        return peft_folder_kind(Path(path) / "adapter_config.json")
     layout = detect_layout(ck.names(), ck.metadata)
     return None if layout in ("checkpoint", "factorized") else layout
 
@@ -178,7 +178,7 @@ PEFT_TYPE_NAMES = {"LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "VERA":
                    "P_TUNING": "P-tuning", "PREFIX_TUNING": "prefix tuning", "FOURIERFT": "FourierFT", "XLORA": "X-LoRA"}
 
 
-def _peft_folder_kind(cfg: Path) -> str:
+def peft_folder_kind(cfg: Path) -> str:
     """"peft", or non-lora:<name> when a well-formed adapter_config.json is another PEFT method
     (LoHa, IA3, prompt tuning, ...) or a LoRA variant the reader refuses (``PEFT_VARIANTS``), so
     that inspect describes it; read_adapter says why it cannot be used. A config that does not

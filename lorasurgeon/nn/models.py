@@ -213,6 +213,11 @@ def load_model(
     if not p.exists():
         raise InputNotFoundError("no such model folder", p)
     if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        from lorasurgeon.io.adapters import peft_folder_kind
+
+        kind = peft_folder_kind(p / "adapter_config.json")
+        if kind.startswith("non-lora:"):
+            raise InvalidOptionError(f"this is an adapter ({kind.removeprefix('non-lora:')}), not a model", p)
         raise InvalidOptionError("this is a LoRA adapter (peft), not a model: give the model it was trained on (export "
                                  "takes the adapter with --adapter; merge folds it into the model)", p)
     if not (p.is_dir() and (p / "config.json").is_file()):

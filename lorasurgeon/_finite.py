@@ -38,3 +38,13 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def result_json_without_adapter(result: Any) -> dict[str, Any]:
+    """A result dataclass as JSON without its ``adapter`` field (the tensors it produced, which
+    ``asdict`` would otherwise copy whole)."""
+    from dataclasses import asdict, replace
+
+    d = asdict(replace(result, adapter=None))
+    del d["adapter"]
+    return json_safe(d)

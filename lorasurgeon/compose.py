@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorasurgeon._args import one_or_many
-from lorasurgeon._finite import all_finite, json_safe
+from lorasurgeon._finite import all_finite, result_json_without_adapter
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, UnsupportedError
 from lorasurgeon.io.adapters import (
@@ -88,9 +88,7 @@ class ComposeResult:
     adapter: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(replace(self, adapter=None))
-        del d["adapter"]
-        return json_safe(d)
+        return result_json_without_adapter(self)
 
 
 def _check_options(

@@ -460,7 +460,7 @@ def _module_name(model: nn.Module, target: str) -> str | None:
 
 
 def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmatched: bool,
-                   log: LogFn) -> list[tuple[Path, Adapter, dict[str, str]]]:
+                   warn: LogFn) -> list[tuple[Path, Adapter, dict[str, str]]]:
     """Read each adapter and map its targets to the model's modules (kohya names resolved)."""
     params = dict(model.named_parameters())
     modules = sorted(n[: -len(".weight")] for n in params if n.endswith(".weight"))
@@ -471,7 +471,7 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
         path = Path(path)
         ad = read_adapter(path)
         if dylora_note(ad, path.name):
-            log(f"warning: {dylora_note(ad, path.name)}")
+            warn(dylora_note(ad, path.name))  # type: ignore[arg-type]
         if ad.format == "kohya":
             ad, _, _ = resolve_kohya_names(ad, modules)
         tmap: dict[str, str] = {}
@@ -497,7 +497,7 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
                 continue
             tmap[m] = hit
         if flipped and ad.format == "peft":  # (the other layouts hold no flag: nothing said otherwise)
-            log(f"warning: {path.name}: fan_in_fan_out taken from the model's layout for {len(flipped)} target(s) (e.g. "
+            warn(f"{path.name}: fan_in_fan_out taken from the model's layout for {len(flipped)} target(s) (e.g. "
                 f"{flipped[0]}), as peft does by module type: the adapter's config says otherwise")
         out.append((path, ad, tmap))
     if problems:
@@ -506,7 +506,7 @@ def _read_adapters(model: nn.Module, adapters: Sequence[str | Path], allow_unmat
         raise MatchError(f"{len(unmatched)} adapter target(s) match no module of the model: " + ", ".join(unmatched[:10])
                          + ("" if len(unmatched) <= 10 else ", ...") + " (pass --allow-unmatched to skip them)")
     if unmatched:
-        log(f"warning: skipping {len(unmatched)} unmatched adapter target(s): " + ", ".join(unmatched[:10]))
+        warn(f"skipping {len(unmatched)} unmatched adapter target(s): " + ", ".join(unmatched[:10]))
     return out
 
 
@@ -899,6 +899,7 @@ class _Built:
     adapter_files: list[Path]
     adapter_checks: list[Verification]
     adapter_names: list[str] = field(default_factory=list)  # final file names of adapter_files, in order
+    outside_graph: list[str] = field(default_factory=list)  # separate adapters' targets the graph does not use
 
 
 def _graph_io(value: Any) -> dict[str, Any]:
@@ -957,9 +958,6 @@ def _build(
     names: dict[str, tuple[str, str, int, int]] = {}
     if modules:
         names = _finish_switchable(model, modules)
-        unused = [m for m in modules if m not in names]
-        if unused:
-            log(f"warning: adapter targets outside the exported graph (the output does not use them): {', '.join(unused)}")
         if not names:
             raise UnsupportedError("--separate-adapters: no adapter target is in the exported graph")
     _set_metadata(model, meta)
@@ -1039,7 +1037,7 @@ def _build(
             raise VerificationError(f"int8 model agrees with PyTorch below the gate: {agree.metric} {agree.value:.10g} < "
                                     f"{minimum:.10g} (--min-agreement); nothing written", lm.source)
     return _Built(lm, spec, out_name, path, external, matmuls, nodes, optimizer, fused, ver, agree,
-                  quantize, adapter_files, checks, adapter_names)
+                  quantize, adapter_files, checks, adapter_names, [m for m in modules if m not in names])
 
 
 def _merged_copy(lm: LoadedModel, read: Sequence[tuple[Path, Adapter, dict[str, str]]]) -> LoadedModel:
@@ -1112,14 +1110,12 @@ def export_model(
         VerificationError (exit 3) when onnxruntime and PyTorch disagree, nothing written.
     """
     adapters = one_or_many(adapters) or []
+    log = log or (lambda m: None)
     said: list[str] = []
-    to_log = log
 
-    def log(message: str) -> None:  # a warning is kept for the result too
-        if message.startswith("warning: "):
-            said.append(message[len("warning: "):])
-        if to_log:
-            to_log(message)
+    def warn(message: str) -> None:  # logged, and kept for the result
+        said.append(message)
+        log(f"warning: {message}")
 
     given, out = out, Path(out)
     if dtype not in DEFAULT_ATOL:
@@ -1161,9 +1157,9 @@ def export_model(
     dropped = next((a for a in ((lm.config or {}).get("architectures") or []) if isinstance(a, str) and a.endswith(
         ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining"))), None)
     if dropped and not lm.has_head:
-        log(f"warning: the folder holds a {dropped}; its language-model head is not exported: the graph outputs the "
+        warn(f"the folder holds a {dropped}; its language-model head is not exported: the graph outputs the "
             "mean-pooled last hidden states (sentence embeddings)")
-    read = _read_adapters(lm.model, adapters, allow_unmatched, log) if adapters else []
+    read = _read_adapters(lm.model, adapters, allow_unmatched, warn) if adapters else []
     if read and not separate_adapters:
         n = merge_into_model(lm.model, read)
         log(f"merged {len(read)} adapter(s) into {n} weight(s)")
@@ -1190,6 +1186,9 @@ def export_model(
                            optimize=optimize, quantize=quantize, min_agreement=min_agreement, threads=threads,
                            meta=meta, external_threshold=external_data_threshold, log=log,
                            separate=read if separate_adapters else (), final_name=out.name)
+            if built.outside_graph:
+                warn(f"adapter targets outside the exported graph (the output does not use them): "
+                     f"{', '.join(built.outside_graph)}")
             if built.external:
                 if staged != out.name:
                     raise UnsupportedError(

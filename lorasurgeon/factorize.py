@@ -30,6 +30,7 @@ from lorasurgeon.io.writer import (
     check_folder_name,
     check_output,
     provenance,
+    require_output,
     write_like_input,
 )
 from lorasurgeon.nn.layers import factorized_layers
@@ -267,8 +268,7 @@ def factorize_checkpoint(
     if svd_method not in svd.SVD_METHODS:
         raise InvalidOptionError(f"--svd must be one of {', '.join(svd.SVD_METHODS)}, got {svd_method!r}")
     inp = Path(inp)
-    if out is None and not dry_run:
-        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+    require_output(out, dry_run)
     if out is not None and not dry_run:
         check_output(out, force, [inp], data=calibration.data if calibration else None, directory=inp.is_dir())
     try:

@@ -32,6 +32,7 @@ from lorasurgeon.io.writer import (
     TensorSpec,
     check_folder_name,
     check_output,
+    require_output,
     write_like_input,
 )
 from lorasurgeon.nn.layers import factorized_layers
@@ -193,7 +194,6 @@ def _check_weights(n: int, weights: Sequence[float] | float | None) -> list[floa
     if not all(math.isfinite(x) and abs(x) <= lora.FP32_MAX for x in w):
         raise InvalidOptionError(f"weights must be finite numbers within float32's range, got {w}")
     return w
-
 
 
 def _on_saved(parts: Sequence[tuple[LoraTarget, float, int]], saved: bool) -> list[tuple[LoraTarget, float]]:
@@ -410,8 +410,7 @@ def merge_adapters(
     """
     adapters = one_or_many(adapters) or []
     w = _check_weights(len(adapters), weights)
-    if out is None and not dry_run:
-        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+    require_output(out, dry_run)
     if out is not None and not dry_run:
         check_output(out, force, [base, *adapters], directory=Path(base).is_dir())
     base = Path(base)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorasurgeon._args import one_or_many
-from lorasurgeon._finite import all_finite, json_safe
+from lorasurgeon._finite import all_finite, result_json_without_adapter
 from lorasurgeon._threads import torch_threads
 from lorasurgeon.errors import FormatError, InvalidOptionError, MatchError, UnsupportedError
 from lorasurgeon.io.adapters import (
@@ -64,13 +64,7 @@ class ResizeResult:
     adapter: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return _without_adapter(self)
-
-
-def _without_adapter(result: Any) -> dict[str, Any]:
-    d = asdict(replace(result, adapter=None))
-    del d["adapter"]
-    return json_safe(d)
+        return result_json_without_adapter(self)
 
 
 def _rule_json(rule: ranks.RankRule) -> dict[str, Any]:
@@ -251,7 +245,7 @@ class ExtractResult:
     adapter: Adapter | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return _without_adapter(self)
+        return result_json_without_adapter(self)
 
 
 def extract_adapter(

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lorasurgeon.cli.options import ComponentOpt, ForceOpt, JsonOpt, QuietOpt, need_output, output_path
+from lorasurgeon.cli.options import ComponentOpt, ForceOpt, JsonOpt, QuietOpt, output_path
 from lorasurgeon.cli.output import handle_errors, human_count, log, print_json, progress, stdout_console
 from lorasurgeon.compose import ComposeResult, compose_adapters
+from lorasurgeon.io.writer import require_output
 from lorasurgeon.ops.compose import COMPOSE_METHODS, method_names
 
 _METHODS_HELP = "; ".join(f"{m.name}: {m.summary}" for m in COMPOSE_METHODS.values())
@@ -39,7 +40,7 @@ def compose_command(
     """Combine LoRA adapters into one: exact concatenation (cat, the default), exact sum recompressed
     by SVD (svd), TIES / DARE / magnitude pruning on the deltas, or PEFT's factor-wise 'linear'."""
     with handle_errors(json_out):
-        need_output(output, dry_run)
+        require_output(output, dry_run)
         with progress("compose", quiet) as cb:
             r = compose_adapters(adapters, output, method, weights=weight, rank=rank, density=density, seed=seed,
                                  fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb,

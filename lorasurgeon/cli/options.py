@@ -22,14 +22,6 @@ def output_path(text: str) -> Path:
     return p
 
 
-def need_output(output: Path | None, dry_run: bool) -> None:
-    """Commands whose library call also works in memory (no output) still need ``-o`` to run."""
-    if output is None and not dry_run:
-        from lorasurgeon.errors import InvalidOptionError
-
-        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
-
-
 KohyaLegacyOpt = Annotated[
     bool,
     typer.Option("--kohya-legacy", help="--sv-* as sd-scripts before its PR #2194: one value more than the criterion needs."),

@@ -18,12 +18,12 @@ from lorasurgeon.cli.options import (
     JsonOpt,
     KohyaLegacyOpt,
     QuietOpt,
-    need_output,
     output_path,
 )
 from lorasurgeon.cli.output import handle_errors, human_count, log, print_json, progress, stdout_console
 from lorasurgeon.errors import InvalidOptionError
 from lorasurgeon.factorize import make_rule
+from lorasurgeon.io.writer import require_output
 from lorasurgeon.resize import (
     ExtractLayer,
     ExtractResult,
@@ -69,7 +69,7 @@ def resize_command(
     """Re-rank a LoRA exactly: SVD of B·A from the factors, alpha rewritten to keep the scale."""
     with handle_errors(json_out):
         rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank, kohya_legacy)
-        need_output(output, dry_run)
+        require_output(output, dry_run)
         with progress("resize", quiet) as cb:
             r = resize_adapter(adapter, output, rule, fmt=fmt, fp64=fp64, force=force, dry_run=dry_run, progress=cb,
                                component=component)
@@ -99,7 +99,7 @@ def extract_command(
         if svd_method not in ("auto", "exact", "randomized"):
             raise InvalidOptionError(f"--svd must be auto, exact or randomized, got {svd_method!r}")
         rule = _rule(rank, ratio, energy, sv_ratio, sv_fro, sv_cumulative, max_rank, kohya_legacy)
-        need_output(output, dry_run)
+        require_output(output, dry_run)
         with progress("extract", quiet) as cb:
             r = extract_adapter(base, tuned, output, rule, fmt=fmt, include=include, exclude=exclude, save_other=save_other,
                                 svd_method=svd_method, fp64=fp64, seed=seed, force=force, dry_run=dry_run, progress=cb,

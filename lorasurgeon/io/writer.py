@@ -695,6 +695,13 @@ def _stale_weights(rel: Path) -> bool:
     return rel.name.endswith(_WEIGHT_SUFFIXES) or (len(rel.parts) > 1 and rel.parts[0] in ("onnx", "openvino", "coreml"))
 
 
+def require_output(out: str | Path | None, dry_run: bool) -> None:
+    """A command that writes needs its output path unless --dry-run (compose, resize and extract
+    also run in memory as library calls, with none: their commands call this themselves)."""
+    if out is None and not dry_run:
+        raise InvalidOptionError("an output path (-o) is needed unless --dry-run")
+
+
 def check_folder_name(out: str | Path | None) -> None:
     """A model folder in gives a model folder out: an output named like a file is refused (checked
     once the input is known to be a model, so that what is wrong with the input is said first)."""

@@ -282,7 +282,7 @@ def _lu_normalize(y: torch.Tensor) -> torch.Tensor:
     # weight by a constant) has an exactly zero pivot, on which lu_factor raises; LAPACK leaves
     # that column of L unscaled (zeros below it: the pivot was the column's largest), still a basis
     LU, piv, _ = torch.linalg.lu_factor_ex(y)
-    if not bool(torch.isfinite(LU).all()):
+    if not bool(torch.isfinite(LU).all()):  # a LAPACK that divides by the zero pivot after all: QR instead
         return torch.linalg.qr(y).Q
     L = LU.tril_(-1)
     L.diagonal().fill_(1)
